@@ -1,0 +1,48 @@
+# Merchant Service. `make run` serves it locally, `make test` runs the whole suite.
+# Both install what they need from scratch into .venv/ (locked by uv.lock).
+
+PYTHON ?= python3.11
+VENV := .venv
+UV_VERSION := 0.13.8
+BIN := $(VENV)/bin
+export DJANGO_SETTINGS_MODULE ?= config.settings
+
+.PHONY: install run test lint typecheck check migrate clean
+
+$(BIN)/uv:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+# Reinstall whenever the lock file changes.
+$(VENV)/.installed: uv.lock pyproject.toml | $(BIN)/uv
+	$(BIN)/uv sync --frozen --python $(BIN)/python
+	touch $@
+
+install: $(VENV)/.installed
+
+migrate: install
+	$(BIN)/python manage.py ensure_database
+	$(BIN)/python manage.py migrate --noinput
+
+# Local development: DEBUG on (development SECRET_KEY), webhooks to local hosts allowed.
+run: export DEBUG ?= true
+run: export WEBHOOK_ALLOW_PRIVATE_HOSTS ?= true
+run: migrate
+	$(BIN)/python manage.py collectstatic --noinput -v0
+	$(BIN)/gunicorn config.wsgi --bind 127.0.0.1:8000 --workers 3 --access-logfile -
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+	DJANGO_SETTINGS_MODULE=config.settings_test $(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache staticfiles

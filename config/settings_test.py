@@ -1,0 +1,14 @@
+"""Settings for the test suite: the real PostgreSQL and Redis, on a Redis database of its own."""
+
+import os
+
+os.environ.setdefault("DEBUG", "false")
+os.environ.setdefault("SECRET_KEY", "test-only-secret-key-not-for-production-use-0123456789")
+os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/15")
+os.environ.setdefault("WEBHOOK_ALLOW_PRIVATE_HOSTS", "true")
+os.environ.setdefault("LOG_LEVEL", "WARNING")
+
+from config.settings import *  # noqa: F403
+
+# WhiteNoise warns at start-up when the collected static folder is missing.
+STATIC_ROOT.mkdir(exist_ok=True)  # noqa: F405

@@ -1,0 +1,18 @@
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from merchant.problems import problem_type_view
+
+urlpatterns = [
+    path("", include("linking.urls")),
+    path("problems/<slug:slug>", problem_type_view, name="problem-type"),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
+    path("admin/", admin.site.urls),
+]
+
+handler400 = "merchant.problems.handler400"
+handler403 = "merchant.problems.handler403"
+handler404 = "merchant.problems.handler404"
+handler500 = "merchant.problems.handler500"

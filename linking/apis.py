@@ -1,0 +1,159 @@
+"""The link API: POST /link and GET /link/status/<workflow-id>. Views parse and call services."""
+
+from typing import Any
+
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from linking import services
+from linking.selectors import workflow_get_for_customer
+from linking.serializers import (
+    LinkAcceptedSerializer,
+    LinkCreateInputSerializer,
+    LinkStatusOutputSerializer,
+)
+from merchant.auth import request_customer
+from merchant.problems import Problem
+from merchant.schema import problem_responses
+
+_IDEMPOTENCY_KEY = OpenApiParameter(
+    name="Idempotency-Key",
+    location=OpenApiParameter.HEADER,
+    required=True,
+    type=str,
+    description="A unique key per logical request (1-255 printable ASCII characters). A retry "
+    "with the same key and body replays the first response for "
+    "IDEMPOTENCY_TTL_SECONDS (24 h by default) with `Idempotent-Replayed: true`.",
+)
+
+
+_ACCEPTED_HEADERS = [
+    OpenApiParameter(
+        "Location",
+        str,
+        OpenApiParameter.HEADER,
+        response=[202],
+        description="The status URL of the workflow.",
+    ),
+    OpenApiParameter(
+        "Retry-After",
+        int,
+        OpenApiParameter.HEADER,
+        response=[202, 409, 503],
+        description="Seconds to wait before polling the status or retrying.",
+    ),
+    OpenApiParameter(
+        "Idempotent-Replayed",
+        str,
+        OpenApiParameter.HEADER,
+        response=[202],
+        description="`true` when this is the replay of an earlier response for the same key.",
+    ),
+]
+
+
+def _idempotency_key(request: Request) -> str:
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        raise Problem("idempotency-key-missing")
+    if not 1 <= len(key) <= 255 or not all(" " <= ch <= "~" for ch in key):
+        raise Problem("idempotency-key-invalid")
+    return key
+
+
+class LinkCreateApi(APIView):
+    @extend_schema(
+        operation_id="link_create",
+        summary="Ask for a customer patient to be linked",
+        parameters=[_IDEMPOTENCY_KEY, *_ACCEPTED_HEADERS],
+        request=LinkCreateInputSerializer,
+        responses={
+            (202, "application/json"): OpenApiResponse(
+                LinkAcceptedSerializer,
+                description="Accepted: the request is durable and will reach a final state. "
+                "Headers: `Location` (the status URL), `Retry-After`, and "
+                "`Idempotent-Replayed: true` on a replay.",
+            ),
+            **problem_responses(400, 401, 409, 413, 415, 422, 503),
+        },
+        examples=[
+            OpenApiExample(
+                "Link request",
+                request_only=True,
+                value={
+                    "patient": {
+                        "id": "5f0c7d1e-3b7a-4a53-9a52-1c2d3e4f5a6b",
+                        "full_name": "Jane Q Doe",
+                        "dob": "1980-04-02",
+                        "contact": {
+                            "address": "1 Main St, Springfield",
+                            "phone": "+1-555-0100",
+                            "email": "jane@example.org",
+                        },
+                        "insurance": {"payer": "Acme Health", "member_id": "A123"},
+                    }
+                },
+            )
+        ],
+    )
+    def post(self, request: Request) -> Response:
+        key = _idempotency_key(request)
+        serializer = LinkCreateInputSerializer(
+            data=request.data, context={"customer": request_customer(request)}
+        )
+        serializer.is_valid(raise_exception=True)
+        try:
+            accepted = services.link_accept(
+                customer=request_customer(request),
+                idempotency_key=key,
+                body=request.data,
+                request_data=serializer.canonical(),
+            )
+        except services.IdempotencyKeyReused as exc:
+            raise Problem("idempotency-key-reused") from exc
+        except services.RequestInFlight as exc:
+            raise Problem(
+                "idempotency-request-in-flight",
+                headers={"Retry-After": str(services.IN_FLIGHT_RETRY_AFTER_SECONDS)},
+            ) from exc
+        except services.PatientAlreadyLinked as exc:
+            raise Problem(
+                "patient-already-linked", extra={"workflow-id": str(exc.workflow_id)}
+            ) from exc
+        except services.LinkInProgress as exc:
+            raise Problem(
+                "link-in-progress",
+                extra={"workflow-id": str(exc.workflow_id)},
+                headers={"Retry-After": str(services.STATUS_RETRY_AFTER_SECONDS)},
+            ) from exc
+        return Response(accepted.body, status=accepted.status, headers=accepted.headers)
+
+
+class LinkStatusApi(APIView):
+    @extend_schema(
+        operation_id="link_status",
+        summary="Read a link request's status",
+        parameters=[
+            OpenApiParameter(
+                "workflow_id",
+                OpenApiTypes.UUID,
+                OpenApiParameter.PATH,
+                description="The `workflow-id` returned by POST /link.",
+            )
+        ],
+        responses={
+            (200, "application/json"): LinkStatusOutputSerializer,
+            **problem_responses(401, 404, 503),
+        },
+    )
+    def get(self, request: Request, workflow_id: str) -> Response:
+        workflow = workflow_get_for_customer(
+            customer=request_customer(request), workflow_id=workflow_id
+        )
+        if workflow is None:
+            raise Problem("not-found")
+        data: dict[str, Any] = LinkStatusOutputSerializer(workflow).data
+        return Response(data)

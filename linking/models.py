@@ -1,0 +1,89 @@
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class LinkRequest(models.Model):
+    """The request data of seed section 2.3.2 (request-id -> customer and patient details).
+
+    Kept in PostgreSQL, written in the same transaction as the workflow, because Redis may lose
+    it; this is the only table that holds demographics.
+    """
+
+    request_id = models.UUIDField(primary_key=True, editable=False)
+    customer = models.ForeignKey(
+        "merchant.Customer", on_delete=models.PROTECT, related_name="link_requests"
+    )
+    data = models.JSONField()
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    def __str__(self) -> str:
+        return str(self.request_id)
+
+
+class IdempotencyRecord(models.Model):
+    """The first response given for (customer, Idempotency-Key), replayed on a retry."""
+
+    customer = models.ForeignKey(
+        "merchant.Customer", on_delete=models.CASCADE, related_name="idempotency_records"
+    )
+    key = models.CharField(max_length=255)
+    # SHA-256 of the canonical JSON body: the same key with another body is refused (422).
+    fingerprint = models.CharField(max_length=64)
+    workflow = models.ForeignKey(
+        "workflows.Workflow", on_delete=models.CASCADE, related_name="idempotency_records"
+    )
+    response_status = models.PositiveSmallIntegerField()
+    # Text, not jsonb: a replay must return the first body byte for byte (jsonb reorders keys).
+    response_body = models.TextField()
+    response_headers = models.JSONField(default=dict)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    expires_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["customer", "key"], name="idempotency_customer_key"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.customer_id}:{self.key}"
+
+
+class MappingStatus(models.TextChoices):
+    LINKED = "LINKED"
+    DELINKED = "DE-LINKED"
+
+
+class PatientMapping(models.Model):
+    """Customer patient id -> internal patient id (seed section 2.3.1, table patient-mapping)."""
+
+    customer = models.ForeignKey(
+        "merchant.Customer", on_delete=models.PROTECT, related_name="patient_mappings"
+    )
+    customer_patient_id = models.UUIDField()
+    internal_patient_id = models.CharField(max_length=64)
+    status = models.CharField(
+        max_length=16, choices=MappingStatus.choices, default=MappingStatus.LINKED
+    )
+    workflow = models.ForeignKey(
+        "workflows.Workflow", on_delete=models.PROTECT, related_name="mappings"
+    )
+    score = models.FloatField(null=True, blank=True)
+    match_grade = models.CharField(max_length=16, blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["customer", "customer_patient_id"],
+                condition=Q(status=MappingStatus.LINKED),
+                name="mapping_one_linked_per_patient",
+            ),
+            models.CheckConstraint(
+                condition=Q(status__in=MappingStatus.values), name="mapping_status_valid"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.customer_patient_id} -> {self.internal_patient_id} ({self.status})"

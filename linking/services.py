@@ -1,0 +1,212 @@
+"""Link use cases: accepting a link request (the ack path)."""
+
+import datetime as dt
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
+
+from linking.models import IdempotencyRecord, LinkRequest, MappingStatus, PatientMapping
+from merchant.models import Customer
+from workflows.models import PENDING_STATES, Status, Workflow
+from workflows.services import workflow_create, workflow_publish
+
+# What a client is told to wait before polling the status (or retrying an in-flight request).
+STATUS_RETRY_AFTER_SECONDS = 5
+IN_FLIGHT_RETRY_AFTER_SECONDS = 1
+
+
+class LinkRefused(Exception):
+    """A link request refused before anything was written."""
+
+
+class IdempotencyKeyReused(LinkRefused):
+    pass
+
+
+class RequestInFlight(LinkRefused):
+    pass
+
+
+class PatientAlreadyLinked(LinkRefused):
+    def __init__(self, workflow_id: uuid.UUID) -> None:
+        super().__init__(str(workflow_id))
+        self.workflow_id = workflow_id
+
+
+class LinkInProgress(LinkRefused):
+    def __init__(self, workflow_id: uuid.UUID) -> None:
+        super().__init__(str(workflow_id))
+        self.workflow_id = workflow_id
+
+
+@dataclass(frozen=True)
+class LinkAcceptance:
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+    replayed: bool = False
+
+
+def request_fingerprint(body: Any) -> str:
+    """SHA-256 of the canonical JSON of the body as sent (key order and spacing ignored)."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def link_accept(
+    *, customer: Customer, idempotency_key: str, body: Any, request_data: dict[str, Any]
+) -> LinkAcceptance:
+    """Accept a link request durably, or replay/refuse it (seed 3.2).
+
+    The workflow, the request data and the idempotency record are written in one transaction;
+    the queue message is published only after it commits. `body` is the parsed body as sent
+    (for the fingerprint), `request_data` its validated, canonical form (what is stored).
+    """
+    fingerprint = request_fingerprint(body)
+    patient_id = uuid.UUID(request_data["patient"]["id"])
+    try:
+        with transaction.atomic():
+            if not _try_lock_key(customer_id=customer.id, key=idempotency_key):
+                raise RequestInFlight()
+            replay = _replay(customer=customer, key=idempotency_key, fingerprint=fingerprint)
+            if replay is not None:
+                return replay
+            _refuse_if_linked_or_pending(customer=customer, patient_id=patient_id)
+            workflow = _persist(
+                customer=customer,
+                key=idempotency_key,
+                fingerprint=fingerprint,
+                patient_id=patient_id,
+                request_data=request_data,
+            )
+    except IntegrityError as exc:
+        # Lost a race that the checks above could not see: the constraint decides.
+        constraint = getattr(getattr(exc.__cause__, "diag", None), "constraint_name", None)
+        if constraint == "workflow_one_pending_per_patient":
+            pending = _pending_workflow_id(customer=customer, patient_id=patient_id)
+            if pending is not None:
+                raise LinkInProgress(pending) from exc
+        if constraint == "idempotency_customer_key":
+            raise RequestInFlight() from exc
+        raise
+    # Sent after the commit: a message can never name a workflow that does not exist. If the
+    # process dies before this line, the reconciliation sweep publishes it.
+    transaction.on_commit(lambda: workflow_publish(workflow=workflow))
+    return _accepted_response(workflow)
+
+
+def _try_lock_key(*, customer_id: uuid.UUID, key: str) -> bool:
+    """Take a transaction-scoped advisory lock on (customer, key) without waiting.
+
+    Failing to get it means another request with the same key is being processed right now:
+    the client gets 409 instead of waiting on our row locks.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))",
+            [f"idempotency:{customer_id}:{key}"],
+        )
+        row = cursor.fetchone()
+    return bool(row and row[0])
+
+
+def _replay(*, customer: Customer, key: str, fingerprint: str) -> LinkAcceptance | None:
+    record = IdempotencyRecord.objects.filter(customer=customer, key=key).first()
+    if record is None:
+        return None
+    if record.expires_at <= timezone.now():
+        # Past retention but not purged yet: the key is free again.
+        record.delete()
+        return None
+    if record.fingerprint != fingerprint:
+        raise IdempotencyKeyReused()
+    headers = dict(record.response_headers)
+    headers["Idempotent-Replayed"] = "true"
+    return LinkAcceptance(
+        status=record.response_status,
+        body=json.loads(record.response_body),
+        headers=headers,
+        replayed=True,
+    )
+
+
+def _refuse_if_linked_or_pending(*, customer: Customer, patient_id: uuid.UUID) -> None:
+    linked_by = (
+        PatientMapping.objects.filter(
+            customer=customer, customer_patient_id=patient_id, status=MappingStatus.LINKED
+        )
+        .values_list("workflow_id", flat=True)
+        .first()
+    )
+    if linked_by is not None:
+        raise PatientAlreadyLinked(linked_by)
+    pending = _pending_workflow_id(customer=customer, patient_id=patient_id)
+    if pending is not None:
+        raise LinkInProgress(pending)
+
+
+def _pending_workflow_id(*, customer: Customer, patient_id: uuid.UUID) -> uuid.UUID | None:
+    return (
+        Workflow.objects.filter(customer=customer, patient_id=patient_id, status__in=PENDING_STATES)
+        .values_list("id", flat=True)
+        .first()
+    )
+
+
+def _persist(
+    *,
+    customer: Customer,
+    key: str,
+    fingerprint: str,
+    patient_id: uuid.UUID,
+    request_data: dict[str, Any],
+) -> Workflow:
+    request_id = uuid.uuid4()
+    LinkRequest.objects.create(request_id=request_id, customer=customer, data=request_data)
+    workflow = workflow_create(customer=customer, patient_id=patient_id, request_id=request_id)
+    accepted = _accepted_response(workflow)
+    IdempotencyRecord.objects.create(
+        customer=customer,
+        key=key,
+        fingerprint=fingerprint,
+        workflow=workflow,
+        response_status=accepted.status,
+        response_body=json.dumps(accepted.body),
+        response_headers=accepted.headers,
+        created_at=workflow.created_at,
+        expires_at=workflow.created_at + dt.timedelta(seconds=settings.IDEMPOTENCY_TTL_SECONDS),
+    )
+    return workflow
+
+
+def _accepted_response(workflow: Workflow) -> LinkAcceptance:
+    return LinkAcceptance(
+        status=202,
+        body={"workflow-id": str(workflow.id), "status": Status.RECEIVED.value},
+        headers={
+            "Location": f"/link/status/{workflow.id}",
+            "Retry-After": str(STATUS_RETRY_AFTER_SECONDS),
+        },
+    )
+
+
+def idempotency_purge_expired(*, now: dt.datetime | None = None, batch_size: int = 5000) -> int:
+    """Delete idempotency records past their retention; returns how many were deleted."""
+    cutoff = now or timezone.now()
+    deleted_total = 0
+    while True:
+        ids = list(
+            IdempotencyRecord.objects.filter(expires_at__lte=cutoff).values_list("id", flat=True)[
+                :batch_size
+            ]
+        )
+        if not ids:
+            return deleted_total
+        deleted, _ = IdempotencyRecord.objects.filter(id__in=ids).delete()
+        deleted_total += deleted

@@ -1,0 +1,21 @@
+from django.contrib import admin
+
+from merchant.models import Customer
+
+
+@admin.register(Customer)
+class CustomerAdmin(admin.ModelAdmin[Customer]):
+    list_display = ["name", "id", "is_active", "webhook_url", "token_version", "created_at"]
+    list_filter = ["is_active"]
+    search_fields = ["name", "id"]
+    readonly_fields = ["id", "webhook_secret", "token_version", "created_at", "updated_at"]
+    fields = [
+        "id",
+        "name",
+        "is_active",
+        "webhook_url",
+        "webhook_secret",
+        "token_version",
+        "created_at",
+        "updated_at",
+    ]

@@ -1,0 +1,39 @@
+import uuid
+
+from django.db import models
+
+
+class Customer(models.Model):
+    """A customer system onboarded to the service; the subject of every customer token."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=200)
+    is_active = models.BooleanField(default=True)
+    webhook_url = models.URLField(max_length=2000)
+    # Standard Webhooks secret: "whsec_" + base64 of 32 random bytes.
+    webhook_secret = models.CharField(max_length=100)
+    # Bumped to revoke every token issued before; tokens carry the version they were issued at.
+    token_version = models.PositiveIntegerField(default=1)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(webhook_secret__startswith="whsec_"),  # noqa: S106
+                name="customer_webhook_secret_format",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.id})"
+
+    # DRF's IsAuthenticated reads these from request.user, which is the authenticated Customer.
+    @property
+    def is_authenticated(self) -> bool:
+        return True
+
+    @property
+    def is_anonymous(self) -> bool:
+        return False

@@ -1,0 +1,312 @@
+"""RFC 9457 problem details: every error the API returns, with a stable `type` per kind.
+
+Each type URI is relative (`/problems/<slug>`), resolves against the API's own origin and serves
+a short description there, so a client can always dereference it.
+"""
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+from django.conf import settings
+from django.db import DatabaseError, InterfaceError, OperationalError
+from django.http import Http404, HttpRequest, JsonResponse
+from rest_framework import exceptions
+from rest_framework.parsers import JSONParser
+from rest_framework.response import Response
+
+logger = logging.getLogger(__name__)
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+
+
+@dataclass(frozen=True)
+class ProblemType:
+    slug: str
+    title: str
+    status: int
+    description: str
+
+    @property
+    def uri(self) -> str:
+        return f"/problems/{self.slug}"
+
+
+def _catalog(*types: ProblemType) -> dict[str, ProblemType]:
+    return {t.slug: t for t in types}
+
+
+PROBLEMS = _catalog(
+    ProblemType(
+        "validation-error",
+        "Invalid request",
+        400,
+        "The body failed validation; `errors` lists each failing field.",
+    ),
+    ProblemType("malformed-json", "Malformed JSON", 400, "The body is not valid JSON."),
+    ProblemType(
+        "idempotency-key-missing",
+        "Idempotency-Key required",
+        400,
+        "POST /link needs an `Idempotency-Key` header.",
+    ),
+    ProblemType(
+        "idempotency-key-invalid",
+        "Invalid Idempotency-Key",
+        400,
+        "The key must be 1 to 255 printable ASCII characters.",
+    ),
+    ProblemType(
+        "unauthorized",
+        "Unauthorized",
+        401,
+        "A valid customer token is required in the `customer-token` header "
+        "(or `Authorization: Bearer`).",
+    ),
+    ProblemType("forbidden", "Forbidden", 403, "This operation is not allowed."),
+    ProblemType("not-found", "Not found", 404, "No such resource for this customer."),
+    ProblemType(
+        "method-not-allowed",
+        "Method not allowed",
+        405,
+        "The resource does not support this method.",
+    ),
+    ProblemType("not-acceptable", "Not acceptable", 406, "Responses are JSON only."),
+    ProblemType(
+        "idempotency-request-in-flight",
+        "Request in flight",
+        409,
+        "A request with this Idempotency-Key is still being processed; retry after "
+        "`Retry-After` seconds.",
+    ),
+    ProblemType(
+        "patient-already-linked",
+        "Patient already linked",
+        409,
+        "This patient is already linked; `workflow-id` names the workflow that linked it.",
+    ),
+    ProblemType(
+        "link-in-progress",
+        "Link in progress",
+        409,
+        "A link request for this patient is still being processed; `workflow-id` names it.",
+    ),
+    ProblemType("payload-too-large", "Payload too large", 413, "The body is larger than 64 KiB."),
+    ProblemType(
+        "unsupported-media-type",
+        "Unsupported media type",
+        415,
+        "Send the body as `application/json`.",
+    ),
+    ProblemType(
+        "idempotency-key-reused",
+        "Idempotency-Key reused",
+        422,
+        "This Idempotency-Key was already used with a different body.",
+    ),
+    ProblemType(
+        "rate-limited", "Too many requests", 429, "Slow down; retry after `Retry-After` seconds."
+    ),
+    ProblemType(
+        "internal-error",
+        "Internal error",
+        500,
+        "Something failed on our side; the request can be retried with the same Idempotency-Key.",
+    ),
+    ProblemType(
+        "service-unavailable",
+        "Service unavailable",
+        503,
+        "A dependency is unavailable; nothing was recorded. Retry after `Retry-After` "
+        "seconds with the same Idempotency-Key.",
+    ),
+)
+
+
+class Problem(exceptions.APIException):
+    """An API error rendered as problem+json; `extra` becomes extension members."""
+
+    def __init__(
+        self,
+        slug: str,
+        detail: str | None = None,
+        *,
+        extra: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.problem = PROBLEMS[slug]
+        self.status_code = self.problem.status
+        self.extra = dict(extra or {})
+        self.headers = dict(headers or {})
+        super().__init__(detail or self.problem.description)
+
+
+def problem_body(
+    slug: str, *, detail: str | None = None, instance: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    problem = PROBLEMS[slug]
+    body: dict[str, Any] = {
+        "type": problem.uri,
+        "title": problem.title,
+        "status": problem.status,
+        "detail": detail or problem.description,
+    }
+    if instance:
+        body["instance"] = instance
+    body.update(extra)
+    return body
+
+
+def problem_response(
+    slug: str,
+    *,
+    detail: str | None = None,
+    instance: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    **extra: Any,
+) -> Response:
+    body = problem_body(slug, detail=detail, instance=instance, **extra)
+    return Response(
+        body, status=body["status"], headers=dict(headers or {}), content_type=PROBLEM_CONTENT_TYPE
+    )
+
+
+def _validation_errors(detail: Any, prefix: str = "") -> list[dict[str, str]]:
+    """Flatten DRF's nested error structure into [{field: "patient.dob", detail: "..."}]."""
+    if isinstance(detail, Mapping):
+        out: list[dict[str, str]] = []
+        for key, value in detail.items():
+            name = prefix if key == "non_field_errors" else f"{prefix}.{key}" if prefix else key
+            out.extend(_validation_errors(value, str(name)))
+        return out
+    if isinstance(detail, list):
+        if all(isinstance(item, str) for item in detail):
+            return [{"field": prefix or "body", "detail": str(item)} for item in detail]
+        out = []
+        for index, item in enumerate(detail):
+            out.extend(_validation_errors(item, f"{prefix}[{index}]"))
+        return out
+    return [{"field": prefix or "body", "detail": str(detail)}]
+
+
+_DRF_SLUGS: dict[type[exceptions.APIException], str] = {
+    exceptions.NotAuthenticated: "unauthorized",
+    exceptions.AuthenticationFailed: "unauthorized",
+    exceptions.PermissionDenied: "forbidden",
+    exceptions.NotFound: "not-found",
+    exceptions.MethodNotAllowed: "method-not-allowed",
+    exceptions.NotAcceptable: "not-acceptable",
+    exceptions.UnsupportedMediaType: "unsupported-media-type",
+    exceptions.ParseError: "malformed-json",
+    exceptions.Throttled: "rate-limited",
+}
+
+
+def problem_exception_handler(exc: Exception, context: Mapping[str, Any]) -> Response:
+    """DRF exception handler: every failure becomes problem+json, never a stack trace."""
+    request = context.get("request")
+    instance = request.path if request is not None else None
+    if isinstance(exc, Problem):
+        return problem_response(
+            exc.problem.slug,
+            detail=str(exc.detail),
+            instance=instance,
+            headers=exc.headers,
+            **exc.extra,
+        )
+    if isinstance(exc, exceptions.ValidationError):
+        return problem_response(
+            "validation-error", instance=instance, errors=_validation_errors(exc.detail)
+        )
+    if isinstance(exc, Http404):
+        return problem_response("not-found", instance=instance)
+    if isinstance(exc, exceptions.APIException):
+        slug = next((s for cls, s in _DRF_SLUGS.items() if isinstance(exc, cls)), None)
+        if slug is None:
+            slug = "internal-error" if exc.status_code >= 500 else "validation-error"
+        headers = {}
+        auth_header = getattr(exc, "auth_header", None)
+        if auth_header:
+            headers["WWW-Authenticate"] = str(auth_header)
+        wait = getattr(exc, "wait", None)
+        if wait is not None:
+            headers["Retry-After"] = str(max(1, int(wait)))
+        # One body for every authentication failure: the reason is never disclosed.
+        detail = None if slug in {"unauthorized", "malformed-json"} else str(exc.detail)
+        return problem_response(slug, detail=detail, instance=instance, headers=headers)
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        logger.warning("database unavailable: %s", type(exc).__name__)
+        return problem_response(
+            "service-unavailable", instance=instance, headers={"Retry-After": "5"}
+        )
+    if isinstance(exc, DatabaseError):
+        logger.error("database error: %s", type(exc).__name__)
+    else:
+        logger.error("unhandled %s on %s", type(exc).__name__, instance)
+    return problem_response("internal-error", instance=instance)
+
+
+class PayloadTooLarge(Problem):
+    def __init__(self) -> None:
+        super().__init__("payload-too-large")
+
+
+class LimitedJSONParser(JSONParser):
+    """JSONParser that refuses bodies over LINK_MAX_BODY_BYTES with 413, read or declared."""
+
+    def parse(
+        self,
+        stream: Any,
+        media_type: str | None = None,
+        parser_context: Mapping[str, Any] | None = None,
+    ) -> Any:
+        limit = settings.LINK_MAX_BODY_BYTES
+        request = (parser_context or {}).get("request")
+        declared = request.META.get("CONTENT_LENGTH") if request is not None else None
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge()
+        raw = stream.read(limit + 1)
+        if len(raw) > limit:
+            raise PayloadTooLarge()
+        return super().parse(BytesIO(raw), media_type, parser_context)
+
+
+# --- Django-level handlers: errors outside DRF views are problem+json too ----------------------
+
+
+def _django_problem(request: HttpRequest, slug: str) -> JsonResponse:
+    body = problem_body(slug, instance=request.path)
+    return JsonResponse(body, status=body["status"], content_type=PROBLEM_CONTENT_TYPE)
+
+
+def handler404(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+    return _django_problem(request, "not-found")
+
+
+def handler400(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+    return _django_problem(request, "validation-error")
+
+
+def handler403(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+    return _django_problem(request, "forbidden")
+
+
+def handler500(request: HttpRequest) -> JsonResponse:
+    return _django_problem(request, "internal-error")
+
+
+def problem_type_view(request: HttpRequest, slug: str) -> JsonResponse:
+    """Dereferenceable documentation of a problem type."""
+    problem = PROBLEMS.get(slug)
+    if problem is None:
+        return _django_problem(request, "not-found")
+    return JsonResponse(
+        {
+            "type": problem.uri,
+            "title": problem.title,
+            "status": problem.status,
+            "description": problem.description,
+        }
+    )

@@ -1,0 +1,110 @@
+"""Customer use cases: onboarding, tokens and their revocation."""
+
+import base64
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F
+
+from merchant.models import Customer
+from merchant.webhook_urls import webhook_url_check
+
+TOKEN_ALGORITHM = "HS256"  # noqa: S105 -- pinned here; never taken from the token's header
+TOKEN_MAX_LENGTH = 4096
+
+
+class InvalidToken(Exception):
+    """Any reason a customer token is not accepted; the reason is for logs, never for clients."""
+
+
+@dataclass(frozen=True)
+class CustomerCredentials:
+    customer: Customer
+    token: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "customer_id": str(self.customer.id),
+            "token": self.token,
+            "webhook_secret": self.customer.webhook_secret,
+        }
+
+
+def webhook_secret_generate() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+
+
+def customer_onboard(*, name: str, webhook_url: str) -> CustomerCredentials:
+    name = name.strip()
+    if not name:
+        raise ValueError("The customer name must not be empty.")
+    webhook_url_check(url=webhook_url)
+    customer = Customer.objects.create(
+        name=name, webhook_url=webhook_url, webhook_secret=webhook_secret_generate()
+    )
+    return CustomerCredentials(customer=customer, token=token_issue(customer=customer))
+
+
+def token_issue(*, customer: Customer, ttl_seconds: int | None = None) -> str:
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "iss": settings.TOKEN_ISSUER,
+        "aud": settings.TOKEN_AUDIENCE,
+        "sub": str(customer.id),
+        "iat": now,
+        "exp": now + (ttl_seconds if ttl_seconds is not None else settings.TOKEN_TTL_SECONDS),
+        "jti": uuid.uuid4().hex,
+        "ver": customer.token_version,
+    }
+    return jwt.encode(claims, settings.TOKEN_SIGNING_KEY, algorithm=TOKEN_ALGORITHM)
+
+
+def customer_issue_token(*, customer_id: uuid.UUID) -> CustomerCredentials:
+    customer = Customer.objects.get(id=customer_id)
+    return CustomerCredentials(customer=customer, token=token_issue(customer=customer))
+
+
+def customer_revoke_tokens(*, customer_id: uuid.UUID) -> Customer:
+    """Make every token issued so far stop working (the next `token_issue` works again)."""
+    with transaction.atomic():
+        updated = Customer.objects.filter(id=customer_id).update(
+            token_version=F("token_version") + 1
+        )
+        if not updated:
+            raise Customer.DoesNotExist(f"No customer {customer_id}")
+    return Customer.objects.get(id=customer_id)
+
+
+def token_verify(*, token: str) -> Customer:
+    """Return the active customer a token was issued to, or raise InvalidToken."""
+    if not token or len(token) > TOKEN_MAX_LENGTH:
+        raise InvalidToken("missing or oversized token")
+    try:
+        claims = jwt.decode(
+            token,
+            settings.TOKEN_SIGNING_KEY,
+            algorithms=[TOKEN_ALGORITHM],
+            audience=settings.TOKEN_AUDIENCE,
+            issuer=settings.TOKEN_ISSUER,
+            options={"require": ["exp", "iat", "iss", "aud", "sub", "ver"], "strict_aud": True},
+        )
+        customer_id = uuid.UUID(str(claims["sub"]))
+        version = claims["ver"]
+    except (jwt.PyJWTError, ValueError, TypeError, KeyError) as exc:
+        raise InvalidToken(type(exc).__name__) from exc
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise InvalidToken("version claim is not an integer")
+    customer = Customer.objects.filter(id=customer_id).first()
+    if customer is None:
+        raise InvalidToken("unknown customer")
+    if not customer.is_active:
+        raise InvalidToken("inactive customer")
+    if version != customer.token_version:
+        raise InvalidToken("revoked token")
+    return customer

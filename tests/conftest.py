@@ -1,0 +1,98 @@
+"""Shared fixtures: the real Redis (own database), customers with tokens, a JSON API client."""
+
+import base64
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from django.conf import settings
+from rest_framework.test import APIClient
+
+from merchant.services import CustomerCredentials, customer_onboard
+
+
+@pytest.fixture(autouse=True)
+def redis_db() -> Iterator[redis.Redis]:
+    """The suite's own Redis database (the broker and the cache), empty for every test."""
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+def broker_messages(client: redis.Redis, queue: str = "celery") -> list[dict[str, Any]]:
+    """The task messages waiting in a Redis queue, decoded (headers + args/kwargs)."""
+    messages = []
+    for raw in client.lrange(queue, 0, -1):
+        envelope = json.loads(raw)
+        args, kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
+        messages.append(
+            {
+                "raw": raw.decode() if isinstance(raw, bytes) else raw,
+                "task": envelope["headers"]["task"],
+                "args": args,
+                "kwargs": kwargs,
+            }
+        )
+    return messages
+
+
+def new_customer(name: str = "Acme Health") -> CustomerCredentials:
+    return customer_onboard(name=name, webhook_url="https://hooks.acme.example/merchant")
+
+
+@pytest.fixture
+def credentials(db: None) -> CustomerCredentials:
+    return new_customer()
+
+
+@pytest.fixture
+def other_credentials(db: None) -> CustomerCredentials:
+    return new_customer("Globex Clinics")
+
+
+def link_body(**patient_overrides: Any) -> dict[str, Any]:
+    patient: dict[str, Any] = {
+        "id": str(uuid.uuid4()),
+        "full_name": "Jane Q Doe",
+        "dob": "1980-04-02",
+        "contact": {
+            "address": "1 Main St, Springfield",
+            "phone": "+1-555-0100",
+            "email": "jane@example.org",
+        },
+        "insurance": {"payer": "Acme Health", "member_id": "A123"},
+    }
+    patient.update(patient_overrides)
+    return {"patient": patient}
+
+
+class LinkClient:
+    """A thin JSON client for the link API with a customer token."""
+
+    def __init__(self, token: str) -> None:
+        self.client = APIClient()
+        self.token = token
+
+    def post_link(self, body: Any, *, key: str | None = "key-1", **headers: str) -> Any:
+        extra: dict[str, Any] = {"HTTP_CUSTOMER_TOKEN": self.token, **headers}
+        if key is not None:
+            extra["HTTP_IDEMPOTENCY_KEY"] = key
+        payload = body if isinstance(body, (str, bytes)) else json.dumps(body)
+        return self.client.post("/link", payload, content_type="application/json", **extra)
+
+    def status(self, workflow_id: str) -> Any:
+        return self.client.get(f"/link/status/{workflow_id}", HTTP_CUSTOMER_TOKEN=self.token)
+
+
+@pytest.fixture
+def api(credentials: CustomerCredentials) -> LinkClient:
+    return LinkClient(credentials.token)
+
+
+@pytest.fixture
+def other_api(other_credentials: CustomerCredentials) -> LinkClient:
+    return LinkClient(other_credentials.token)

@@ -1,0 +1,66 @@
+"""GET /link/status/<workflow-id>: own workflow 200, anything else the same 404."""
+
+import uuid
+from typing import Any
+
+import pytest
+
+from tests.conftest import LinkClient, link_body
+from workflows.models import Workflow
+from workflows.services import workflow_transition
+
+pytestmark = pytest.mark.django_db
+
+
+def test_own_workflow(api: LinkClient) -> None:
+    workflow_id = api.post_link(link_body()).json()["workflow-id"]
+    response = api.status(workflow_id)
+    assert response.status_code == 200
+    data = response.json()
+    assert set(data) == {"workflow-id", "status", "result", "reason", "created-at", "updated-at"}
+    assert data["workflow-id"] == workflow_id
+    assert data["status"] == "RECEIVED"
+    assert data["result"] is None
+    assert data["reason"] is None
+    workflow = Workflow.objects.get(id=workflow_id)
+    assert data["created-at"] == workflow.created_at.isoformat().replace("+00:00", "Z")
+
+
+def test_status_follows_the_workflow(api: LinkClient) -> None:
+    workflow_id = api.post_link(link_body()).json()["workflow-id"]
+    workflow = Workflow.objects.get(id=workflow_id)
+    for name in ("start", "mark_linked", "complete"):
+        workflow = workflow_transition(workflow=workflow, name=name, actor="test")
+    data = api.status(workflow_id).json()
+    assert (data["status"], data["result"], data["reason"]) == ("COMPLETED", "LINKED", None)
+
+
+def test_failed_workflow_shows_reason(api: LinkClient) -> None:
+    workflow_id = api.post_link(link_body()).json()["workflow-id"]
+    workflow = Workflow.objects.get(id=workflow_id)
+    workflow_transition(workflow=workflow, name="fail", actor="test", reason="internal 400")
+    data = api.status(workflow_id).json()
+    assert (data["status"], data["result"], data["reason"]) == ("FAILED", None, "internal 400")
+
+
+def not_found_body(response: Any) -> dict[str, Any]:
+    assert response.status_code == 404
+    assert response["Content-Type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
+    body.pop("instance")
+    return body
+
+
+def test_foreign_unknown_and_malformed_ids_are_the_same_404(
+    api: LinkClient, other_api: LinkClient
+) -> None:
+    foreign = other_api.post_link(link_body()).json()["workflow-id"]
+    bodies = [
+        not_found_body(api.status(foreign)),
+        not_found_body(api.status(str(uuid.uuid4()))),
+        not_found_body(api.status("not-a-uuid")),
+        not_found_body(api.status("1' OR '1'='1")),
+    ]
+    assert all(body == bodies[0] for body in bodies)
+    assert bodies[0]["type"] == "/problems/not-found"
+    assert other_api.status(foreign).status_code == 200

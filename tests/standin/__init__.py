@@ -1,0 +1,1 @@
+"""Tests of the internal-system stand-in (no database needed)."""

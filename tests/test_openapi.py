@@ -1,0 +1,46 @@
+"""The OpenAPI document describes the API as it is."""
+
+import pytest
+from rest_framework.test import APIClient
+
+pytestmark = pytest.mark.django_db
+
+
+def test_schema_describes_link_api() -> None:
+    response = APIClient().get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json")
+    assert response.status_code == 200
+    schema = response.json()
+    assert schema["openapi"].startswith("3.")
+    paths = schema["paths"]
+    post = paths["/link"]["post"]
+    assert set(post["responses"]) >= {"202", "400", "401", "409", "413", "415", "422", "503"}
+    assert "application/problem+json" in post["responses"]["422"]["content"]
+    headers = {p["name"] for p in post["parameters"] if p["in"] == "header"}
+    assert "Idempotency-Key" in headers
+    accepted = schema["components"]["schemas"]["LinkAccepted"]
+    assert set(accepted["properties"]) == {"workflow-id", "status"}
+    status = paths["/link/status/{workflow_id}"]["get"]
+    assert set(status["responses"]) >= {"200", "401", "404"}
+    schemes = schema["components"]["securitySchemes"]
+    assert schemes["customerToken"] == {
+        "type": "apiKey",
+        "in": "header",
+        "name": "customer-token",
+        "description": schemes["customerToken"]["description"],
+    }
+    assert post["security"] == [{"customerToken": []}]
+
+
+def test_swagger_ui_is_served() -> None:
+    response = APIClient().get("/api/docs/")
+    assert response.status_code == 200
+    assert b"swagger" in response.content.lower()
+
+
+def test_schema_generates_without_warnings(tmp_path) -> None:
+    from django.core.management import call_command
+
+    target = tmp_path / "schema.yaml"
+    call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(target))
+    text = target.read_text()
+    assert "Idempotent-Replayed" in text and "Location" in text

@@ -1,0 +1,136 @@
+"""Every allowed and every forbidden transition of the workflow state machine."""
+
+import itertools
+from typing import Any
+
+import pytest
+from django.db import transaction
+from django_fsm import ConcurrentTransition, TransitionNotAllowed
+
+from merchant.models import Customer
+from tests.conftest import new_customer
+from workflows.models import PENDING_STATES, Status, Workflow, WorkflowTransition
+from workflows.services import workflow_transition
+
+pytestmark = pytest.mark.django_db
+
+S = Status
+# (transition, its keyword arguments) -> allowed sources and the target (design.md "Statuses").
+TRANSITIONS: dict[str, tuple[dict[str, Any], set[str], str]] = {
+    "start": ({}, {S.RECEIVED}, S.IN_PROGRESS),
+    "request_search": ({"search_id": "job-1"}, {S.IN_PROGRESS}, S.REQUESTED),
+    "mark_linked": ({}, {S.IN_PROGRESS, S.REQUESTED}, S.LINKED),
+    "mark_no_results": ({"reason": "no match"}, {S.IN_PROGRESS, S.REQUESTED}, S.NO_RESULTS),
+    "complete": ({}, {S.LINKED, S.NO_RESULTS}, S.COMPLETED),
+    "fail": ({"reason": "broken"}, set(PENDING_STATES), S.FAILED),
+    "requeue": ({}, {S.FAILED}, S.RECEIVED),
+}
+
+
+def workflow_in(customer: Customer, status: str) -> Workflow:
+    import uuid
+
+    workflow = Workflow(customer=customer, patient_id=uuid.uuid4(), status=status)
+    workflow.save()
+    return Workflow.objects.get(id=workflow.id)
+
+
+@pytest.fixture
+def customer(db: None) -> Customer:
+    return new_customer().customer
+
+
+CASES = list(itertools.product(TRANSITIONS, Status.values))
+
+
+@pytest.mark.parametrize(("name", "source"), CASES)
+def test_transition_table(customer: Customer, name: str, source: str) -> None:
+    kwargs, allowed, target = TRANSITIONS[name]
+    workflow = workflow_in(customer, source)
+    if source in allowed:
+        workflow_transition(workflow=workflow, name=name, actor="test", **kwargs)
+        workflow.refresh_from_db()
+        assert workflow.status == target
+        last = WorkflowTransition.objects.filter(workflow=workflow).last()
+        assert last is not None
+        assert (last.source, last.target, last.actor) == (source, target, "test")
+    else:
+        with pytest.raises(TransitionNotAllowed):
+            workflow_transition(workflow=workflow, name=name, actor="test", **kwargs)
+        workflow.refresh_from_db()
+        assert workflow.status == source
+        assert not WorkflowTransition.objects.filter(workflow=workflow).exists()
+
+
+def test_terminal_states_have_no_way_out_but_requeue(customer: Customer) -> None:
+    for name, (_, allowed, _) in TRANSITIONS.items():
+        assert S.COMPLETED not in allowed
+        assert (S.FAILED in allowed) == (name == "requeue")
+
+
+def test_status_cannot_be_assigned_directly(customer: Customer) -> None:
+    workflow = workflow_in(customer, S.RECEIVED)
+    with pytest.raises(AttributeError):
+        workflow.status = S.COMPLETED
+
+
+def test_transitions_set_their_fields(customer: Customer) -> None:
+    workflow = workflow_in(customer, S.RECEIVED)
+    for name, kwargs in [
+        ("start", {}),
+        ("request_search", {"search_id": "job-9"}),
+        ("mark_no_results", {"reason": "ambiguous"}),
+    ]:
+        workflow = workflow_transition(workflow=workflow, name=name, actor="t", **kwargs)
+    workflow.refresh_from_db()
+    assert (workflow.search_id, workflow.result, workflow.reason) == (
+        "job-9",
+        "NO_RESULTS",
+        "ambiguous",
+    )
+    workflow = workflow_transition(workflow=workflow, name="fail", actor="t", reason="x")
+    workflow = workflow_transition(workflow=workflow, name="requeue", actor="operator")
+    workflow.refresh_from_db()
+    assert (
+        workflow.status,
+        workflow.result,
+        workflow.reason,
+        workflow.attempts,
+        workflow.search_id,
+    ) == (S.RECEIVED, None, "", 0, None)
+    timeline = [(t.source, t.target) for t in workflow.transitions.all()]
+    assert timeline == [
+        ("RECEIVED", "IN_PROGRESS"),
+        ("IN_PROGRESS", "REQUESTED"),
+        ("REQUESTED", "NO_RESULTS"),
+        ("NO_RESULTS", "FAILED"),
+        ("FAILED", "RECEIVED"),
+    ]
+
+
+def test_concurrent_transition_is_refused(customer: Customer) -> None:
+    workflow = workflow_in(customer, S.RECEIVED)
+    stale = Workflow.objects.get(id=workflow.id)
+    workflow_transition(workflow=workflow, name="start", actor="worker-1")
+    with pytest.raises(ConcurrentTransition), transaction.atomic():
+        workflow_transition(workflow=stale, name="fail", actor="worker-2", reason="late")
+    workflow.refresh_from_db()
+    assert workflow.status == S.IN_PROGRESS
+    assert [t.target for t in workflow.transitions.all()] == ["IN_PROGRESS"]
+
+
+def test_database_refuses_an_unknown_status(customer: Customer) -> None:
+    from django.db import IntegrityError
+
+    workflow = workflow_in(customer, S.RECEIVED)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Workflow.objects.filter(id=workflow.id).update(status="SOMETHING")
+
+
+def test_database_refuses_two_pending_workflows_for_one_patient(customer: Customer) -> None:
+    from django.db import IntegrityError
+
+    first = workflow_in(customer, S.IN_PROGRESS)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Workflow.objects.create(customer=customer, patient_id=first.patient_id)
+    Workflow.objects.create(customer=customer, patient_id=first.patient_id, status=S.COMPLETED)

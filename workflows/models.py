@@ -1,0 +1,156 @@
+import uuid
+
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+from django_fsm import ConcurrentTransitionMixin, FSMField, transition
+
+
+class Status(models.TextChoices):
+    RECEIVED = "RECEIVED"
+    IN_PROGRESS = "IN_PROGRESS"
+    REQUESTED = "REQUESTED"
+    LINKED = "LINKED"
+    NO_RESULTS = "NO_RESULTS"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+
+
+# Pending states are the ones the reconciliation sweep watches: each must reach an end state.
+PENDING_STATES = (
+    Status.RECEIVED,
+    Status.IN_PROGRESS,
+    Status.REQUESTED,
+    Status.LINKED,
+    Status.NO_RESULTS,
+)
+TERMINAL_STATES = (Status.COMPLETED, Status.FAILED)
+
+
+class RequestType(models.TextChoices):
+    LINK = "LINK"
+
+
+class Result(models.TextChoices):
+    LINKED = "LINKED"
+    NO_RESULTS = "NO_RESULTS"
+
+
+class Workflow(ConcurrentTransitionMixin, models.Model):
+    """One accepted request, tracked until it reaches COMPLETED or FAILED.
+
+    Transitions change fields only; the services save them (with optimistic locking on the
+    status) and run side effects after the commit.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    request_id = models.UUIDField(unique=True, default=uuid.uuid4, editable=False)
+    customer = models.ForeignKey(
+        "merchant.Customer", on_delete=models.PROTECT, related_name="workflows"
+    )
+    # The customer's own patient id (not ours): what the customer asked us to link.
+    patient_id = models.UUIDField()
+    request_type = models.CharField(
+        max_length=16, choices=RequestType.choices, default=RequestType.LINK
+    )
+    status = FSMField(
+        max_length=16, choices=Status.choices, default=Status.RECEIVED, protected=True
+    )
+    result = models.CharField(max_length=16, choices=Result.choices, null=True, blank=True)
+    reason = models.TextField(blank=True, default="")
+    attempts = models.PositiveIntegerField(default=0)
+    search_id = models.CharField(max_length=200, null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(status__in=Status.values), name="workflow_status_valid"
+            ),
+            models.CheckConstraint(
+                condition=Q(result__isnull=True) | Q(result__in=Result.values),
+                name="workflow_result_valid",
+            ),
+            # "Already in progress" is an invariant, not only a check: two concurrent requests
+            # for one patient cannot both create a pending workflow.
+            models.UniqueConstraint(
+                fields=["customer", "patient_id"],
+                condition=Q(status__in=PENDING_STATES),
+                name="workflow_one_pending_per_patient",
+            ),
+        ]
+        indexes = [
+            # The reconciliation sweep reads only pending rows, oldest first.
+            models.Index(
+                fields=["updated_at"],
+                condition=Q(status__in=PENDING_STATES),
+                name="workflow_pending_updated",
+            ),
+            models.Index(fields=["customer", "status"], name="workflow_customer_status"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.id} {self.status}"
+
+    @property
+    def is_pending(self) -> bool:
+        return self.status in PENDING_STATES
+
+    # --- transitions: fields only; the services save and record them ---------------------------
+    # Each takes `reason` (kept in the timeline); only the outcomes that explain themselves to
+    # the customer (NO_RESULTS, FAILED) also store it on the workflow.
+
+    @transition(field=status, source=Status.RECEIVED, target=Status.IN_PROGRESS)
+    def start(self, *, reason: str = "") -> None:
+        pass
+
+    @transition(field=status, source=Status.IN_PROGRESS, target=Status.REQUESTED)
+    def request_search(self, *, search_id: str, reason: str = "") -> None:
+        self.search_id = search_id
+
+    @transition(field=status, source=[Status.IN_PROGRESS, Status.REQUESTED], target=Status.LINKED)
+    def mark_linked(self, *, reason: str = "") -> None:
+        self.result = Result.LINKED
+
+    @transition(
+        field=status, source=[Status.IN_PROGRESS, Status.REQUESTED], target=Status.NO_RESULTS
+    )
+    def mark_no_results(self, *, reason: str = "") -> None:
+        self.result = Result.NO_RESULTS
+        self.reason = reason
+
+    @transition(field=status, source=[Status.LINKED, Status.NO_RESULTS], target=Status.COMPLETED)
+    def complete(self, *, reason: str = "") -> None:
+        pass
+
+    @transition(field=status, source=list(PENDING_STATES), target=Status.FAILED)
+    def fail(self, *, reason: str) -> None:
+        self.reason = reason
+
+    @transition(field=status, source=Status.FAILED, target=Status.RECEIVED)
+    def requeue(self, *, reason: str = "") -> None:
+        # An operator's fresh start: the attempt budget and the old outcome are reset.
+        self.attempts = 0
+        self.result = None
+        self.reason = ""
+        self.search_id = None
+
+
+class WorkflowTransition(models.Model):
+    """Append-only timeline of a workflow: every change of status, when, why and by whom."""
+
+    workflow = models.ForeignKey(Workflow, on_delete=models.CASCADE, related_name="transitions")
+    source = models.CharField(max_length=16, blank=True)  # "" for the creation
+    target = models.CharField(max_length=16)
+    reason = models.TextField(blank=True, default="")
+    actor = models.CharField(max_length=150, default="system")
+    at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["at", "id"]
+        indexes = [models.Index(fields=["workflow", "at"], name="transition_workflow_at")]
+
+    def __str__(self) -> str:
+        return f"{self.source or '-'} -> {self.target}"
