@@ -123,6 +123,14 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {
 }
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TIMEZONE = "UTC"
+# Beat's DatabaseScheduler copies these into django-celery-beat's tables at start-up; ops can
+# then pause or re-time them in the admin.
+CELERY_BEAT_SCHEDULE = {
+    "purge-idempotency-records": {
+        "task": "linking.purge_idempotency_records",
+        "schedule": env_int("IDEMPOTENCY_PURGE_INTERVAL_SECONDS", 3600, minimum=10),
+    },
+}
 
 # --- Customer tokens (JWT) ---------------------------------------------------------------------
 TOKEN_SIGNING_KEY = env_str("TOKEN_SIGNING_KEY", SECRET_KEY)

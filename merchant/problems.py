@@ -45,6 +45,7 @@ PROBLEMS = _catalog(
         400,
         "The body failed validation; `errors` lists each failing field.",
     ),
+    ProblemType("bad-request", "Bad request", 400, "The request could not be understood."),
     ProblemType("malformed-json", "Malformed JSON", 400, "The body is not valid JSON."),
     ProblemType(
         "idempotency-key-missing",
@@ -286,7 +287,7 @@ def handler404(request: HttpRequest, exception: Exception | None = None) -> Json
 
 
 def handler400(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
-    return _django_problem(request, "validation-error")
+    return _django_problem(request, "bad-request")
 
 
 def handler403(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:

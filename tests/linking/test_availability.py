@@ -1,0 +1,77 @@
+"""The ack path when a dependency is down: bounded answers, nothing half-written."""
+
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import requests
+
+from linking.models import IdempotencyRecord, LinkRequest
+from merchant.services import CustomerCredentials
+from tests.conftest import link_body
+from tests.processes import child_env, free_port, gunicorn
+from workflows.models import Status, Workflow
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@contextmanager
+def black_hole() -> Iterator[int]:
+    """A port that accepts TCP connections and never answers (a stalled server)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield int(sock.getsockname()[1])
+
+
+def post_link(base: str, token: str, body: dict, key: str) -> tuple[requests.Response, float]:
+    started = time.monotonic()
+    response = requests.post(
+        f"{base}/link",
+        json=body,
+        timeout=30,
+        headers={"customer-token": token, "Idempotency-Key": key},
+    )
+    return response, time.monotonic() - started
+
+
+@pytest.mark.parametrize("broker", ["refused", "stalled"])
+def test_broker_down_still_answers_202_in_bounded_time(
+    credentials: CustomerCredentials, broker: str
+) -> None:
+    with black_hole() as stalled_port, tempfile.TemporaryFile() as log:
+        port = free_port() if broker == "refused" else stalled_port
+        env = child_env(CELERY_BROKER_URL=f"redis://127.0.0.1:{port}/0", LOG_LEVEL="INFO")
+        body = link_body(full_name="Canary Broker-Down")
+        with gunicorn(env, log) as base:
+            response, elapsed = post_link(base, credentials.token, body, "k1")
+        log.seek(0)
+        output = log.read().decode()
+
+    assert response.status_code == 202, response.text
+    assert elapsed < 10, elapsed
+    workflow = Workflow.objects.get(id=response.json()["workflow-id"])
+    assert workflow.status == Status.RECEIVED
+    assert LinkRequest.objects.filter(request_id=workflow.request_id).exists()
+    assert IdempotencyRecord.objects.filter(workflow=workflow).exists()
+    assert f"publish failed for workflow {workflow.id}" in output
+    assert "Canary" not in output and "1980-04-02" not in output
+
+
+@pytest.mark.parametrize("database", ["refused", "stalled"])
+def test_database_down_is_a_fast_503(credentials: CustomerCredentials, database: str) -> None:
+    with black_hole() as stalled_port:
+        port = free_port() if database == "refused" else stalled_port
+        env = child_env(DATABASE_URL=f"postgres://127.0.0.1:{port}/merchant")
+        with gunicorn(env) as base:
+            response, elapsed = post_link(base, credentials.token, link_body(), "k1")
+
+    assert response.status_code == 503, response.text
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert response.json()["type"] == "/problems/service-unavailable"
+    assert int(response.headers["Retry-After"]) > 0
+    assert elapsed < 5, elapsed
+    assert Workflow.objects.count() == 0

@@ -1,0 +1,109 @@
+"""Real processes for tests: gunicorn, Celery workers, the stand-in. Each is stopped by pid."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+import requests
+from django.db import connection
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_database_url() -> str:
+    """DATABASE_URL of the database pytest-django created, for processes the test starts."""
+    db = connection.settings_dict
+    host = db["HOST"] or "127.0.0.1"
+    port = db["PORT"] or "5432"
+    user = f"{db['USER']}@" if db["USER"] else ""
+    return f"postgres://{user}{host}:{port}/{db['NAME']}"
+
+
+def child_env(**overrides: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "config.settings_test",
+            "DATABASE_URL": test_database_url(),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(overrides)
+    return env
+
+
+@contextmanager
+def running(
+    args: list[str], *, env: dict[str, str], log: IO[bytes] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a process in its own process group; stop the whole group afterwards."""
+    proc = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env=env,
+        stdout=log or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        yield proc
+    finally:
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout)
+    except ProcessLookupError:
+        pass
+
+
+def wait_http(url: str, *, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            requests.get(url, timeout=5)
+            return
+        except requests.RequestException:
+            time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@contextmanager
+def gunicorn(env: dict[str, str], log: IO[bytes] | None = None) -> Iterator[str]:
+    """gunicorn serving the project on a free port; yields its base URL."""
+    port = free_port()
+    args = [
+        str(BIN / "gunicorn"),
+        "config.wsgi",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        "1",
+        "--timeout",
+        "30",
+    ]
+    with running(args, env=env, log=log):
+        base = f"http://127.0.0.1:{port}"
+        wait_http(f"{base}/problems/not-found")
+        yield base
