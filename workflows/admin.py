@@ -6,8 +6,8 @@ from workflows.models import Workflow, WorkflowTransition
 
 class WorkflowTransitionInline(admin.TabularInline[WorkflowTransition, Workflow]):
     model = WorkflowTransition
-    fields = ["at", "source", "target", "actor", "reason"]
-    readonly_fields = fields
+    fields = ("at", "source", "target", "actor", "reason")
+    readonly_fields = ("at", "source", "target", "actor", "reason")
     extra = 0
     can_delete = False
     ordering = ["at", "id"]
