@@ -6,7 +6,7 @@ import dj_database_url
 import django_stubs_ext
 from django.core.exceptions import ImproperlyConfigured
 
-from config.env import env_bool, env_int, env_list, env_str
+from config.env import env_bool, env_float, env_int, env_int_list, env_list, env_str
 
 # Lets the typed generics used in annotations (ModelAdmin[Model], ...) work at run time.
 django_stubs_ext.monkeypatch()
@@ -109,11 +109,14 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # The ack path must answer within a bounded time when the broker is down or stalled: a publish
 # that fails is logged and left to the reconciliation sweep (the workflow row is already committed).
 CELERY_BROKER_CONNECTION_TIMEOUT = 1
+# Redis hands an unacknowledged task to another worker after this long: it must exceed any
+# task's hard time limit by far, or a slow task would run twice at once.
+CELERY_VISIBILITY_TIMEOUT = env_int("CELERY_VISIBILITY_TIMEOUT", 3600, minimum=60)
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "max_connections": 100,
     "socket_connect_timeout": 1,
     "socket_timeout": 2,
-    "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 3600, minimum=60),
+    "visibility_timeout": CELERY_VISIBILITY_TIMEOUT,
 }
 CELERY_TASK_PUBLISH_RETRY_POLICY = {
     "max_retries": 1,
@@ -130,7 +133,60 @@ CELERY_BEAT_SCHEDULE = {
         "task": "linking.purge_idempotency_records",
         "schedule": env_int("IDEMPOTENCY_PURGE_INTERVAL_SECONDS", 3600, minimum=10),
     },
-}
+}  # the processing entries are added below, next to their settings
+
+CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 60, minimum=5)
+CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 90, minimum=10)
+if CELERY_TASK_TIME_LIMIT * 4 > CELERY_VISIBILITY_TIMEOUT:
+    raise ImproperlyConfigured("CELERY_VISIBILITY_TIMEOUT must be >= 4 x CELERY_TASK_TIME_LIMIT")
+CELERY_WORKER_SEND_TASK_EVENTS = False
+CELERY_TASK_SEND_SENT_EVENT = False
+
+# --- Processing: the internal search, the linking policy, attempts, reconciliation ------------
+INTERNAL_SEARCH_URL = env_str("INTERNAL_SEARCH_URL", "http://127.0.0.1:8001/fhir").rstrip("/")
+INTERNAL_SEARCH_TOKEN = env_str("INTERNAL_SEARCH_TOKEN", "")
+INTERNAL_SEARCH_CONNECT_TIMEOUT = env_float("INTERNAL_SEARCH_CONNECT_TIMEOUT", 3.05)
+INTERNAL_SEARCH_READ_TIMEOUT = env_float("INTERNAL_SEARCH_READ_TIMEOUT", 10.0)
+INTERNAL_SEARCH_COUNT = env_int("INTERNAL_SEARCH_COUNT", 5, minimum=2)
+AUTO_LINK_SCORE = env_float("AUTO_LINK_SCORE", 0.9)
+AUTO_LINK_MARGIN = env_float("AUTO_LINK_MARGIN", 0.1)
+WORKFLOW_MAX_ATTEMPTS = env_int("WORKFLOW_MAX_ATTEMPTS", 5, minimum=1)
+RETRY_BACKOFF_BASE_SECONDS = env_float("RETRY_BACKOFF_BASE_SECONDS", 2.0)
+RETRY_BACKOFF_MAX_SECONDS = env_float("RETRY_BACKOFF_MAX_SECONDS", 60.0)
+# A consumer's claim on a workflow expires after this long (a crashed worker's claim frees up).
+WORKFLOW_CLAIM_LEASE_SECONDS = env_int(
+    "WORKFLOW_CLAIM_LEASE_SECONDS", CELERY_TASK_TIME_LIMIT + 30, minimum=1
+)
+RECONCILE_INTERVAL_SECONDS = env_int("RECONCILE_INTERVAL_SECONDS", 300, minimum=1)
+RECONCILE_STALE_AFTER_SECONDS = env_int("RECONCILE_STALE_AFTER_SECONDS", 420, minimum=1)
+RECONCILE_BATCH_SIZE = env_int("RECONCILE_BATCH_SIZE", 500, minimum=1)
+STUCK_REPORT_INTERVAL_SECONDS = env_int("STUCK_REPORT_INTERVAL_SECONDS", 3600, minimum=10)
+
+# --- Webhooks (Standard Webhooks 1.0) ---------------------------------------------------------
+WEBHOOK_TIMEOUT_SECONDS = env_float("WEBHOOK_TIMEOUT_SECONDS", 15.0)
+# Seconds to wait before each retry after the first attempt; then the delivery is exhausted.
+WEBHOOK_RETRY_SCHEDULE = env_int_list(
+    "WEBHOOK_RETRY_SCHEDULE", [5, 300, 1800, 7200, 18000, 36000, 36000]
+)
+WEBHOOK_DISPATCH_INTERVAL_SECONDS = env_int("WEBHOOK_DISPATCH_INTERVAL_SECONDS", 5, minimum=1)
+
+# Beat runs these; each only enqueues work, so a second beat started by mistake is harmless.
+CELERY_BEAT_SCHEDULE.update(
+    {
+        "reconcile-workflows": {
+            "task": "workflows.reconcile",
+            "schedule": RECONCILE_INTERVAL_SECONDS,
+        },
+        "stuck-report": {
+            "task": "workflows.stuck_report",
+            "schedule": STUCK_REPORT_INTERVAL_SECONDS,
+        },
+        "dispatch-due-webhooks": {
+            "task": "workflows.dispatch_due_webhooks",
+            "schedule": WEBHOOK_DISPATCH_INTERVAL_SECONDS,
+        },
+    }
+)
 
 # --- Customer tokens (JWT) ---------------------------------------------------------------------
 TOKEN_SIGNING_KEY = env_str("TOKEN_SIGNING_KEY", SECRET_KEY)

@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.http import HttpRequest
 
-from linking.models import IdempotencyRecord
+from linking.models import IdempotencyRecord, PatientMapping
 
 
 @admin.register(IdempotencyRecord)
@@ -19,6 +19,37 @@ class IdempotencyRecordAdmin(admin.ModelAdmin[IdempotencyRecord]):
         "response_headers",
         "created_at",
         "expires_at",
+    ]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+
+@admin.register(PatientMapping)
+class PatientMappingAdmin(admin.ModelAdmin[PatientMapping]):
+    list_display = [
+        "customer_patient_id",
+        "internal_patient_id",
+        "customer",
+        "status",
+        "score",
+        "match_grade",
+        "workflow",
+        "created_at",
+    ]
+    list_filter = ["status", "match_grade", "customer"]
+    search_fields = ["customer_patient_id", "internal_patient_id", "workflow__id"]
+    list_select_related = ["customer"]
+    readonly_fields = [
+        "customer",
+        "customer_patient_id",
+        "internal_patient_id",
+        "status",
+        "workflow",
+        "score",
+        "match_grade",
+        "created_at",
+        "updated_at",
     ]
 
     def has_add_permission(self, request: HttpRequest) -> bool:

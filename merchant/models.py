@@ -10,6 +10,8 @@ class Customer(models.Model):
     name = models.CharField(max_length=200)
     is_active = models.BooleanField(default=True)
     webhook_url = models.URLField(max_length=2000)
+    # Off after the endpoint answered 410 Gone: nothing is sent until an operator turns it on.
+    webhook_enabled = models.BooleanField(default=True)
     # Standard Webhooks secret: "whsec_" + base64 of 32 random bytes.
     webhook_secret = models.CharField(max_length=100)
     # Bumped to revoke every token issued before; tokens carry the version they were issued at.

@@ -16,11 +16,21 @@ from merchant.services import CustomerCredentials, customer_onboard
 
 @pytest.fixture(autouse=True)
 def redis_db() -> Iterator[redis.Redis]:
-    """The suite's own Redis database (the broker and the cache), empty for every test."""
+    """The suite's own Redis database (the broker and the cache), emptied around every test.
+
+    Kombu's exchange bindings survive: without them a running worker's queue can no longer be
+    published to ("Cannot route message ... Table empty").
+    """
     client = redis.Redis.from_url(settings.REDIS_URL)
-    client.flushdb()
+    _empty(client)
     yield client
-    client.flushdb()
+    _empty(client)
+
+
+def _empty(client: redis.Redis) -> None:
+    doomed = [key for key in client.scan_iter() if not key.startswith(b"_kombu.binding.")]
+    if doomed:
+        client.delete(*doomed)
 
 
 def broker_messages(client: redis.Redis, queue: str = "celery") -> list[dict[str, Any]]:

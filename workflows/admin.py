@@ -1,7 +1,23 @@
-from django.contrib import admin
-from django.http import HttpRequest
+import datetime as dt
+from typing import Any
 
-from workflows.models import Workflow, WorkflowTransition
+from django import forms
+from django.conf import settings
+from django.contrib import admin, messages
+from django.contrib.admin import helpers
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
+from django.utils import timezone
+
+from workflows.models import (
+    PENDING_STATES,
+    WebhookAttempt,
+    WebhookDelivery,
+    Workflow,
+    WorkflowTransition,
+)
+from workflows.services import webhook_redeliver, workflow_mark_failed, workflow_requeue
 
 
 class WorkflowTransitionInline(admin.TabularInline[WorkflowTransition, Workflow]):
@@ -12,8 +28,32 @@ class WorkflowTransitionInline(admin.TabularInline[WorkflowTransition, Workflow]
     can_delete = False
     ordering = ["at", "id"]
 
-    def has_add_permission(self, request: HttpRequest, obj: Workflow | None = None) -> bool:
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # the timeline is append-only, written by the services
+
+
+class StuckFilter(admin.SimpleListFilter):
+    """Pending for longer than the reconciliation threshold."""
+
+    title = "stuck"
+    parameter_name = "stuck"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("yes", f"pending > {settings.RECONCILE_STALE_AFTER_SECONDS} s")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        if self.value() != "yes":
+            return queryset
+        cutoff = timezone.now() - dt.timedelta(seconds=settings.RECONCILE_STALE_AFTER_SECONDS)
+        return queryset.filter(status__in=PENDING_STATES, updated_at__lt=cutoff)
+
+
+class ReasonForm(forms.Form):
+    reason = forms.CharField(max_length=500, widget=forms.TextInput(attrs={"size": 60}))
+
+
+def _actor(request: HttpRequest) -> str:
+    return f"operator:{request.user.get_username()}"
 
 
 @admin.register(Workflow)
@@ -24,10 +64,11 @@ class WorkflowAdmin(admin.ModelAdmin[Workflow]):
         "status",
         "result",
         "attempts",
+        "requeues",
         "created_at",
         "updated_at",
     ]
-    list_filter = ["status", "customer", "request_type"]
+    list_filter = [StuckFilter, "status", "customer", "request_type"]
     search_fields = ["id", "request_id", "patient_id"]
     list_select_related = ["customer"]
     date_hierarchy = "created_at"
@@ -42,14 +83,120 @@ class WorkflowAdmin(admin.ModelAdmin[Workflow]):
         "result",
         "reason",
         "attempts",
+        "requeues",
+        "claim_id",
+        "claimed_until",
+        "webhook_url",
         "search_id",
         "created_at",
         "updated_at",
     ]
     inlines = [WorkflowTransitionInline]
+    actions = ["requeue", "mark_failed", "redeliver_webhooks"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    def has_delete_permission(self, request: HttpRequest, obj: Workflow | None = None) -> bool:
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    @admin.action(description="Re-queue (FAILED -> RECEIVED; pending: publish again)")
+    def requeue(self, request: HttpRequest, queryset: QuerySet[Workflow]) -> None:
+        done = 0
+        for workflow_id in queryset.values_list("id", flat=True):
+            try:
+                workflow_requeue(workflow_id=workflow_id, actor=_actor(request))
+                done += 1
+            except ValueError as exc:
+                self.message_user(request, str(exc), messages.WARNING)
+        self.message_user(request, f"Re-queued {done} workflow(s).", messages.SUCCESS)
+
+    @admin.action(description="Mark FAILED with a reason (the customer is told)")
+    def mark_failed(
+        self, request: HttpRequest, queryset: QuerySet[Workflow]
+    ) -> HttpResponse | None:
+        form = ReasonForm(request.POST if "apply" in request.POST else None)
+        if "apply" in request.POST and form.is_valid():
+            done = 0
+            for workflow in queryset.filter(status__in=PENDING_STATES):
+                workflow_mark_failed(
+                    workflow_id=workflow.id,
+                    actor=_actor(request),
+                    reason=form.cleaned_data["reason"],
+                )
+                done += 1
+            self.message_user(request, f"Marked {done} workflow(s) FAILED.", messages.SUCCESS)
+            return None
+        return render(
+            request,
+            "admin/workflows/mark_failed.html",
+            {
+                **self.admin_site.each_context(request),
+                "title": "Mark workflows FAILED",
+                "workflows": queryset,
+                "form": form,
+                "action": "mark_failed",
+                "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+                "opts": self.model._meta,
+            },
+        )
+
+    @admin.action(description="Redeliver webhooks")
+    def redeliver_webhooks(self, request: HttpRequest, queryset: QuerySet[Workflow]) -> None:
+        count = webhook_redeliver(workflow_ids=list(queryset.values_list("id", flat=True)))
+        self.message_user(request, f"Re-queued {count} webhook delivery(ies).", messages.SUCCESS)
+
+
+class WebhookAttemptInline(admin.TabularInline[WebhookAttempt, WebhookDelivery]):
+    model = WebhookAttempt
+    fields = ("at", "status_code", "latency_ms", "error")
+    readonly_fields = ("at", "status_code", "latency_ms", "error")
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(admin.ModelAdmin[WebhookDelivery]):
+    list_display = [
+        "webhook_id",
+        "customer",
+        "event_type",
+        "status",
+        "attempts",
+        "last_status_code",
+        "next_attempt_at",
+        "created_at",
+    ]
+    list_filter = ["status", "event_type", "customer"]
+    search_fields = ["webhook_id", "workflow__id"]
+    list_select_related = ["customer"]
+    readonly_fields = [
+        "webhook_id",
+        "workflow",
+        "customer",
+        "event_type",
+        "url",
+        "payload",
+        "status",
+        "attempts",
+        "next_attempt_at",
+        "last_status_code",
+        "last_error",
+        "created_at",
+        "updated_at",
+        "delivered_at",
+    ]
+    inlines = [WebhookAttemptInline]
+    actions = ["redeliver"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    @admin.action(description="Redeliver (same webhook-id, schedule restarts)")
+    def redeliver(self, request: HttpRequest, queryset: QuerySet[WebhookDelivery]) -> None:
+        workflow_ids = list(queryset.values_list("workflow_id", flat=True))
+        count = webhook_redeliver(workflow_ids=workflow_ids)
+        self.message_user(request, f"Re-queued {count} delivery(ies).", messages.SUCCESS)

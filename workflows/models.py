@@ -58,7 +58,16 @@ class Workflow(ConcurrentTransitionMixin, models.Model):
     )
     result = models.CharField(max_length=16, choices=Result.choices, null=True, blank=True)
     reason = models.TextField(blank=True, default="")
+    # Consumer claims so far (each Celery try counts): bounds a poison message that crashes
+    # workers, which Celery alone would redeliver forever.
     attempts = models.PositiveIntegerField(default=0)
+    # Re-dispatches by the reconciliation sweep: bounds a workflow whose messages keep vanishing.
+    requeues = models.PositiveIntegerField(default=0)
+    # The consumer currently working on it; a claim expires at claimed_until (crashed worker).
+    claim_id = models.UUIDField(null=True, blank=True)
+    claimed_until = models.DateTimeField(null=True, blank=True)
+    # Where this request's webhook goes when it is not the customer's registered URL.
+    webhook_url = models.URLField(max_length=2000, blank=True, default="")
     search_id = models.CharField(max_length=200, null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(default=timezone.now)
@@ -133,6 +142,9 @@ class Workflow(ConcurrentTransitionMixin, models.Model):
     def requeue(self, *, reason: str = "") -> None:
         # An operator's fresh start: the attempt budget and the old outcome are reset.
         self.attempts = 0
+        self.requeues = 0
+        self.claim_id = None
+        self.claimed_until = None
         self.result = None
         self.reason = ""
         self.search_id = None
@@ -154,3 +166,79 @@ class WorkflowTransition(models.Model):
 
     def __str__(self) -> str:
         return f"{self.source or '-'} -> {self.target}"
+
+
+class DeliveryStatus(models.TextChoices):
+    PENDING = "PENDING"
+    DELIVERED = "DELIVERED"
+    EXHAUSTED = "EXHAUSTED"  # the retry schedule ran out, or the URL can never be delivered to
+    DISABLED = "DISABLED"  # the customer's endpoint answered 410 Gone, or was disabled before
+
+
+class WebhookDelivery(models.Model):
+    """One webhook message (Standard Webhooks) and its delivery state; retries are rows, not
+    Celery countdowns: beat sends whatever is due."""
+
+    webhook_id = models.CharField(max_length=64, unique=True)  # the same on every retry
+    workflow = models.ForeignKey(Workflow, on_delete=models.CASCADE, related_name="deliveries")
+    customer = models.ForeignKey(
+        "merchant.Customer", on_delete=models.PROTECT, related_name="webhook_deliveries"
+    )
+    event_type = models.CharField(max_length=32)
+    url = models.URLField(max_length=2000)
+    # The exact body that is signed and sent, byte for byte the same on every retry.
+    payload = models.TextField()
+    status = models.CharField(
+        max_length=16, choices=DeliveryStatus.choices, default=DeliveryStatus.PENDING
+    )
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    last_error = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    updated_at = models.DateTimeField(default=timezone.now)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name_plural = "webhook deliveries"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["workflow", "event_type"], name="delivery_one_per_workflow_event"
+            ),
+            models.CheckConstraint(
+                condition=Q(status__in=DeliveryStatus.values), name="delivery_status_valid"
+            ),
+            models.CheckConstraint(
+                condition=~Q(status=DeliveryStatus.PENDING) | Q(next_attempt_at__isnull=False),
+                name="delivery_pending_has_next_attempt",
+            ),
+        ]
+        indexes = [
+            models.Index(
+                fields=["next_attempt_at"],
+                condition=Q(status=DeliveryStatus.PENDING),
+                name="delivery_due",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.webhook_id} {self.event_type} {self.status}"
+
+
+class WebhookAttempt(models.Model):
+    """The delivery log: one row per HTTP attempt."""
+
+    delivery = models.ForeignKey(
+        WebhookDelivery, on_delete=models.CASCADE, related_name="attempt_log"
+    )
+    at = models.DateTimeField(default=timezone.now)
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    latency_ms = models.PositiveIntegerField(default=0)
+    error = models.TextField(blank=True, default="")
+
+    class Meta:
+        ordering = ["at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.status_code or self.error}"

@@ -1,14 +1,17 @@
 """Workflow use cases shared by every request type: creation, transitions, publishing."""
 
+import datetime as dt
 import logging
 import uuid
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
 from merchant.models import Customer
 from workflows.models import RequestType, Status, Workflow, WorkflowTransition
+from workflows.services.webhooks import webhook_delivery_create, webhook_delivery_send_later
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +22,7 @@ def workflow_create(
     patient_id: uuid.UUID,
     request_id: uuid.UUID,
     request_type: str = RequestType.LINK,
+    webhook_url: str = "",
     actor: str = "api",
 ) -> Workflow:
     """Insert a RECEIVED workflow and the first line of its timeline (caller holds the tx)."""
@@ -28,6 +32,7 @@ def workflow_create(
         patient_id=patient_id,
         request_id=request_id,
         request_type=request_type,
+        webhook_url=webhook_url,
         created_at=now,
         updated_at=now,
     )
@@ -95,3 +100,52 @@ def workflow_publish(*, workflow: Workflow) -> bool:
         )
         return False
     return True
+
+
+# States a consumer may pick up: RECEIVED to start, the others to resume after a crash.
+CLAIMABLE_STATES = (Status.RECEIVED, Status.IN_PROGRESS, Status.LINKED, Status.NO_RESULTS)
+
+
+def workflow_claim(
+    *, workflow_id: uuid.UUID | str, claim_id: uuid.UUID | None = None, actor: str
+) -> Workflow | None:
+    """Claim a workflow for one consumer, counting the attempt; None if there is nothing to do.
+
+    Nothing to do: unknown, terminal, waiting for an asynchronous search (REQUESTED), or claimed
+    by another consumer whose claim has not expired. `claim_id` renews our own claim (a Celery
+    retry of the same work). The claim is committed before any work, so a worker that dies
+    mid-task still used up an attempt.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        workflow = Workflow.objects.select_for_update().filter(id=workflow_id).first()
+        if workflow is None or workflow.status not in CLAIMABLE_STATES:
+            return None
+        held_by_other = (
+            workflow.claimed_until is not None
+            and workflow.claimed_until > now
+            and (claim_id is None or workflow.claim_id != claim_id)
+        )
+        if held_by_other:
+            return None
+        workflow.claim_id = claim_id or uuid.uuid4()
+        workflow.claimed_until = now + dt.timedelta(seconds=settings.WORKFLOW_CLAIM_LEASE_SECONDS)
+        workflow.attempts += 1
+        if workflow.status == Status.RECEIVED:
+            return workflow_transition(workflow=workflow, name="start", actor=actor)
+        workflow.updated_at = now
+        workflow.save()
+    return workflow
+
+
+def workflow_finish(*, workflow: Workflow, name: str, actor: str, reason: str = "") -> Workflow:
+    """Move to a terminal state and queue the customer's webhook, in one transaction.
+
+    `name` is "complete" or "fail". The delivery row commits with the terminal state, so the
+    customer is told even if every process dies right after.
+    """
+    with transaction.atomic():
+        workflow = workflow_transition(workflow=workflow, name=name, actor=actor, reason=reason)
+        delivery = webhook_delivery_create(workflow=workflow)
+    webhook_delivery_send_later(delivery=delivery)
+    return workflow

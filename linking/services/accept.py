@@ -169,7 +169,12 @@ def _persist(
 ) -> Workflow:
     request_id = uuid.uuid4()
     LinkRequest.objects.create(request_id=request_id, customer=customer, data=request_data)
-    workflow = workflow_create(customer=customer, patient_id=patient_id, request_id=request_id)
+    workflow = workflow_create(
+        customer=customer,
+        patient_id=patient_id,
+        request_id=request_id,
+        webhook_url=request_data.get("webhook", ""),
+    )
     accepted = _accepted_response(workflow)
     IdempotencyRecord.objects.create(
         customer=customer,

@@ -1,0 +1,161 @@
+"""Client of the internal system's FHIR R4 `Patient/$match` (contracts/internal-search.md)."""
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+from django.conf import settings
+
+MATCH_GRADE_URL = "http://hl7.org/fhir/StructureDefinition/match-grade"
+MATCH_GRADES = {"certain", "probable", "possible", "certainly-not"}
+FHIR_JSON = "application/fhir+json"
+# Statuses that say "try again later" (contract: 408, 429, 5xx); every other 4xx is final.
+TRANSIENT_STATUSES = {408, 429}
+
+
+class InternalSearchError(Exception):
+    """The search did not give a usable answer. `permanent`: retrying cannot help."""
+
+    def __init__(self, reason: str, *, permanent: bool, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.permanent = permanent
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Candidate:
+    internal_patient_id: str
+    score: float
+    grade: str
+
+
+_local = threading.local()
+
+
+def _session() -> requests.Session:
+    # One pooled session per worker thread: keep-alive to the internal system without sharing
+    # a Session across threads.
+    session: requests.Session | None = getattr(_local, "session", None)
+    if session is None:
+        session = requests.Session()
+        _local.session = session
+    return session
+
+
+def match_parameters(patient: dict[str, Any], *, count: int) -> dict[str, Any]:
+    """The FHIR Parameters body for a patient; absent elements are left out, never empty.
+
+    The customer's own patient id is not sent to the internal system.
+    """
+    resource: dict[str, Any] = {"resourceType": "Patient"}
+    words = patient["full_name"].split()
+    name: dict[str, Any] = {"text": " ".join(words)}
+    if len(words) > 1:
+        name["family"] = words[-1]
+        name["given"] = words[:-1]
+    else:
+        name["family"] = words[0]
+    resource["name"] = [name]
+    resource["birthDate"] = patient["dob"]
+    contact = patient.get("contact") or {}
+    telecom = [
+        {"system": system, "value": contact[key]}
+        for key, system in (("phone", "phone"), ("email", "email"))
+        if contact.get(key)
+    ]
+    if telecom:
+        resource["telecom"] = telecom
+    if contact.get("address"):
+        resource["address"] = [{"text": contact["address"]}]
+    return {
+        "resourceType": "Parameters",
+        "parameter": [
+            {"name": "resource", "resource": resource},
+            {"name": "count", "valueInteger": count},
+            {"name": "onlyCertainMatches", "valueBoolean": False},
+        ],
+    }
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    value = response.headers.get("Retry-After", "")
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP date, or nothing: our own backoff decides
+
+
+def internal_search_match(patient: dict[str, Any]) -> list[Candidate]:
+    """Search the internal index; candidates best first (certainly-not ones dropped)."""
+    headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON}
+    if settings.INTERNAL_SEARCH_TOKEN:
+        headers["Authorization"] = f"Bearer {settings.INTERNAL_SEARCH_TOKEN}"
+    try:
+        response = _session().post(
+            f"{settings.INTERNAL_SEARCH_URL}/Patient/$match",
+            json=match_parameters(patient, count=settings.INTERNAL_SEARCH_COUNT),
+            headers=headers,
+            timeout=(
+                settings.INTERNAL_SEARCH_CONNECT_TIMEOUT,
+                settings.INTERNAL_SEARCH_READ_TIMEOUT,
+            ),
+            allow_redirects=False,
+        )
+    except requests.Timeout as exc:
+        raise InternalSearchError("internal search timed out", permanent=False) from exc
+    except requests.RequestException as exc:
+        raise InternalSearchError(
+            f"internal search unreachable ({type(exc).__name__})", permanent=False
+        ) from exc
+    status = response.status_code
+    if status >= 500 or status in TRANSIENT_STATUSES:
+        raise InternalSearchError(
+            f"internal search answered {status}",
+            permanent=False,
+            retry_after=_retry_after(response),
+        )
+    if status != 200:
+        raise InternalSearchError(f"internal search refused the request ({status})", permanent=True)
+    try:
+        return parse_bundle(response.json())
+    except (ValueError, TypeError, KeyError) as exc:
+        raise InternalSearchError(
+            f"internal search answered an invalid Bundle ({exc})", permanent=True
+        ) from exc
+
+
+def parse_bundle(bundle: Any) -> list[Candidate]:
+    """Candidates of a searchset Bundle, best first; raises ValueError if it is not one."""
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+        raise ValueError("not a Bundle")
+    if bundle.get("type") != "searchset":
+        raise ValueError("not a searchset")
+    entries = bundle.get("entry") or []
+    if not isinstance(entries, list):
+        raise ValueError("entry is not a list")
+    candidates = []
+    for entry in entries:
+        resource = entry["resource"]
+        patient_id = resource["id"]
+        if resource.get("resourceType") != "Patient" or not isinstance(patient_id, str):
+            raise ValueError("entry is not a Patient with an id")
+        search = entry.get("search") or {}
+        score = search.get("score", 0.0)
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 1:
+            raise ValueError("score is not a number in 0..1")
+        grade = next(
+            (
+                ext.get("valueCode")
+                for ext in search.get("extension") or []
+                if ext.get("url") == MATCH_GRADE_URL
+            ),
+            "possible",
+        )
+        if grade not in MATCH_GRADES:
+            raise ValueError(f"unknown match grade {grade!r}")
+        if grade != "certainly-not":
+            candidates.append(Candidate(patient_id[:64], float(score), grade))
+    # Stable sort: the server's order breaks ties.
+    return sorted(candidates, key=lambda c: c.score, reverse=True)

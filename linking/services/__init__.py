@@ -1,0 +1,33 @@
+"""Link use cases: accepting a request (the ack path) and processing it (the consumer)."""
+
+from linking.services.accept import (
+    IN_FLIGHT_RETRY_AFTER_SECONDS,
+    STATUS_RETRY_AFTER_SECONDS,
+    IdempotencyKeyReused,
+    LinkAcceptance,
+    LinkInProgress,
+    LinkRefused,
+    PatientAlreadyLinked,
+    RequestInFlight,
+    idempotency_purge_expired,
+    link_accept,
+    request_fingerprint,
+)
+from linking.services.process import ProcessOutcome, link_process, retry_backoff
+
+__all__ = [
+    "IN_FLIGHT_RETRY_AFTER_SECONDS",
+    "STATUS_RETRY_AFTER_SECONDS",
+    "IdempotencyKeyReused",
+    "LinkAcceptance",
+    "LinkInProgress",
+    "LinkRefused",
+    "PatientAlreadyLinked",
+    "ProcessOutcome",
+    "RequestInFlight",
+    "idempotency_purge_expired",
+    "link_accept",
+    "link_process",
+    "request_fingerprint",
+    "retry_backoff",
+]

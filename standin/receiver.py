@@ -1,0 +1,148 @@
+"""A customer's webhook receiver, for local runs, the demo and tests.
+
+It records every delivery, answers from a script (500, 410, a redirect, a slow answer...) and,
+given the customer's `whsec_` secret, verifies each signature with the `standardwebhooks`
+library — the receiver side of Standard Webhooks, as a customer would write it. Unlike the rest
+of `standin/`, it needs the project's virtualenv (for `standardwebhooks`).
+
+    python -m standin.receiver --port 9000 --secret whsec_...   # prints each verified delivery
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+MAX_BODY_BYTES = 1 << 20
+
+
+@dataclass
+class Delivery:
+    path: str
+    headers: dict[str, str]
+    body: str
+    received_at: float
+    answered: int
+    verified: bool | None = None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Step:
+    status: int = 200
+    delay_ms: int = 0
+    location: str | None = None
+
+
+@dataclass
+class ReceiverState:
+    secret: str | None = None
+    echo: bool = False
+    deliveries: list[Delivery] = field(default_factory=list)
+    script: list[Step] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def next_step(self) -> Step:
+        with self.lock:
+            return self.script.pop(0) if self.script else Step()
+
+
+class ReceiverServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], state: ReceiverState) -> None:
+        super().__init__(address, _Handler)
+        self.state = state
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def respond_with(self, *steps: Step) -> None:
+        """Queue answers for the next deliveries, in order; then 200 again."""
+        with self.state.lock:
+            self.state.script.extend(steps)
+
+    def reset(self) -> None:
+        with self.state.lock:
+            self.state.script.clear()
+            self.state.deliveries.clear()
+
+    def deliveries(self) -> list[Delivery]:
+        with self.state.lock:
+            return list(self.state.deliveries)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: ReceiverServer
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(min(length, MAX_BODY_BYTES)).decode("utf-8", "replace")
+        state = self.server.state
+        step = state.next_step()
+        if step.delay_ms:
+            time.sleep(step.delay_ms / 1000)
+        headers = {key.lower(): value for key, value in self.headers.items()}
+        verified = None
+        if state.secret:
+            try:
+                Webhook(state.secret).verify(body, headers)
+                verified = True
+            except WebhookVerificationError:
+                verified = False
+        delivery = Delivery(self.path, headers, body, time.time(), step.status, verified)
+        with state.lock:
+            state.deliveries.append(delivery)
+        if state.echo:
+            mark = {True: "verified", False: "BAD SIGNATURE", None: "unverified"}[verified]
+            print(f"webhook {headers.get('webhook-id')} ({mark}): {body}", flush=True)
+        try:
+            self.send_response(step.status)
+            if step.location:
+                self.send_header("Location", step.location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the sender gave up waiting (a timeout test)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # deliveries are recorded, not logged
+
+
+def make_receiver(
+    host: str = "127.0.0.1", port: int = 0, *, secret: str | None = None, echo: bool = False
+) -> ReceiverServer:
+    return ReceiverServer((host, port), ReceiverState(secret=secret, echo=echo))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m standin.receiver", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--secret", help="the customer's whsec_ secret, to verify signatures")
+    args = parser.parse_args(argv)
+    server = make_receiver(args.host, args.port, secret=args.secret, echo=True)
+    print(f"receiver listening on {server.url}", flush=True)
+    try:
+        server.serve_forever(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

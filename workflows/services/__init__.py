@@ -1,0 +1,39 @@
+"""Workflow use cases shared by every request type."""
+
+from workflows.services.reconcile import (
+    ReconcileReport,
+    workflow_mark_failed,
+    workflow_requeue,
+    workflows_reconcile,
+)
+from workflows.services.webhooks import (
+    webhook_delivery_attempt,
+    webhook_delivery_create,
+    webhook_dispatch_due,
+    webhook_redeliver,
+)
+from workflows.services.workflows import (
+    workflow_claim,
+    workflow_create,
+    workflow_finish,
+    workflow_message,
+    workflow_publish,
+    workflow_transition,
+)
+
+__all__ = [
+    "ReconcileReport",
+    "webhook_delivery_attempt",
+    "webhook_delivery_create",
+    "webhook_dispatch_due",
+    "webhook_redeliver",
+    "workflow_claim",
+    "workflow_create",
+    "workflow_finish",
+    "workflow_mark_failed",
+    "workflow_message",
+    "workflow_publish",
+    "workflow_requeue",
+    "workflow_transition",
+    "workflows_reconcile",
+]

@@ -1,0 +1,219 @@
+"""Webhook deliveries: created with the terminal state, sent after commit, retried by beat."""
+
+import datetime as dt
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from merchant.models import Customer
+from workflows.models import DeliveryStatus, Status, WebhookAttempt, WebhookDelivery, Workflow
+from workflows.webhook_client import WebhookSendError, webhook_post, webhook_signature_headers
+
+logger = logging.getLogger(__name__)
+
+# While one worker is sending, the row is not due for anyone else (a crashed sender's
+# delivery becomes due again after this).
+SENDING_LEASE_SECONDS = 30
+
+
+def webhook_event_type(workflow: Workflow) -> str:
+    outcome = "completed" if workflow.status == Status.COMPLETED else "failed"
+    return f"{workflow.request_type.lower()}.{outcome}"
+
+
+def webhook_payload(*, workflow: Workflow, event_type: str, at: dt.datetime) -> str:
+    """A thin payload: ids and outcome, never demographics."""
+    body = {
+        "type": event_type,
+        "timestamp": at.isoformat().replace("+00:00", "Z"),
+        "data": {
+            "workflow-id": str(workflow.id),
+            "status": workflow.status,
+            "result": workflow.result,
+            "customer-patient-id": str(workflow.patient_id),
+            "reason": workflow.reason or None,
+        },
+    }
+    return json.dumps(body, separators=(",", ":"))
+
+
+def webhook_delivery_create(*, workflow: Workflow) -> WebhookDelivery:
+    """The delivery of a terminal workflow's webhook (call inside the terminal transaction)."""
+    now = timezone.now()
+    event_type = webhook_event_type(workflow)
+    return WebhookDelivery.objects.create(
+        webhook_id=f"msg_{uuid.uuid4().hex}",
+        workflow=workflow,
+        customer_id=workflow.customer_id,
+        event_type=event_type,
+        url=workflow.webhook_url or workflow.customer.webhook_url,
+        payload=webhook_payload(workflow=workflow, event_type=event_type, at=now),
+        next_attempt_at=now,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def webhook_delivery_send_later(*, delivery: WebhookDelivery) -> None:
+    """Ask a worker to send it once the current transaction commits (beat is the fallback)."""
+    from workflows.tasks import deliver_webhook
+
+    def enqueue() -> None:
+        try:
+            deliver_webhook.apply_async(args=(delivery.id,))
+        except Exception as exc:
+            logger.warning(
+                "could not enqueue webhook %s (%s); beat will send it",
+                delivery.webhook_id,
+                type(exc).__name__,
+            )
+
+    transaction.on_commit(enqueue)
+
+
+@dataclass(frozen=True)
+class AttemptOutcome:
+    status: str
+    status_code: int | None = None
+    error: str = ""
+
+
+def webhook_delivery_attempt(*, delivery_id: int) -> AttemptOutcome | None:
+    """Make one attempt if the delivery is due; None when it is not (sent, or someone else's)."""
+    now = timezone.now()
+    lease = now + dt.timedelta(seconds=settings.WEBHOOK_TIMEOUT_SECONDS + SENDING_LEASE_SECONDS)
+    # Conditional claim: of two workers handed the same delivery, only one sends it.
+    claimed = WebhookDelivery.objects.filter(
+        id=delivery_id, status=DeliveryStatus.PENDING, next_attempt_at__lte=now
+    ).update(next_attempt_at=lease, attempts=F("attempts") + 1, updated_at=now)
+    if not claimed:
+        return None
+    delivery = WebhookDelivery.objects.select_related("customer").get(id=delivery_id)
+    customer = delivery.customer
+    if not customer.webhook_enabled:
+        return _settle(delivery, AttemptOutcome(DeliveryStatus.DISABLED, error="endpoint disabled"))
+
+    headers = webhook_signature_headers(
+        secret=customer.webhook_secret,
+        webhook_id=delivery.webhook_id,
+        body=delivery.payload,
+        at=timezone.now(),
+    )
+    try:
+        response = webhook_post(url=delivery.url, body=delivery.payload, headers=headers)
+    except WebhookSendError as exc:
+        outcome = (
+            AttemptOutcome(DeliveryStatus.EXHAUSTED, error=str(exc))
+            if exc.permanent
+            else _retry_or_exhaust(delivery, error=str(exc))
+        )
+        return _settle(
+            delivery, outcome, latency_ms=int((timezone.now() - now).total_seconds() * 1000)
+        )
+
+    code = response.status_code
+    if 200 <= code < 300:
+        outcome = AttemptOutcome(DeliveryStatus.DELIVERED, status_code=code)
+    elif code == 410:
+        outcome = AttemptOutcome(DeliveryStatus.DISABLED, status_code=code, error="410 Gone")
+        Customer.objects.filter(id=customer.id).update(webhook_enabled=False)
+        logger.warning("webhook endpoint of customer %s answered 410: disabled", customer.id)
+    else:
+        error = "redirect not followed" if 300 <= code < 400 else f"HTTP {code}"
+        outcome = _retry_or_exhaust(delivery, error=error, status_code=code)
+    return _settle(delivery, outcome, latency_ms=response.latency_ms)
+
+
+def _retry_or_exhaust(
+    delivery: WebhookDelivery, *, error: str, status_code: int | None = None
+) -> AttemptOutcome:
+    if delivery.attempts > len(settings.WEBHOOK_RETRY_SCHEDULE):
+        return AttemptOutcome(DeliveryStatus.EXHAUSTED, status_code=status_code, error=error)
+    return AttemptOutcome(DeliveryStatus.PENDING, status_code=status_code, error=error)
+
+
+def _settle(
+    delivery: WebhookDelivery, outcome: AttemptOutcome, *, latency_ms: int = 0
+) -> AttemptOutcome:
+    now = timezone.now()
+    with transaction.atomic():
+        WebhookAttempt.objects.create(
+            delivery=delivery,
+            at=now,
+            status_code=outcome.status_code,
+            latency_ms=latency_ms,
+            error=outcome.error,
+        )
+        next_attempt_at = None
+        if outcome.status == DeliveryStatus.PENDING:
+            wait = settings.WEBHOOK_RETRY_SCHEDULE[delivery.attempts - 1]
+            next_attempt_at = now + dt.timedelta(seconds=wait)
+        WebhookDelivery.objects.filter(id=delivery.id).update(
+            status=outcome.status,
+            next_attempt_at=next_attempt_at,
+            last_status_code=outcome.status_code,
+            last_error=outcome.error,
+            updated_at=now,
+            delivered_at=now if outcome.status == DeliveryStatus.DELIVERED else None,
+        )
+    return outcome
+
+
+def webhook_deliveries_due(*, limit: int = 500) -> list[int]:
+    """Ids of deliveries whose next attempt is due, oldest first."""
+    return list(
+        WebhookDelivery.objects.filter(
+            status=DeliveryStatus.PENDING, next_attempt_at__lte=timezone.now()
+        )
+        .order_by("next_attempt_at")
+        .values_list("id", flat=True)[:limit]
+    )
+
+
+def webhook_dispatch_due(*, limit: int = 500) -> int:
+    """Enqueue every due delivery (beat). Enqueuing one twice is harmless: sending claims it."""
+    from workflows.tasks import deliver_webhook
+
+    ids = webhook_deliveries_due(limit=limit)
+    for delivery_id in ids:
+        deliver_webhook.apply_async(args=(delivery_id,))
+    return len(ids)
+
+
+def webhook_redeliver(
+    *, workflow_ids: list[uuid.UUID] | None = None, failed_since: dt.datetime | None = None
+) -> int:
+    """Send deliveries again from the start of the schedule, with the same webhook-id.
+
+    By workflow: every delivery of those workflows. By date: deliveries that ended EXHAUSTED or
+    DISABLED since then. Returns how many were re-queued.
+    """
+    deliveries = WebhookDelivery.objects.all()
+    if workflow_ids is not None:
+        deliveries = deliveries.filter(workflow_id__in=workflow_ids)
+    if failed_since is not None:
+        deliveries = deliveries.filter(
+            Q(status=DeliveryStatus.EXHAUSTED) | Q(status=DeliveryStatus.DISABLED),
+            updated_at__gte=failed_since,
+        )
+    if workflow_ids is None and failed_since is None:
+        raise ValueError("name workflows or a date")
+    now = timezone.now()
+    with transaction.atomic():
+        ids = list(deliveries.select_for_update().values_list("id", flat=True))
+        WebhookDelivery.objects.filter(id__in=ids).update(
+            status=DeliveryStatus.PENDING,
+            attempts=0,
+            next_attempt_at=now,
+            updated_at=now,
+            delivered_at=None,
+        )
+        for delivery in WebhookDelivery.objects.filter(id__in=ids):
+            webhook_delivery_send_later(delivery=delivery)
+    return len(ids)
