@@ -7,7 +7,7 @@ UV_VERSION := 0.13.8
 BIN := $(VENV)/bin
 export DJANGO_SETTINGS_MODULE ?= config.settings
 
-.PHONY: install run test lint typecheck check migrate clean
+.PHONY: install run demo test lint typecheck migrate clean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +25,17 @@ migrate: install
 	$(BIN)/python manage.py migrate --noinput
 
 # Local development: DEBUG on (development SECRET_KEY), webhooks to local hosts allowed.
-run: export DEBUG ?= true
-run: export WEBHOOK_ALLOW_PRIVATE_HOSTS ?= true
+# Starts web (127.0.0.1:8000), worker, beat and the internal-system stand-in (127.0.0.1:8001)
+# from the Procfile; Ctrl-C stops them all.
+run demo: export DEBUG ?= true
+run demo: export WEBHOOK_ALLOW_PRIVATE_HOSTS ?= true
 run: migrate
 	$(BIN)/python manage.py collectstatic --noinput -v0
-	$(BIN)/gunicorn config.wsgi --bind 127.0.0.1:8000 --workers 3 --access-logfile -
+	$(BIN)/honcho start -f Procfile
+
+# With `make run` going in another terminal: one link request, start to verified webhook.
+demo: install
+	$(BIN)/python -m standin.demo
 
 test: install
 	$(BIN)/ruff check .

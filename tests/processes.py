@@ -107,3 +107,53 @@ def gunicorn(env: dict[str, str], log: IO[bytes] | None = None) -> Iterator[str]
         base = f"http://127.0.0.1:{port}"
         wait_http(f"{base}/problems/not-found")
         yield base
+
+
+def wait_for_text(path: Path, text: str, *, timeout: float = 30) -> None:
+    """Wait until a process's log file contains `text`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    tail = path.read_text(errors="replace")[-2000:] if path.exists() else "(no log)"
+    raise TimeoutError(f"{text!r} not in {path} after {timeout}s:\n{tail}")
+
+
+def celery_worker_args(*, concurrency: int = 4, name: str = "worker") -> list[str]:
+    return [
+        str(BIN / "celery"),
+        "-A",
+        "config",
+        "worker",
+        "--pool",
+        "threads",
+        "--concurrency",
+        str(concurrency),
+        "--loglevel",
+        "INFO",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "-n",
+        f"{name}@%h",
+    ]
+
+
+def celery_beat_args(schedule_file: Path) -> list[str]:
+    # The tests use beat's file scheduler: the same CELERY_BEAT_SCHEDULE entries, without
+    # django-celery-beat rows that the transactional tests' flush would wipe.
+    return [
+        str(BIN / "celery"),
+        "-A",
+        "config",
+        "beat",
+        "--loglevel",
+        "INFO",
+        "--scheduler",
+        "celery.beat:PersistentScheduler",
+        "--schedule",
+        str(schedule_file),
+        "--pidfile",
+        "",
+    ]
