@@ -1,5 +1,6 @@
 """Client of the internal system's FHIR R4 `Patient/$match` (contracts/internal-search.md)."""
 
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +11,7 @@ from django.conf import settings
 MATCH_GRADE_URL = "http://hl7.org/fhir/StructureDefinition/match-grade"
 MATCH_GRADES = {"certain", "probable", "possible", "certainly-not"}
 FHIR_JSON = "application/fhir+json"
+FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 # Statuses that say "try again later" (contract: 408, 429, 5xx); every other 4xx is final.
 TRANSIENT_STATUSES = {408, 429}
 
@@ -135,27 +137,35 @@ def parse_bundle(bundle: Any) -> list[Candidate]:
     entries = bundle.get("entry") or []
     if not isinstance(entries, list):
         raise ValueError("entry is not a list")
-    candidates = []
-    for entry in entries:
-        resource = entry["resource"]
-        patient_id = resource["id"]
-        if resource.get("resourceType") != "Patient" or not isinstance(patient_id, str):
-            raise ValueError("entry is not a Patient with an id")
-        search = entry.get("search") or {}
-        score = search.get("score", 0.0)
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 1:
-            raise ValueError("score is not a number in 0..1")
-        grade = next(
-            (
-                ext.get("valueCode")
-                for ext in search.get("extension") or []
-                if ext.get("url") == MATCH_GRADE_URL
-            ),
-            "possible",
-        )
-        if grade not in MATCH_GRADES:
-            raise ValueError(f"unknown match grade {grade!r}")
-        if grade != "certainly-not":
-            candidates.append(Candidate(patient_id[:64], float(score), grade))
+    candidates = [_candidate(entry) for entry in entries]
     # Stable sort: the server's order breaks ties.
-    return sorted(candidates, key=lambda c: c.score, reverse=True)
+    return sorted(
+        (c for c in candidates if c.grade != "certainly-not"), key=lambda c: c.score, reverse=True
+    )
+
+
+def _candidate(entry: Any) -> Candidate:
+    if not isinstance(entry, dict):
+        raise ValueError("entry is not an object")
+    resource = entry.get("resource")
+    if not isinstance(resource, dict) or resource.get("resourceType") != "Patient":
+        raise ValueError("entry is not a Patient")
+    patient_id = resource.get("id")
+    # FHIR ids are 1-64 of [A-Za-z0-9-.]; anything else is refused, never cut to fit.
+    if not isinstance(patient_id, str) or not FHIR_ID.fullmatch(patient_id):
+        raise ValueError("entry has no valid Patient id")
+    search = entry.get("search", {})
+    if not isinstance(search, dict):
+        raise ValueError("search is not an object")
+    score = search.get("score", 0.0)
+    if isinstance(score, bool) or not isinstance(score, int | float) or not 0 <= score <= 1:
+        raise ValueError("score is not a number in 0..1")
+    extensions = search.get("extension", [])
+    if not isinstance(extensions, list) or not all(isinstance(e, dict) for e in extensions):
+        raise ValueError("search.extension is not a list of objects")
+    grade = next(
+        (e.get("valueCode") for e in extensions if e.get("url") == MATCH_GRADE_URL), "possible"
+    )
+    if grade not in MATCH_GRADES:
+        raise ValueError(f"unknown match grade {grade!r}")
+    return Candidate(patient_id, float(score), grade)

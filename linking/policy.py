@@ -24,6 +24,8 @@ def link_decide(candidates: list[Candidate], *, min_score: float, margin: float)
         return Decision(certain[0], "single certain candidate")
     top = candidates[0]
     runner_up = candidates[1].score if len(candidates) > 1 else 0.0
-    if top.score >= min_score and top.score - runner_up >= margin:
-        return Decision(top, f"score {top.score:.2f}, margin {top.score - runner_up:.2f}")
+    # Rounded: scores come in hundredths, and 0.90 - 0.80 is 0.0999... in binary floating point.
+    lead = round(top.score - runner_up, 6)
+    if round(top.score, 6) >= min_score and lead >= margin:
+        return Decision(top, f"score {top.score:.2f}, margin {lead:.2f}")
     return Decision(None, REASON_AMBIGUOUS)

@@ -2,6 +2,7 @@
 
 import base64
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -48,6 +49,19 @@ def broker_messages(client: redis.Redis, queue: str = "celery") -> list[dict[str
             }
         )
     return messages
+
+
+def wait_broker_messages(
+    client: redis.Redis, count: int, *, timeout: float = 5, queue: str = "celery"
+) -> list[dict[str, Any]]:
+    """The queue's messages once there are `count` of them (the ack path publishes from a
+    background thread, just after the commit)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        messages = broker_messages(client, queue)
+        if len(messages) >= count or time.monotonic() > deadline:
+            return messages
+        time.sleep(0.02)
 
 
 def new_customer(name: str = "Acme Health") -> CustomerCredentials:

@@ -120,14 +120,16 @@ def wait_for_text(path: Path, text: str, *, timeout: float = 30) -> None:
     raise TimeoutError(f"{text!r} not in {path} after {timeout}s:\n{tail}")
 
 
-def celery_worker_args(*, concurrency: int = 4, name: str = "worker") -> list[str]:
+def celery_worker_args(
+    *, concurrency: int = 4, name: str = "worker", pool: str = "threads"
+) -> list[str]:
     return [
         str(BIN / "celery"),
         "-A",
         "config",
         "worker",
         "--pool",
-        "threads",
+        pool,
         "--concurrency",
         str(concurrency),
         "--loglevel",

@@ -181,6 +181,11 @@ class WebhookDelivery(models.Model):
 
     webhook_id = models.CharField(max_length=64, unique=True)  # the same on every retry
     workflow = models.ForeignKey(Workflow, on_delete=models.CASCADE, related_name="deliveries")
+    # The terminal transition this message announces: one message per ending (a workflow an
+    # operator re-queues can end, and be announced, again).
+    transition = models.OneToOneField(
+        WorkflowTransition, on_delete=models.PROTECT, related_name="delivery"
+    )
     customer = models.ForeignKey(
         "merchant.Customer", on_delete=models.PROTECT, related_name="webhook_deliveries"
     )
@@ -203,9 +208,6 @@ class WebhookDelivery(models.Model):
         ordering = ["-created_at"]
         verbose_name_plural = "webhook deliveries"
         constraints = [
-            models.UniqueConstraint(
-                fields=["workflow", "event_type"], name="delivery_one_per_workflow_event"
-            ),
             models.CheckConstraint(
                 condition=Q(status__in=DeliveryStatus.values), name="delivery_status_valid"
             ),

@@ -14,7 +14,7 @@ from django.utils import timezone
 from linking.models import IdempotencyRecord, LinkRequest, MappingStatus, PatientMapping
 from merchant.models import Customer
 from workflows.models import PENDING_STATES, Status, Workflow
-from workflows.services import workflow_create, workflow_publish
+from workflows.services import workflow_create, workflow_publish_soon
 
 # What a client is told to wait before polling the status (or retrying an in-flight request).
 STATUS_RETRY_AFTER_SECONDS = 5
@@ -95,9 +95,9 @@ def link_accept(
         if constraint == "idempotency_customer_key":
             raise RequestInFlight() from exc
         raise
-    # Sent after the commit: a message can never name a workflow that does not exist. If the
-    # process dies before this line, the reconciliation sweep publishes it.
-    transaction.on_commit(lambda: workflow_publish(workflow=workflow))
+    # Sent after the commit (a message never names a workflow that does not exist) and off the
+    # request thread. If the process dies first, the reconciliation sweep publishes it.
+    workflow_publish_soon(workflow=workflow)
     return _accepted_response(workflow)
 
 

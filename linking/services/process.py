@@ -87,7 +87,11 @@ def link_process(
 
 def _still_ours(workflow: Workflow) -> Workflow | None:
     """Re-read under lock; None if another consumer took the workflow over meanwhile."""
-    current = Workflow.objects.select_for_update().select_related("customer").get(id=workflow.id)
+    current = (
+        Workflow.objects.select_for_update(of=("self",))
+        .select_related("customer")
+        .get(id=workflow.id)
+    )
     if current.status != workflow.status or current.claim_id != workflow.claim_id:
         logger.info("workflow %s was taken over; dropping this attempt", workflow.id)
         return None

@@ -5,6 +5,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 import requests
@@ -25,6 +26,16 @@ def black_hole() -> Iterator[int]:
         sock.bind(("127.0.0.1", 0))
         sock.listen(64)
         yield int(sock.getsockname()[1])
+
+
+def _wait_for_log(log: Any, text: str, timeout: float = 15) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        log.seek(0)
+        output: str = log.read().decode()
+        if text in output or time.monotonic() > deadline:
+            return output
+        time.sleep(0.1)
 
 
 def post_link(base: str, token: str, body: dict, key: str) -> tuple[requests.Response, float]:
@@ -48,11 +59,10 @@ def test_broker_down_still_answers_202_in_bounded_time(
         body = link_body(full_name="Canary Broker-Down")
         with gunicorn(env, log) as base:
             response, elapsed = post_link(base, credentials.token, body, "k1")
-        log.seek(0)
-        output = log.read().decode()
+            output = _wait_for_log(log, "publish failed for workflow")
 
-    assert response.status_code == 202, response.text
-    assert elapsed < 10, elapsed
+    assert response.status_code == 202, output
+    assert elapsed < 2, elapsed  # the publish runs off the request thread
     workflow = Workflow.objects.get(id=response.json()["workflow-id"])
     assert workflow.status == Status.RECEIVED
     assert LinkRequest.objects.filter(request_id=workflow.request_id).exists()

@@ -1,6 +1,7 @@
 """The ack path of POST /link: durable, published after commit, ids only in the message."""
 
 import json
+import time
 import uuid
 
 import pytest
@@ -8,7 +9,7 @@ from django.db import transaction
 
 from linking.models import IdempotencyRecord, LinkRequest, MappingStatus, PatientMapping
 from linking.services import link_accept
-from tests.conftest import LinkClient, broker_messages, link_body
+from tests.conftest import LinkClient, broker_messages, link_body, wait_broker_messages
 from workflows.models import Status, Workflow, WorkflowTransition
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -49,7 +50,7 @@ def test_message_carries_ids_only(api: LinkClient, redis_db) -> None:
     response = api.post_link(body)
     workflow = Workflow.objects.get(id=response.json()["workflow-id"])
 
-    messages = broker_messages(redis_db)
+    messages = wait_broker_messages(redis_db, 1)
     assert len(messages) == 1
     message = messages[0]
     assert message["task"] == "workflows.process_workflow"
@@ -78,8 +79,9 @@ def test_message_published_only_after_commit(credentials, redis_db) -> None:
             request_data=data,
         )
         assert Workflow.objects.filter(id=accepted.body["workflow-id"]).exists()
+        time.sleep(0.2)
         assert broker_messages(redis_db) == []  # inside the transaction: nothing sent yet
-    messages = broker_messages(redis_db)
+    messages = wait_broker_messages(redis_db, 1)
     assert [m["args"][0]["workflow-id"] for m in messages] == [accepted.body["workflow-id"]]
 
 
@@ -100,6 +102,7 @@ def test_rolled_back_request_publishes_nothing(credentials, redis_db) -> None:
     assert Workflow.objects.count() == 0
     assert LinkRequest.objects.count() == 0
     assert IdempotencyRecord.objects.count() == 0
+    time.sleep(0.2)
     assert broker_messages(redis_db) == []
 
 

@@ -18,6 +18,7 @@ from workflows.services.workflows import (
     workflow_finish,
     workflow_message,
     workflow_publish,
+    workflow_publish_soon,
     workflow_transition,
 )
 
@@ -33,6 +34,7 @@ __all__ = [
     "workflow_mark_failed",
     "workflow_message",
     "workflow_publish",
+    "workflow_publish_soon",
     "workflow_requeue",
     "workflow_transition",
     "workflows_reconcile",

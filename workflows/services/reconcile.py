@@ -49,53 +49,59 @@ def workflows_reconcile(
         else settings.RECONCILE_STALE_AFTER_SECONDS
     )
     cutoff = now - dt.timedelta(seconds=stale_after)
+    if dry_run:
+        return _reconcile_preview(cutoff)
     report = ReconcileReport()
-    max_attempts = settings.WORKFLOW_MAX_ATTEMPTS
     for _ in range(MAX_BATCHES_PER_RUN):
         with transaction.atomic():
             batch = list(
-                Workflow.objects.select_for_update(skip_locked=True)
+                # of=self: the customer row (select_related) stays unlocked, or a consumer
+                # holding one workflow would hide all its customer's workflows from the sweep.
+                Workflow.objects.select_for_update(skip_locked=True, of=("self",))
                 .select_related("customer")
                 .filter(status__in=PENDING_STATES, updated_at__lt=cutoff)
                 .order_by("updated_at")[: settings.RECONCILE_BATCH_SIZE]
             )
             for workflow in batch:
-                out_of_attempts = (
-                    workflow.attempts >= max_attempts or workflow.requeues >= max_attempts
-                )
-                if out_of_attempts:
+                if _out_of_attempts(workflow):
                     report.failed.append(workflow.id)
-                    if not dry_run:
-                        workflow_finish(
-                            workflow=workflow,
-                            name="fail",
-                            actor=SWEEP_ACTOR,
-                            reason=(
-                                f"attempt limit reached ({workflow.attempts} attempts, "
-                                f"{workflow.requeues} re-queues)"
-                            ),
-                        )
-                    continue
-                report.requeued.append(workflow.id)
-                if not dry_run:
+                    workflow_finish(
+                        workflow=workflow,
+                        name="fail",
+                        actor=SWEEP_ACTOR,
+                        reason=(
+                            f"attempt limit reached ({workflow.attempts} attempts, "
+                            f"{workflow.requeues} re-queues)"
+                        ),
+                    )
+                else:
+                    report.requeued.append(workflow.id)
                     _requeue_pending(
                         workflow,
                         now=now,
                         actor=SWEEP_ACTOR,
                         reason="re-queued by the reconciliation sweep",
                     )
-            if dry_run:
-                transaction.set_rollback(True)
-                break
         if len(batch) < settings.RECONCILE_BATCH_SIZE:
             break
     if report.requeued or report.failed:
-        logger.info(
-            "reconcile: %d re-queued, %d failed%s",
-            len(report.requeued),
-            len(report.failed),
-            " (dry run)" if dry_run else "",
-        )
+        logger.info("reconcile: %d re-queued, %d failed", len(report.requeued), len(report.failed))
+    return report
+
+
+def _out_of_attempts(workflow: Workflow) -> bool:
+    limit = settings.WORKFLOW_MAX_ATTEMPTS
+    return workflow.attempts >= limit or workflow.requeues >= limit
+
+
+def _reconcile_preview(cutoff: dt.datetime) -> ReconcileReport:
+    """What a sweep would do now, changing nothing (bounded like a real run)."""
+    report = ReconcileReport()
+    stale = Workflow.objects.filter(status__in=PENDING_STATES, updated_at__lt=cutoff).order_by(
+        "updated_at"
+    )[: settings.RECONCILE_BATCH_SIZE * MAX_BATCHES_PER_RUN]
+    for workflow in stale.only("id", "attempts", "requeues"):
+        (report.failed if _out_of_attempts(workflow) else report.requeued).append(workflow.id)
     return report
 
 
@@ -118,27 +124,43 @@ def _requeue_pending(workflow: Workflow, *, now: dt.datetime, actor: str, reason
 def workflow_requeue(*, workflow_id: uuid.UUID, actor: str, reason: str = "") -> Workflow:
     """An operator's re-queue: FAILED -> RECEIVED and publish; a pending one is re-published.
 
-    Raises Workflow.DoesNotExist, or ValueError for a COMPLETED workflow.
+    Raises Workflow.DoesNotExist, or ValueError when it cannot be re-queued (COMPLETED, or a
+    newer request for the same patient is pending).
     """
     with transaction.atomic():
         workflow = Workflow.objects.select_for_update().get(id=workflow_id)
         if workflow.status == Status.COMPLETED:
             raise ValueError(f"workflow {workflow_id} is COMPLETED; nothing to re-queue")
-        if workflow.status == Status.FAILED:
-            workflow = workflow_transition(
-                workflow=workflow,
-                name="requeue",
-                actor=actor,
-                reason=reason or "re-queued by an operator",
-            )
-            transaction.on_commit(lambda: workflow_publish(workflow=workflow))
-        else:
+        if workflow.status != Status.FAILED:
             _requeue_pending(
                 workflow,
                 now=timezone.now(),
                 actor=actor,
                 reason=reason or "re-published by an operator",
             )
+            return workflow
+        newer = (
+            Workflow.objects.filter(
+                customer_id=workflow.customer_id,
+                patient_id=workflow.patient_id,
+                status__in=PENDING_STATES,
+            )
+            .values_list("id", flat=True)
+            .first()
+        )
+        if newer is not None:
+            # One pending workflow per patient is a database rule: refuse it plainly.
+            raise ValueError(
+                f"workflow {workflow_id}: a newer request for this patient is pending "
+                f"(workflow {newer})"
+            )
+        workflow = workflow_transition(
+            workflow=workflow,
+            name="requeue",
+            actor=actor,
+            reason=reason or "re-queued by an operator",
+        )
+        transaction.on_commit(lambda: workflow_publish(workflow=workflow))
     return workflow
 
 
@@ -148,6 +170,8 @@ def workflow_mark_failed(*, workflow_id: uuid.UUID, actor: str, reason: str) -> 
         raise ValueError("a reason is required")
     with transaction.atomic():
         workflow = (
-            Workflow.objects.select_for_update().select_related("customer").get(id=workflow_id)
+            Workflow.objects.select_for_update(of=("self",))
+            .select_related("customer")
+            .get(id=workflow_id)
         )
         return workflow_finish(workflow=workflow, name="fail", actor=actor, reason=reason)

@@ -12,7 +12,14 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from merchant.models import Customer
-from workflows.models import DeliveryStatus, Status, WebhookAttempt, WebhookDelivery, Workflow
+from workflows.models import (
+    DeliveryStatus,
+    Status,
+    WebhookAttempt,
+    WebhookDelivery,
+    Workflow,
+    WorkflowTransition,
+)
 from workflows.webhook_client import WebhookSendError, webhook_post, webhook_signature_headers
 
 logger = logging.getLogger(__name__)
@@ -43,13 +50,16 @@ def webhook_payload(*, workflow: Workflow, event_type: str, at: dt.datetime) -> 
     return json.dumps(body, separators=(",", ":"))
 
 
-def webhook_delivery_create(*, workflow: Workflow) -> WebhookDelivery:
-    """The delivery of a terminal workflow's webhook (call inside the terminal transaction)."""
+def webhook_delivery_create(
+    *, workflow: Workflow, transition: WorkflowTransition
+) -> WebhookDelivery:
+    """The webhook announcing a terminal transition (call inside that transition's transaction)."""
     now = timezone.now()
     event_type = webhook_event_type(workflow)
     return WebhookDelivery.objects.create(
         webhook_id=f"msg_{uuid.uuid4().hex}",
         workflow=workflow,
+        transition=transition,
         customer_id=workflow.customer_id,
         event_type=event_type,
         url=workflow.webhook_url or workflow.customer.webhook_url,

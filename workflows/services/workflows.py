@@ -2,7 +2,9 @@
 
 import datetime as dt
 import logging
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from django.conf import settings
@@ -55,12 +57,19 @@ def workflow_transition(
     The save is guarded by the status the row had when loaded (ConcurrentTransitionMixin), so
     a racing transition raises ConcurrentTransition and this one rolls back.
     """
+    _transition(workflow=workflow, name=name, actor=actor, reason=reason, **kwargs)
+    return workflow
+
+
+def _transition(
+    *, workflow: Workflow, name: str, actor: str, reason: str = "", **kwargs: Any
+) -> WorkflowTransition:
     with transaction.atomic():
         source = workflow.status
         getattr(workflow, name)(reason=reason, **kwargs)
         workflow.updated_at = timezone.now()
         workflow.save()
-        WorkflowTransition.objects.create(
+        return WorkflowTransition.objects.create(
             workflow=workflow,
             source=source,
             target=workflow.status,
@@ -68,7 +77,6 @@ def workflow_transition(
             reason=reason,
             at=workflow.updated_at,
         )
-    return workflow
 
 
 def workflow_message(*, workflow: Workflow) -> dict[str, str]:
@@ -80,6 +88,46 @@ def workflow_message(*, workflow: Workflow) -> dict[str, str]:
         "patient-id": str(workflow.patient_id),
         "request-type": workflow.request_type,
     }
+
+
+# Background publishing of the ack path: bounded, so a stalled broker cannot pile up work.
+_PUBLISH_BACKLOG_LIMIT = 10_000
+_publisher: ThreadPoolExecutor | None = None
+_publisher_lock = threading.Lock()
+_backlog = threading.BoundedSemaphore(_PUBLISH_BACKLOG_LIMIT)
+
+
+def _publisher_pool() -> ThreadPoolExecutor:
+    # Created on first use, in the process that publishes (never inherited through a fork).
+    global _publisher
+    with _publisher_lock:
+        if _publisher is None:
+            _publisher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="publish")
+        return _publisher
+
+
+def workflow_publish_soon(*, workflow: Workflow) -> None:
+    """Publish once the current transaction commits, on a background thread.
+
+    The answer to the customer never waits on the broker: a stalled or dead Redis costs the
+    ack nothing. A publish that fails, or that never runs because the process dies first, is
+    covered by the reconciliation sweep (the workflow row is committed either way).
+    """
+
+    def submit() -> None:
+        if not _backlog.acquire(blocking=False):
+            logger.warning("publish backlog full; workflow %s left to the sweep", workflow.id)
+            return
+
+        def run() -> None:
+            try:
+                workflow_publish(workflow=workflow)
+            finally:
+                _backlog.release()
+
+        _publisher_pool().submit(run)
+
+    transaction.on_commit(submit)
 
 
 def workflow_publish(*, workflow: Workflow) -> bool:
@@ -145,7 +193,7 @@ def workflow_finish(*, workflow: Workflow, name: str, actor: str, reason: str = 
     customer is told even if every process dies right after.
     """
     with transaction.atomic():
-        workflow = workflow_transition(workflow=workflow, name=name, actor=actor, reason=reason)
-        delivery = webhook_delivery_create(workflow=workflow)
+        ending = _transition(workflow=workflow, name=name, actor=actor, reason=reason)
+        delivery = webhook_delivery_create(workflow=workflow, transition=ending)
     webhook_delivery_send_later(delivery=delivery)
     return workflow

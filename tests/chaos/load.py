@@ -1,0 +1,113 @@
+"""The load: concurrent POST /link requests, each answer recorded with its timing."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+from tests.chaos.stack import Stack
+
+# Demographics the stand-in answers deterministically (standin/README.md), with the outcome
+# the service must reach for them when nothing is wrong.
+KINDS: dict[str, tuple[dict[str, Any], str]] = {
+    "certain": (
+        {
+            "full_name": "Jane Q Doe",
+            "dob": "1980-04-02",
+            "contact": {"phone": "+1-555-0100", "email": "jane@example.org"},
+        },
+        "LINKED",
+    ),
+    "none": ({"full_name": "Zed Nobody", "dob": "1901-01-01"}, "NO_RESULTS"),
+    "ambiguous": ({"full_name": "Alex Rivera", "dob": "1975-09-14"}, "NO_RESULTS"),
+}
+MIX = ["certain", "certain", "none", "ambiguous"]
+
+
+@dataclass
+class Posted:
+    key: str
+    kind: str
+    status: int  # 0: no HTTP answer
+    elapsed: float
+    answered_at: float
+    workflow_id: str | None = None
+    replayed: bool = False
+    error: str = ""
+
+    @property
+    def expected_result(self) -> str:
+        return KINDS[self.kind][1]
+
+
+def link_body(kind: str, patient_id: str | None = None) -> dict[str, Any]:
+    demographics, _ = KINDS[kind]
+    return {"patient": {"id": patient_id or str(uuid.uuid4()), **demographics}}
+
+
+_local = threading.local()
+
+
+def _session() -> requests.Session:
+    session: requests.Session | None = getattr(_local, "session", None)
+    if session is None:
+        session = requests.Session()
+        _local.session = session
+    return session
+
+
+def post_link(
+    stack: Stack, body: dict[str, Any], key: str, kind: str, *, timeout: float = 10
+) -> Posted:
+    started = time.monotonic()
+    try:
+        response = _session().post(
+            f"{stack.base_url}/link",
+            json=body,
+            timeout=timeout,
+            headers={"customer-token": stack.token, "Idempotency-Key": key},
+        )
+    except requests.RequestException as exc:
+        return Posted(
+            key, kind, 0, time.monotonic() - started, time.time(), error=type(exc).__name__
+        )
+    elapsed = time.monotonic() - started
+    workflow_id = None
+    if response.status_code == 202:
+        workflow_id = response.json()["workflow-id"]
+    return Posted(
+        key,
+        kind,
+        response.status_code,
+        elapsed,
+        time.time(),
+        workflow_id,
+        replayed=response.headers.get("Idempotent-Replayed") == "true",
+    )
+
+
+def post_many(
+    stack: Stack,
+    count: int,
+    *,
+    concurrency: int = 8,
+    kinds: list[str] | None = None,
+    pause: float = 0.0,
+) -> list[Posted]:
+    """`count` distinct link requests (a new patient and key each), `concurrency` at a time."""
+    mix = kinds or MIX
+
+    def one(index: int) -> Posted:
+        kind = mix[index % len(mix)]
+        if pause:
+            time.sleep(pause)
+        return post_link(stack, link_body(kind), f"chaos-{uuid.uuid4()}", kind)
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        return list(pool.map(one, range(count)))

@@ -1,0 +1,430 @@
+"""The fault scenarios. Each builds its own stack, drives load, injects its fault, and returns
+a Verdict; `quick=True` is the short version that runs in `make test`."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import pairwise
+
+import redis
+
+from standin.receiver import Step
+from tests.chaos.checks import Verdict, accepted_ids, answers, check
+from tests.chaos.load import Posted, link_body, post_link, post_many
+from tests.chaos.stack import FAST_SETTINGS, Stack
+
+
+@dataclass(frozen=True)
+class Scenario:
+    number: int
+    name: str
+    run: Callable[[bool], Verdict]
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(
+        ["pgrep", "-P", str(pid)],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    return [int(line) for line in out.split()]
+
+
+def _in_background(target: Callable[[], object]) -> threading.Thread:
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread
+
+
+# 1 -------------------------------------------------------------------------------------------
+def kill_worker_children(quick: bool) -> Verdict:
+    """SIGKILL prefork worker children again and again while workflows are processed."""
+    count, kills_wanted = (60, 8) if quick else (300, 40)
+    with Stack("s1", worker_pool="prefork", worker_concurrency=3, standin_latency_ms=40) as stack:
+        kills = 0
+        done = threading.Event()
+
+        def killer() -> None:
+            nonlocal kills
+            rng = random.Random(1)
+            while not done.is_set() or kills < kills_wanted:
+                worker = stack.procs[f"worker{rng.randrange(stack.celery_workers)}"]
+                children = _children(worker.pid)
+                if children:
+                    try:
+                        subprocess.run(["kill", "-9", str(rng.choice(children))], check=False)
+                        kills += 1
+                    except OSError:
+                        pass
+                time.sleep(0.25)
+                if kills >= kills_wanted and done.is_set():
+                    return
+
+        thread = _in_background(killer)
+        posted = post_many(stack, count, concurrency=6, pause=0.02)
+        done.set()
+        thread.join(120)
+        verdict = check(
+            stack,
+            "1 kill worker children",
+            posted,
+            deadline_seconds=120,
+            allow_webhook_duplicates=True,
+        )
+        verdict.note(f"{kills} SIGKILLs")
+        if kills < kills_wanted:
+            verdict.unexpected += 1
+        return verdict
+
+
+# 2 -------------------------------------------------------------------------------------------
+def kill_whole_worker(quick: bool) -> Verdict:
+    count = 60 if quick else 300
+    with Stack("s2", standin_latency_ms=40) as stack:
+
+        def chaos() -> None:
+            time.sleep(1.5)
+            for index in range(stack.celery_workers):
+                stack.kill(f"worker{index}", signal.SIGKILL)
+            time.sleep(2)
+            for index in range(stack.celery_workers):
+                stack.start_worker(index)
+
+        thread = _in_background(chaos)
+        posted = post_many(stack, count, concurrency=6, pause=0.02)
+        thread.join(60)
+        return check(
+            stack,
+            "2 kill whole worker",
+            posted,
+            deadline_seconds=120,
+            allow_webhook_duplicates=True,
+        )
+
+
+# 3 -------------------------------------------------------------------------------------------
+def kill_redis_with_queue(quick: bool) -> Verdict:
+    """kill -9 Redis while workflows sit in the queue; it comes back empty."""
+    count = 100 if quick else 500
+    with Stack("s3", standin_latency_ms=100, worker_concurrency=2) as stack:
+        posted = post_many(stack, count, concurrency=8)
+        queued = redis.Redis(port=stack.redis_port).llen("celery")
+        stack.stop_redis(signal.SIGKILL)
+        time.sleep(1)
+        stack.start_redis()
+        stack.control_standin("config", {"latency_ms": 0})
+        verdict = check(
+            stack, "3 kill -9 Redis", posted, deadline_seconds=180, allow_webhook_duplicates=True
+        )
+        verdict.note(f"{queued} messages queued when Redis was killed")
+        return verdict
+
+
+# 4 -------------------------------------------------------------------------------------------
+def pause_redis(quick: bool) -> Verdict:
+    """Redis frozen (SIGSTOP): every POST still answers within 2 s, 202 or 503."""
+    count, pause_seconds = (60, 4) if quick else (200, 10)
+    with Stack("s4") as stack:
+
+        def freeze() -> None:
+            time.sleep(0.5)
+            stack.pause_redis()
+            time.sleep(pause_seconds)
+            stack.resume_redis()
+
+        thread = _in_background(freeze)
+        posted = post_many(stack, count, concurrency=4, pause=pause_seconds / count * 4)
+        thread.join(30)
+        verdict = check(
+            stack, "4 Redis paused", posted, deadline_seconds=120, allow_webhook_duplicates=True
+        )
+        _ack_bounds(stack, verdict, posted, bound=2.0)
+        return verdict
+
+
+def _ack_bounds(stack: Stack, verdict: Verdict, posted: list[Posted], *, bound: float) -> None:
+    """Every answer within `bound`: 202 with a committed row, or 503 with none."""
+    slow = [p for p in posted if p.elapsed > bound]
+    wrong = [p for p in posted if p.status not in (202, 503)]
+    verdict.unexpected += len(slow) + len(wrong)
+    if slow:
+        verdict.note(
+            f"{len(slow)} answers slower than {bound}s (max {max(p.elapsed for p in slow):.2f}s)"
+        )
+    if wrong:
+        verdict.note(f"answers other than 202/503: {dict(answers(wrong))}")
+    refused_keys = [p.key for p in posted if p.status == 503]
+    with stack.db() as conn:
+        (written,) = conn.execute(
+            "SELECT count(*) FROM linking_idempotencyrecord WHERE key = ANY(%s)", [refused_keys]
+        ).fetchone() or (0,)
+    if written:
+        verdict.unexpected += written
+        verdict.note(f"{written} requests answered 503 left rows behind")
+    verdict.note(f"answers {dict(answers(posted))}, slowest {max(p.elapsed for p in posted):.2f}s")
+
+
+# 5 -------------------------------------------------------------------------------------------
+def restart_redis_repeatedly(quick: bool) -> Verdict:
+    """Redis restarted 5 times in 30 s; workers consume again within 60 s of the last."""
+    restarts, window = (3, 6) if quick else (5, 30)
+    with Stack("s5") as stack:
+        posted: list[Posted] = []
+        for _ in range(restarts):
+            posted += post_many(stack, 10, concurrency=4)
+            stack.stop_redis(signal.SIGKILL)
+            time.sleep(0.5)
+            stack.start_redis()
+            time.sleep(window / restarts - 0.5)
+        last_restart = time.monotonic()
+        # Consumption, not the sweep: stop beat so only a live consumer can finish these.
+        stack.kill("beat", signal.SIGTERM)
+        after = post_many(stack, 20, concurrency=4)
+        ids = accepted_ids(after)
+        from tests.chaos.checks import wait_terminal
+
+        statuses = wait_terminal(stack, ids, deadline=last_restart + 60)
+        consumed_in = time.monotonic() - last_restart
+        stack.start_beat()
+        verdict = check(
+            stack,
+            "5 Redis restarted",
+            posted + after,
+            deadline_seconds=120,
+            allow_webhook_duplicates=True,
+        )
+        unfinished = [i for i in ids if statuses.get(i) not in ("COMPLETED", "FAILED")]
+        if unfinished:
+            verdict.unexpected += len(unfinished)
+            verdict.note(f"{len(unfinished)} new workflows not consumed within 60 s")
+        verdict.note(f"consuming again {consumed_in:.1f}s after the last restart")
+        return verdict
+
+
+# 6 -------------------------------------------------------------------------------------------
+def restart_postgres(quick: bool) -> Verdict:
+    """PostgreSQL restarted with -m immediate under load: fast 503s while down, then resume."""
+    duration = 8 if quick else 20
+    with Stack("s6", own_postgres=True) as stack:
+        posted: list[Posted] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                posted.extend(post_many(stack, 8, concurrency=4))
+
+        thread = _in_background(load)
+        time.sleep(duration / 3)
+        stack.restart_postgres_immediate()
+        time.sleep(duration * 2 / 3)
+        stop.set()
+        thread.join(60)
+        verdict = check(
+            stack,
+            "6 PostgreSQL restart",
+            posted,
+            deadline_seconds=120,
+            allow_webhook_duplicates=True,
+        )
+        _ack_bounds(stack, verdict, posted, bound=3.0)
+        return verdict
+
+
+def _poster(stack: Stack, body: dict[str, object], key: str) -> Callable[[int], Posted]:
+    return lambda _: post_link(stack, body, key, "certain")
+
+
+# 7 -------------------------------------------------------------------------------------------
+def same_key_storm(quick: bool) -> Verdict:
+    """50 concurrent POSTs with one key, many rounds: one workflow per key, no 5xx."""
+    rounds = 20 if quick else 1000
+    with Stack("s7", web_workers=3) as stack:
+        posted: list[Posted] = []
+        with ThreadPoolExecutor(max_workers=50) as pool:
+            for _ in range(rounds):
+                key = f"storm-{uuid.uuid4()}"
+                body = link_body("certain")
+                posted += list(pool.map(_poster(stack, body, key), range(50)))
+        verdict = check(stack, "7 same-key storm", posted, deadline_seconds=180)
+        wrong = [p for p in posted if p.status not in (202, 409)]
+        verdict.unexpected += len(wrong)
+        if wrong:
+            verdict.note(f"answers other than 202/409: {dict(answers(wrong))}")
+        keys = {p.key for p in posted}
+        with stack.db() as conn:
+            (records,) = conn.execute(
+                "SELECT count(*) FROM linking_idempotencyrecord"
+            ).fetchone() or (0,)
+            (workflows,) = conn.execute("SELECT count(*) FROM workflows_workflow").fetchone() or (
+                0,
+            )
+        if workflows != len(keys) or records != len(keys):
+            verdict.duplicated += abs(workflows - len(keys))
+            verdict.note(f"{len(keys)} keys, {workflows} workflows, {records} records")
+        verdict.note(f"answers {dict(answers(posted))}")
+        return verdict
+
+
+# 8 -------------------------------------------------------------------------------------------
+def duplicate_messages(quick: bool) -> Verdict:
+    """Every task message in the queue 2-3 times: one mapping, one end, one webhook each."""
+    count = 40 if quick else 300
+    with Stack("s8") as stack:
+        for index in range(stack.celery_workers):
+            stack.kill(f"worker{index}", signal.SIGTERM)
+        posted = post_many(stack, count, concurrency=8)
+        client = redis.Redis(port=stack.redis_port)
+        messages = client.lrange("celery", 0, -1)
+        rng = random.Random(8)
+        for message in messages:
+            for _ in range(rng.choice((1, 2))):
+                client.lpush("celery", message)
+        copies = client.llen("celery")
+        for index in range(stack.celery_workers):
+            stack.start_worker(index)
+        verdict = check(stack, "8 duplicated messages", posted, deadline_seconds=120)
+        with stack.db() as conn:
+            (mappings,) = conn.execute(
+                "SELECT count(*) - count(DISTINCT workflow_id) FROM linking_patientmapping"
+            ).fetchone() or (0,)
+            (deliveries,) = conn.execute(
+                "SELECT count(*) - count(DISTINCT workflow_id) FROM workflows_webhookdelivery"
+            ).fetchone() or (0,)
+        verdict.duplicated += mappings + deliveries
+        verdict.note(f"{len(messages)} messages queued as {copies}")
+        return verdict
+
+
+# 9 -------------------------------------------------------------------------------------------
+def hostile_receiver(quick: bool) -> Verdict:
+    """The receiver answers 500, times out, 301, then 410."""
+    with Stack("s9") as stack:
+        stack.receiver.respond_with(
+            Step(status=500),
+            Step(delay_ms=3000),
+            Step(status=301, location="/elsewhere"),
+            Step(status=410),
+        )
+        posted = post_many(stack, 1, kinds=["certain"])
+        verdict = check(stack, "9 hostile receiver", posted, deadline_seconds=60)
+        got = stack.receiver.deliveries()
+        ids = {d.headers.get("webhook-id") for d in got}
+        schedule = [int(x) for x in FAST_SETTINGS["WEBHOOK_RETRY_SCHEDULE"].split(",")]
+        gaps = [round(b.received_at - a.received_at, 1) for a, b in pairwise(got)]
+        problems = []
+        if [d.answered for d in got] != [500, 200, 301, 410]:  # the timeout's answer came late
+            problems.append(f"answers {[d.answered for d in got]}")
+        if len(ids) != 1:
+            problems.append(f"{len(ids)} webhook-ids")
+        if not all(d.verified for d in got):
+            problems.append("a bad signature")
+        if any(d.path == "/elsewhere" for d in got):
+            problems.append("the redirect was followed")
+        # Gap i >= schedule[i]; the timed-out attempt adds up to WEBHOOK_TIMEOUT_SECONDS.
+        if len(gaps) == 3 and not all(
+            gap >= want - 0.2 for gap, want in zip(gaps, schedule, strict=False)
+        ):
+            problems.append(f"gaps {gaps} vs schedule {schedule[:3]}")
+        with stack.db() as conn:
+            row = conn.execute(
+                "SELECT d.status, c.webhook_enabled, d.attempts FROM workflows_webhookdelivery d"
+                " JOIN merchant_customer c ON c.id = d.customer_id"
+            ).fetchone()
+        if row is None or row[0] != "DISABLED" or row[1] is not False or row[2] != 4:
+            problems.append(f"delivery/customer state {row}")
+        verdict.unexpected += len(problems)
+        for problem in problems:
+            verdict.note(problem)
+        verdict.note(f"gaps between attempts {gaps}s")
+        return verdict
+
+
+# 10 ------------------------------------------------------------------------------------------
+def two_beats(quick: bool) -> Verdict:
+    """Two beat processes sweep 200 stuck workflows: none re-dispatched twice in one sweep."""
+    count = 60 if quick else 200
+    with Stack("s10") as stack:
+        for index in range(stack.celery_workers):
+            stack.kill(f"worker{index}", signal.SIGTERM)
+        posted = post_many(stack, count, concurrency=8)
+        redis.Redis(port=stack.redis_port).delete("celery")  # the messages are lost: stuck
+        with stack.db() as conn:
+            conn.execute("UPDATE workflows_workflow SET updated_at = now() - interval '1 minute'")
+        stack.start_beat("beat2")
+        time.sleep(3)
+        for index in range(stack.celery_workers):
+            stack.start_worker(index)
+        verdict = check(stack, "10 two beats", posted, deadline_seconds=120)
+        stale_after = float(FAST_SETTINGS["RECONCILE_STALE_AFTER_SECONDS"])
+        with stack.db() as conn:
+            rows = conn.execute(
+                "SELECT workflow_id, at FROM workflows_workflowtransition"
+                " WHERE actor = 'sweep' AND source = target ORDER BY workflow_id, at"
+            ).fetchall()
+        twice = 0
+        for (a_id, a_at), (b_id, b_at) in pairwise(rows):
+            if a_id == b_id and (b_at - a_at).total_seconds() < stale_after:
+                twice += 1
+        verdict.duplicated += twice
+        verdict.note(f"{len(rows)} sweep re-dispatches, {twice} within one stale window")
+        return verdict
+
+
+# 11 ------------------------------------------------------------------------------------------
+def flaky_internal_system(quick: bool) -> Verdict:
+    """30% of searches fail with 5xx, and latency spikes to 2 s now and then."""
+    count = 60 if quick else 300
+    with Stack("s11") as stack:
+        stack.control_standin("config", {"failure_rate": 0.3})
+        stop = threading.Event()
+
+        def spikes() -> None:
+            while not stop.is_set():
+                stack.control_standin("config", {"latency_ms": 2000})
+                time.sleep(1)
+                stack.control_standin("config", {"latency_ms": 0})
+                time.sleep(2)
+
+        thread = _in_background(spikes)
+        posted = post_many(stack, count, concurrency=6, pause=0.02)
+        verdict = check(stack, "11 flaky internal system", posted, deadline_seconds=180)
+        stop.set()
+        thread.join(10)
+        with stack.db() as conn:
+            (max_attempts,) = conn.execute(
+                "SELECT coalesce(max(attempts), 0) FROM workflows_workflow"
+            ).fetchone() or (0,)
+        cap = int(FAST_SETTINGS["WORKFLOW_MAX_ATTEMPTS"])
+        if max_attempts > cap:
+            verdict.unexpected += 1
+        verdict.note(f"max attempts {max_attempts} (cap {cap})")
+        return verdict
+
+
+SCENARIOS = [
+    Scenario(1, "kill worker children", kill_worker_children),
+    Scenario(2, "kill whole worker", kill_whole_worker),
+    Scenario(3, "kill -9 Redis with a queue", kill_redis_with_queue),
+    Scenario(4, "Redis paused", pause_redis),
+    Scenario(5, "Redis restarted 5x", restart_redis_repeatedly),
+    Scenario(6, "PostgreSQL restart", restart_postgres),
+    Scenario(7, "same-key storm", same_key_storm),
+    Scenario(8, "duplicated messages", duplicate_messages),
+    Scenario(9, "hostile receiver", hostile_receiver),
+    Scenario(10, "two beats", two_beats),
+    Scenario(11, "flaky internal system", flaky_internal_system),
+]
+
+
+def as_json(verdicts: list[Verdict]) -> str:
+    return json.dumps([v.__dict__ | {"ok": v.ok} for v in verdicts], indent=2)

@@ -1,0 +1,394 @@
+"""The whole service as processes on 127.0.0.1, for fault injection.
+
+Its own redis-server (own port, no persistence) and, when asked, its own PostgreSQL cluster
+(initdb, own port); otherwise a fresh database on the machine's PostgreSQL. gunicorn, Celery
+workers and beat are processes; the FHIR stand-in and the webhook receiver are threads of the
+harness. Every process is started by the stack and stopped by it, by pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import requests
+
+from standin.receiver import ReceiverServer, make_receiver
+from standin.server import make_server
+from tests.processes import BIN, ROOT, celery_worker_args, free_port, stop_group, wait_for_text
+
+PG_BIN = Path(next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin")))))
+MACHINE_PG = "postgres://127.0.0.1:5432"
+SECRET_KEY = "chaos-only-secret-key-0123456789abcdef0123456789"
+
+# Seconds, not minutes: every recovery path runs within a scenario's deadline.
+FAST_SETTINGS = {
+    "RECONCILE_INTERVAL_SECONDS": "2",
+    "RECONCILE_STALE_AFTER_SECONDS": "6",
+    "WORKFLOW_CLAIM_LEASE_SECONDS": "5",
+    "WORKFLOW_MAX_ATTEMPTS": "10",
+    "WEBHOOK_RETRY_SCHEDULE": "1,1,2,2,3,3",
+    "WEBHOOK_DISPATCH_INTERVAL_SECONDS": "1",
+    "WEBHOOK_TIMEOUT_SECONDS": "2",
+    "INTERNAL_SEARCH_READ_TIMEOUT": "3",
+    "INTERNAL_SEARCH_CONNECT_TIMEOUT": "1",
+    "RETRY_BACKOFF_BASE_SECONDS": "0.2",
+    "RETRY_BACKOFF_MAX_SECONDS": "2",
+    "CELERY_TASK_SOFT_TIME_LIMIT": "8",
+    "CELERY_TASK_TIME_LIMIT": "12",
+    "CELERY_VISIBILITY_TIMEOUT": "60",
+    "STUCK_REPORT_INTERVAL_SECONDS": "30",
+}
+
+
+def _run(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, check=True, capture_output=True, text=True, **kwargs)
+
+
+@dataclass
+class Proc:
+    name: str
+    args: list[str]
+    log: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+
+@dataclass
+class Stack:
+    """Start with `start()`, stop with `stop()` (also on failure: use it as a context manager)."""
+
+    name: str
+    web_workers: int = 2
+    celery_workers: int = 2
+    worker_concurrency: int = 8
+    worker_pool: str = "threads"
+    own_postgres: bool = False
+    settings: dict[str, str] = field(default_factory=dict)
+    standin_latency_ms: int = 0
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="chaos-")))
+
+    def __post_init__(self) -> None:
+        self.procs: dict[str, Proc] = {}
+        self.redis_port = free_port()
+        self.redis_proc: subprocess.Popen[bytes] | None = None
+        self.pg_port = free_port() if self.own_postgres else 5432
+        self.pg_dir = self.workdir / "pg"
+        self.db_name = f"chaos_{self.name}_{os.getpid()}"
+        self.web_port = free_port()
+        self.standin = make_server("127.0.0.1", 0, latency_ms=self.standin_latency_ms)
+        self.receiver: ReceiverServer = make_receiver()
+        self.token = ""
+        self.customer_id = ""
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> Stack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
+
+    @property
+    def database_url(self) -> str:
+        return f"postgres://root@127.0.0.1:{self.pg_port}/{self.db_name}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "DJANGO_SETTINGS_MODULE": "config.settings",
+                "DEBUG": "false",
+                "SECRET_KEY": SECRET_KEY,
+                "ALLOWED_HOSTS": "127.0.0.1,localhost",
+                "DATABASE_URL": self.database_url,
+                "REDIS_URL": self.redis_url,
+                "CELERY_BROKER_URL": self.redis_url,
+                "WEBHOOK_ALLOW_PRIVATE_HOSTS": "true",
+                "INTERNAL_SEARCH_URL": self.standin.base_url,
+                "LOG_LEVEL": "INFO",
+                "PYTHONUNBUFFERED": "1",
+                **FAST_SETTINGS,
+                **self.settings,
+            }
+        )
+        return env
+
+    def start(self) -> None:
+        for server in (self.standin, self.receiver):
+            threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        self.start_redis()
+        if self.own_postgres:
+            self.init_postgres()
+            self.start_postgres()
+        self.create_database()
+        self.onboard()
+        self.start_web()
+        for index in range(self.celery_workers):
+            self.start_worker(index)
+        self.start_beat()
+
+    def stop(self) -> None:
+        for proc in list(self.procs.values()):
+            if proc.popen is not None:
+                stop_group(proc.popen)
+        self.stop_redis()
+        if self.own_postgres and self.pg_dir.exists():
+            self.pg_ctl("stop", "-m", "immediate", check=False)
+        else:
+            self.drop_database()
+        for server in (self.standin, self.receiver):
+            server.shutdown()
+            server.server_close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # --- processes ---------------------------------------------------------------------------
+
+    def spawn(self, name: str, args: list[str]) -> Proc:
+        proc = Proc(name, args, self.workdir / f"{name}.log")
+        with proc.log.open("ab") as log:
+            proc.popen = subprocess.Popen(
+                args,
+                cwd=ROOT,
+                env=self.env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.procs[name] = proc
+        return proc
+
+    def start_web(self) -> None:
+        self.spawn(
+            "web",
+            [
+                str(BIN / "gunicorn"),
+                "config.wsgi",
+                "--bind",
+                f"127.0.0.1:{self.web_port}",
+                "--workers",
+                str(self.web_workers),
+                "--timeout",
+                "30",
+                "--graceful-timeout",
+                "5",
+            ],
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                requests.get(f"{self.base_url}/problems/not-found", timeout=2)
+                return
+            except requests.RequestException:
+                time.sleep(0.1)
+        raise TimeoutError("gunicorn did not start")
+
+    def start_worker(self, index: int) -> Proc:
+        name = f"worker{index}"
+        proc = self.spawn(
+            name,
+            celery_worker_args(
+                concurrency=self.worker_concurrency, name=f"chaos{index}", pool=self.worker_pool
+            ),
+        )
+        wait_for_text(proc.log, "ready.", timeout=30)
+        return proc
+
+    def worker_ready_count(self, index: int) -> int:
+        return self.procs[f"worker{index}"].log.read_text(errors="replace").count("ready.")
+
+    def start_beat(self, name: str = "beat") -> Proc:
+        proc = self.spawn(
+            name,
+            [str(BIN / "celery"), "-A", "config", "beat", "--loglevel", "INFO", "--pidfile", ""],
+        )
+        wait_for_text(proc.log, "beat: Starting", timeout=30)
+        return proc
+
+    def kill(self, name: str, sig: int = signal.SIGKILL, *, group: bool = True) -> None:
+        proc = self.procs[name]
+        if proc.popen is None or proc.popen.poll() is not None:
+            return
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            os.kill(proc.pid, sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            proc.popen.wait(10)
+
+    # --- Redis -------------------------------------------------------------------------------
+
+    def start_redis(self) -> None:
+        self.redis_proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.redis_port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                "--maxmemory-policy",
+                "noeviction",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                _run(["redis-cli", "-p", str(self.redis_port), "ping"])
+                return
+            except subprocess.CalledProcessError:
+                time.sleep(0.05)
+        raise TimeoutError("redis-server did not start")
+
+    def stop_redis(self, sig: int = signal.SIGKILL) -> None:
+        if self.redis_proc is not None and self.redis_proc.poll() is None:
+            self.redis_proc.send_signal(sig)
+            self.redis_proc.wait(10)
+
+    def pause_redis(self) -> None:
+        assert self.redis_proc is not None
+        self.redis_proc.send_signal(signal.SIGSTOP)
+
+    def resume_redis(self) -> None:
+        assert self.redis_proc is not None
+        self.redis_proc.send_signal(signal.SIGCONT)
+
+    # --- PostgreSQL --------------------------------------------------------------------------
+
+    def pg_ctl(self, *args: str, check: bool = True) -> None:
+        command = [
+            "runuser",
+            "-u",
+            "postgres",
+            "--",
+            str(PG_BIN / "pg_ctl"),
+            "-D",
+            str(self.pg_dir),
+            "-w",
+            "-t",
+            "30",
+            *args,
+        ]
+        if check:
+            _run(command)
+        else:
+            subprocess.run(command, capture_output=True, check=False)
+
+    def init_postgres(self) -> None:
+        self.pg_dir.mkdir(parents=True)
+        shutil.chown(self.workdir, "postgres")
+        shutil.chown(self.pg_dir, "postgres")
+        _run(
+            [
+                "runuser",
+                "-u",
+                "postgres",
+                "--",
+                str(PG_BIN / "initdb"),
+                "-D",
+                str(self.pg_dir),
+                "-A",
+                "trust",
+                "-U",
+                "root",
+                "--no-sync",
+            ]
+        )
+        with (self.pg_dir / "postgresql.conf").open("a") as conf:
+            conf.write(
+                f"port = {self.pg_port}\nlisten_addresses = '127.0.0.1'\n"
+                f"unix_socket_directories = '{self.pg_dir}'\nfsync = on\nmax_connections = 100\n"
+            )
+
+    def start_postgres(self) -> None:
+        self.pg_ctl("-l", str(self.workdir / "postgres.log"), "start")
+
+    def restart_postgres_immediate(self) -> None:
+        self.pg_ctl("-l", str(self.workdir / "postgres.log"), "-m", "immediate", "restart")
+
+    def admin_url(self) -> str:
+        return f"postgres://root@127.0.0.1:{self.pg_port}/postgres"
+
+    def create_database(self) -> None:
+        with psycopg.connect(self.admin_url(), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.db_name}"')
+            conn.execute(f'CREATE DATABASE "{self.db_name}"')
+        _run(
+            [str(BIN / "python"), "manage.py", "migrate", "--noinput", "-v0"],
+            cwd=ROOT,
+            env=self.env(),
+        )
+
+    def drop_database(self) -> None:
+        try:
+            with psycopg.connect(self.admin_url(), autocommit=True, connect_timeout=5) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
+        except psycopg.Error:
+            pass
+
+    def db(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.database_url, autocommit=True, connect_timeout=5)
+
+    # --- the customer --------------------------------------------------------------------------
+
+    def onboard(self) -> None:
+        output = _run(
+            [
+                str(BIN / "python"),
+                "manage.py",
+                "onboard_customer",
+                "--name",
+                "Chaos Health",
+                "--webhook-url",
+                f"{self.receiver.url}/hooks",
+                "--json",
+            ],
+            cwd=ROOT,
+            env=self.env(),
+        ).stdout
+        credentials = json.loads(output)
+        self.token = credentials["token"]
+        self.customer_id = credentials["customer_id"]
+        self.receiver.state.secret = credentials["webhook_secret"]
+
+    def control_standin(self, path: str, body: dict[str, Any]) -> None:
+        root = self.standin.base_url.removesuffix("/fhir")
+        requests.post(f"{root}/_control/{path}", json=body, timeout=5).raise_for_status()

@@ -1,0 +1,511 @@
+"""The reconciliation sweep (seed 4.1) and the operator's re-queue / mark-failed services, on the
+real PostgreSQL (row locks, SKIP LOCKED) and the real Redis broker."""
+
+import datetime as dt
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from django.db import connection, transaction
+from django.utils import timezone
+from django_fsm import TransitionNotAllowed
+
+from merchant.models import Customer
+from merchant.services import CustomerCredentials
+from tests.conftest import LinkClient, broker_messages, link_body, new_customer
+from workflows.models import (
+    PENDING_STATES,
+    DeliveryStatus,
+    Status,
+    WebhookDelivery,
+    Workflow,
+    WorkflowTransition,
+)
+from workflows.services import (
+    ReconcileReport,
+    workflow_mark_failed,
+    workflow_requeue,
+    workflows_reconcile,
+)
+from workflows.services.reconcile import MAX_BATCHES_PER_RUN
+
+pytestmark = pytest.mark.django_db
+
+STALE_AFTER = 300
+MAX_ATTEMPTS = 5
+MESSAGE_KEYS = {"workflow-id", "request-id", "customer-id", "patient-id", "request-type"}
+
+
+@pytest.fixture(autouse=True)
+def sweep_settings(settings: Any) -> None:
+    settings.RECONCILE_STALE_AFTER_SECONDS = STALE_AFTER
+    settings.RECONCILE_BATCH_SIZE = 500
+    settings.WORKFLOW_MAX_ATTEMPTS = MAX_ATTEMPTS
+
+
+@pytest.fixture
+def customer(credentials: CustomerCredentials) -> Customer:
+    return credentials.customer
+
+
+def make(
+    customer: Customer,
+    status: str = Status.RECEIVED,
+    *,
+    age: dt.timedelta | None = None,
+    attempts: int = 0,
+    requeues: int = 0,
+) -> Workflow:
+    workflow = Workflow(
+        customer=customer,
+        patient_id=uuid.uuid4(),
+        status=status,
+        attempts=attempts,
+        requeues=requeues,
+    )
+    workflow.save()
+    if age is not None:
+        backdate(workflow, age)
+    return Workflow.objects.get(id=workflow.id)
+
+
+def backdate(workflow: Workflow, age: dt.timedelta) -> None:
+    Workflow.objects.filter(id=workflow.id).update(updated_at=timezone.now() - age)
+
+
+STALE = dt.timedelta(seconds=STALE_AFTER + 60)
+
+
+def published(redis_db: Any) -> list[dict[str, Any]]:
+    messages = broker_messages(redis_db)
+    assert all(m["task"] == "workflows.process_workflow" for m in messages)
+    return [m["args"][0] for m in messages]
+
+
+def snapshot(workflow: Workflow) -> tuple[Any, ...]:
+    row = Workflow.objects.get(id=workflow.id)
+    return (
+        row.status,
+        row.attempts,
+        row.requeues,
+        row.updated_at,
+        row.reason,
+        row.transitions.count(),
+        row.deliveries.count(),
+    )
+
+
+# --- the sweep --------------------------------------------------------------------------------
+
+
+def test_stale_received_workflow_is_requeued_and_published_after_commit(
+    api: LinkClient, redis_db, django_capture_on_commit_callbacks
+):
+    body = link_body(full_name="Canary Zyxwvut", dob="1977-07-07")
+    workflow = Workflow.objects.get(id=api.post_link(body).json()["workflow-id"])
+    backdate(workflow, dt.timedelta(minutes=10))
+    stale_at = Workflow.objects.get(id=workflow.id).updated_at
+    assert broker_messages(redis_db) == []
+
+    before = timezone.now()
+    with django_capture_on_commit_callbacks(execute=True):
+        report = workflows_reconcile()
+        assert broker_messages(redis_db) == []  # nothing leaves before the commit
+    assert isinstance(report, ReconcileReport)
+    assert (report.requeued, report.failed) == ([workflow.id], [])
+
+    row = Workflow.objects.get(id=workflow.id)
+    assert (row.status, row.requeues, row.attempts) == (Status.RECEIVED, 1, 0)
+    assert row.updated_at >= before > stale_at
+    last = row.transitions.last()
+    assert last is not None
+    assert (last.source, last.target, last.actor) == ("RECEIVED", "RECEIVED", "sweep")
+    assert last.reason == "re-queued by the reconciliation sweep"
+
+    [message] = broker_messages(redis_db)
+    assert message["task"] == "workflows.process_workflow"
+    assert message["kwargs"] == {}
+    assert message["args"] == [
+        {
+            "workflow-id": str(workflow.id),
+            "request-id": str(workflow.request_id),
+            "customer-id": str(workflow.customer_id),
+            "patient-id": str(workflow.patient_id),
+            "request-type": "LINK",
+        }
+    ]
+    for secret in ("Canary", "Zyxwvut", "1977-07-07", "jane@example.org", "555-0100"):
+        assert secret not in message["raw"]
+
+
+def test_fresh_workflows_are_left_alone(customer, redis_db, django_capture_on_commit_callbacks):
+    fresh = make(customer, age=dt.timedelta(seconds=STALE_AFTER - 60))
+    brand_new = make(customer, Status.IN_PROGRESS)
+    stale = make(customer, age=STALE)
+    before = [snapshot(fresh), snapshot(brand_new)]
+    with django_capture_on_commit_callbacks(execute=True):
+        report = workflows_reconcile()
+    assert (report.requeued, report.failed) == ([stale.id], [])
+    assert [snapshot(fresh), snapshot(brand_new)] == before
+    assert [m["workflow-id"] for m in published(redis_db)] == [str(stale.id)]
+
+
+def test_a_requeued_workflow_is_not_stale_again_at_once(customer, redis_db):
+    make(customer, age=STALE)
+    assert len(workflows_reconcile().requeued) == 1
+    assert workflows_reconcile().requeued == []
+
+
+def test_stale_after_can_be_given_per_run(customer):
+    workflow = make(customer, age=dt.timedelta(seconds=30))
+    assert workflows_reconcile().requeued == []
+    assert workflows_reconcile(stale_after_seconds=10).requeued == [workflow.id]
+
+
+@pytest.mark.parametrize("status", PENDING_STATES)
+def test_every_pending_state_is_swept(customer, status):
+    workflow = make(customer, status, age=STALE, attempts=1)
+    assert workflows_reconcile().requeued == [workflow.id]
+    row = Workflow.objects.get(id=workflow.id)
+    assert (row.status, row.requeues, row.attempts) == (status, 1, 1)
+
+
+def test_dry_run_changes_nothing_and_publishes_nothing(
+    customer, redis_db, django_capture_on_commit_callbacks
+):
+    stale = make(customer, age=STALE)
+    spent = make(customer, Status.IN_PROGRESS, age=STALE, attempts=MAX_ATTEMPTS)
+    before = [snapshot(stale), snapshot(spent)]
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        report = workflows_reconcile(dry_run=True)
+    assert (report.requeued, report.failed) == ([stale.id], [spent.id])
+    assert report.as_dict() == {"requeued": [str(stale.id)], "failed": [str(spent.id)]}
+    assert callbacks == []
+    assert broker_messages(redis_db) == []
+    assert [snapshot(stale), snapshot(spent)] == before
+    assert not WebhookDelivery.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("attempts", "requeues"),
+    [(MAX_ATTEMPTS, 0), (0, MAX_ATTEMPTS), (MAX_ATTEMPTS + 2, 1)],
+)
+def test_out_of_attempts_fails_and_tells_the_customer(
+    customer, redis_db, django_capture_on_commit_callbacks, attempts, requeues
+):
+    workflow = make(customer, Status.IN_PROGRESS, age=STALE, attempts=attempts, requeues=requeues)
+    with django_capture_on_commit_callbacks(execute=True):
+        report = workflows_reconcile()
+    assert (report.requeued, report.failed) == ([], [workflow.id])
+    row = Workflow.objects.get(id=workflow.id)
+    assert row.status == Status.FAILED
+    assert row.reason == f"attempt limit reached ({attempts} attempts, {requeues} re-queues)"
+    last = row.transitions.last()
+    assert last is not None
+    assert (last.source, last.target, last.actor) == ("IN_PROGRESS", "FAILED", "sweep")
+    delivery = WebhookDelivery.objects.get(workflow=workflow)
+    assert (delivery.event_type, delivery.status) == ("link.failed", DeliveryStatus.PENDING)
+    assert row.reason in delivery.payload
+    # The customer is told (a webhook task), the workflow is not processed again.
+    tasks = [m["task"] for m in broker_messages(redis_db)]
+    assert tasks == ["workflows.deliver_webhook"]
+
+
+def test_one_below_the_limit_is_still_requeued(customer):
+    workflow = make(
+        customer,
+        Status.IN_PROGRESS,
+        age=STALE,
+        attempts=MAX_ATTEMPTS - 1,
+        requeues=MAX_ATTEMPTS - 1,
+    )
+    assert workflows_reconcile().requeued == [workflow.id]
+    assert Workflow.objects.get(id=workflow.id).requeues == MAX_ATTEMPTS
+
+
+def test_attempt_limit_is_a_setting(customer, settings):
+    settings.WORKFLOW_MAX_ATTEMPTS = 2
+    workflow = make(customer, age=STALE, requeues=2)
+    assert workflows_reconcile().failed == [workflow.id]
+
+
+def test_terminal_workflows_are_never_touched(customer, redis_db):
+    done = make(customer, Status.COMPLETED, age=dt.timedelta(days=3), attempts=9, requeues=9)
+    failed = make(customer, Status.FAILED, age=dt.timedelta(days=3), attempts=9, requeues=9)
+    before = [snapshot(done), snapshot(failed)]
+    report = workflows_reconcile(stale_after_seconds=0)
+    assert (report.requeued, report.failed) == ([], [])
+    assert [snapshot(done), snapshot(failed)] == before
+    assert broker_messages(redis_db) == []
+
+
+def test_small_batches_still_cover_everything_oldest_first(customer, settings):
+    settings.RECONCILE_BATCH_SIZE = 4
+    workflows = [make(customer, age=STALE + dt.timedelta(seconds=i)) for i in range(25)]
+    report = workflows_reconcile()
+    assert sorted(report.requeued) == sorted(w.id for w in workflows)
+    assert report.requeued == [w.id for w in reversed(workflows)]
+    assert set(Workflow.objects.values_list("requeues", flat=True)) == {1}
+
+
+def test_one_run_is_capped_and_the_next_run_continues(customer, settings):
+    settings.RECONCILE_BATCH_SIZE = 1
+    workflows = [make(customer, age=STALE) for _ in range(MAX_BATCHES_PER_RUN + 3)]
+    first = workflows_reconcile()
+    assert len(first.requeued) == MAX_BATCHES_PER_RUN
+    second = workflows_reconcile()
+    assert sorted(first.requeued + second.requeued) == sorted(w.id for w in workflows)
+
+
+def test_dry_run_reports_what_a_real_run_does(customer, settings):
+    settings.RECONCILE_BATCH_SIZE = 4
+    for _ in range(10):
+        make(customer, age=STALE)
+    dry = workflows_reconcile(dry_run=True)
+    real = workflows_reconcile()
+    assert sorted(dry.requeued) == sorted(real.requeued)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_sweeps_requeue_each_workflow_exactly_once(settings, redis_db):
+    settings.RECONCILE_BATCH_SIZE = 10
+    now = timezone.now()
+    # 8 customers x 25 workflows, each customer's rows next to each other in age, so that two
+    # sweeps really interleave (see test_sweep_skips_only_locked_workflows for why it matters).
+    customers = [new_customer(f"Clinic {i}").customer for i in range(8)]
+    Workflow.objects.bulk_create(
+        Workflow(
+            customer=customers[i // 25],
+            patient_id=uuid.uuid4(),
+            updated_at=now - dt.timedelta(hours=2, seconds=-i),
+            created_at=now - dt.timedelta(hours=3),
+        )
+        for i in range(200)
+    )
+    ids = set(Workflow.objects.values_list("id", flat=True))
+    barrier = threading.Barrier(2)
+    reports: list[ReconcileReport] = []
+    errors: list[BaseException] = []
+
+    def sweep() -> None:
+        try:
+            barrier.wait(timeout=5)
+            reports.append(workflows_reconcile())
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=sweep) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == []
+    assert len(reports) == 2
+    first, second = (set(r.requeued) for r in reports)
+    assert first.isdisjoint(second)
+    assert first and second  # both really swept
+    # A sweep that found everything locked stops early; whatever is left, the next run takes.
+    leftover = set(workflows_reconcile().requeued)
+    assert leftover.isdisjoint(first | second)
+    assert first | second | leftover == ids
+
+    sweep_rows = WorkflowTransition.objects.filter(actor="sweep")
+    assert sweep_rows.count() == 200
+    assert set(sweep_rows.values_list("workflow_id", flat=True)) == ids
+    assert set(Workflow.objects.values_list("requeues", flat=True)) == {1}
+    messages = published(redis_db)
+    assert len(messages) == 200
+    assert {uuid.UUID(m["workflow-id"]) for m in messages} == ids
+    assert all(set(m) == MESSAGE_KEYS for m in messages)
+
+
+@contextmanager
+def held(query: Callable[[], Any]) -> Iterator[None]:
+    """Run `query` in a transaction of another connection and keep its row locks meanwhile."""
+    locked, release = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def hold() -> None:
+        try:
+            with transaction.atomic():
+                query()
+                locked.set()
+                release.wait(10)
+        except BaseException as exc:
+            errors.append(exc)
+            locked.set()
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert locked.wait(10)
+        assert errors == []
+        yield
+    finally:
+        release.set()
+        thread.join(timeout=10)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sweep_skips_a_workflow_locked_by_a_consumer(customer):
+    busy = make(customer, age=STALE + dt.timedelta(minutes=1))
+    others = [make(other.customer, age=STALE) for other in (new_customer("B"), new_customer("C"))]
+    with held(lambda: Workflow.objects.select_for_update().get(id=busy.id)):
+        report = workflows_reconcile()
+    assert sorted(report.requeued) == sorted(w.id for w in others)
+    assert Workflow.objects.get(id=busy.id).requeues == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sweep_skips_only_locked_workflows(customer):
+    busy = make(customer, Status.IN_PROGRESS)
+    stale = [make(customer, age=STALE) for _ in range(3)]
+    consumer = Workflow.objects.select_for_update().select_related("customer")
+    with held(lambda: consumer.get(id=busy.id)):
+        report = workflows_reconcile()
+    assert sorted(report.requeued) == sorted(w.id for w in stale)
+
+
+# --- the operator's re-queue ------------------------------------------------------------------
+
+
+def test_requeue_failed_workflow_starts_it_afresh(
+    customer, redis_db, django_capture_on_commit_callbacks
+):
+    workflow = make(customer, Status.IN_PROGRESS, attempts=MAX_ATTEMPTS, requeues=3)
+    workflow = workflow_mark_failed(workflow_id=workflow.id, actor="test", reason="stuck")
+    Workflow.objects.filter(id=workflow.id).update(
+        claim_id=uuid.uuid4(), claimed_until=timezone.now()
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        result = workflow_requeue(workflow_id=workflow.id, actor="operator:ops", reason="INC-7")
+        assert broker_messages(redis_db) == []
+    assert result.status == Status.RECEIVED
+    row = Workflow.objects.get(id=workflow.id)
+    assert (row.status, row.attempts, row.requeues, row.reason, row.result) == (
+        Status.RECEIVED,
+        0,
+        0,
+        "",
+        None,
+    )
+    assert (row.claim_id, row.claimed_until) == (None, None)
+    last = row.transitions.last()
+    assert last is not None
+    assert (last.source, last.target, last.actor, last.reason) == (
+        "FAILED",
+        "RECEIVED",
+        "operator:ops",
+        "INC-7",
+    )
+    assert [m["workflow-id"] for m in published(redis_db)] == [str(workflow.id)]
+
+
+def test_requeue_pending_workflow_publishes_it_again(
+    customer, redis_db, django_capture_on_commit_callbacks
+):
+    workflow = make(customer, Status.IN_PROGRESS, attempts=2, age=dt.timedelta(hours=1))
+    with django_capture_on_commit_callbacks(execute=True):
+        workflow_requeue(workflow_id=workflow.id, actor="operator:ops")
+    row = Workflow.objects.get(id=workflow.id)
+    assert (row.status, row.attempts, row.requeues) == (Status.IN_PROGRESS, 2, 1)
+    assert (timezone.now() - row.updated_at).total_seconds() < 60
+    last = row.transitions.last()
+    assert last is not None
+    assert (last.source, last.target, last.actor, last.reason) == (
+        "IN_PROGRESS",
+        "IN_PROGRESS",
+        "operator:ops",
+        "re-published by an operator",
+    )
+    assert [m["workflow-id"] for m in published(redis_db)] == [str(workflow.id)]
+
+
+def test_requeue_completed_workflow_is_refused(
+    customer, redis_db, django_capture_on_commit_callbacks
+):
+    workflow = make(customer, Status.COMPLETED)
+    before = snapshot(workflow)
+    with (
+        django_capture_on_commit_callbacks(execute=True),
+        pytest.raises(ValueError, match="COMPLETED"),
+    ):
+        workflow_requeue(workflow_id=workflow.id, actor="operator:ops")
+    assert snapshot(workflow) == before
+    assert broker_messages(redis_db) == []
+
+
+def test_requeue_unknown_workflow():
+    with pytest.raises(Workflow.DoesNotExist):
+        workflow_requeue(workflow_id=uuid.uuid4(), actor="operator:ops")
+
+
+# --- the operator's mark-failed ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reason", ["", "   "])
+def test_mark_failed_requires_a_reason(customer, reason):
+    workflow = make(customer, Status.IN_PROGRESS)
+    before = snapshot(workflow)
+    with pytest.raises(ValueError, match="reason"):
+        workflow_mark_failed(workflow_id=workflow.id, actor="operator:ops", reason=reason)
+    assert snapshot(workflow) == before
+
+
+def test_mark_failed_fails_and_creates_the_delivery(customer):
+    workflow = make(customer, Status.REQUESTED)
+    result = workflow_mark_failed(
+        workflow_id=workflow.id, actor="operator:ops", reason="internal system lost the job"
+    )
+    assert result.status == Status.FAILED
+    row = Workflow.objects.get(id=workflow.id)
+    assert (row.status, row.reason) == (Status.FAILED, "internal system lost the job")
+    last = row.transitions.last()
+    assert last is not None
+    assert (last.source, last.target, last.actor) == ("REQUESTED", "FAILED", "operator:ops")
+    delivery = WebhookDelivery.objects.get(workflow=workflow)
+    assert (delivery.event_type, delivery.status, delivery.attempts) == (
+        "link.failed",
+        DeliveryStatus.PENDING,
+        0,
+    )
+    assert "internal system lost the job" in delivery.payload
+
+
+def test_mark_failed_refuses_a_finished_workflow(customer):
+    workflow = make(customer, Status.COMPLETED)
+    with pytest.raises(TransitionNotAllowed):
+        workflow_mark_failed(workflow_id=workflow.id, actor="operator:ops", reason="why")
+    assert not WebhookDelivery.objects.exists()
+
+
+# --- a re-queued workflow that fails again ------------------------------------------------------
+
+
+def test_a_requeued_workflow_can_be_failed_again(customer):
+    workflow = make(customer, Status.IN_PROGRESS)
+    workflow_mark_failed(workflow_id=workflow.id, actor="operator:ops", reason="first")
+    workflow_requeue(workflow_id=workflow.id, actor="operator:ops")
+    workflow_mark_failed(workflow_id=workflow.id, actor="operator:ops", reason="second")
+    row = Workflow.objects.get(id=workflow.id)
+    assert (row.status, row.reason) == (Status.FAILED, "second")
+
+
+def test_sweep_survives_a_requeued_workflow_running_out_of_attempts(customer):
+    relapsed = make(customer, Status.IN_PROGRESS)
+    workflow_mark_failed(workflow_id=relapsed.id, actor="operator:ops", reason="first")
+    workflow_requeue(workflow_id=relapsed.id, actor="operator:ops")
+    Workflow.objects.filter(id=relapsed.id).update(attempts=MAX_ATTEMPTS)
+    backdate(relapsed, STALE + dt.timedelta(minutes=5))  # the oldest: first in the batch
+    other = make(customer, age=STALE)
+    report = workflows_reconcile()
+    assert report.failed == [relapsed.id]
+    assert report.requeued == [other.id]
+    assert Workflow.objects.get(id=other.id).requeues == 1
