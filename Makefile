@@ -7,7 +7,7 @@ UV_VERSION := 0.13.8
 BIN := $(VENV)/bin
 export DJANGO_SETTINGS_MODULE ?= config.settings
 
-.PHONY: install run demo test lint typecheck migrate clean
+.PHONY: install run demo test chaos lint typecheck migrate clean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ test: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
 	DJANGO_SETTINGS_MODULE=config.settings_test $(BIN)/pytest
+
+# The whole fault-injection suite (tests/chaos): prints the table, fails on any violation.
+chaos: install
+	$(BIN)/python -m tests.chaos --json chaos-results.json
 
 lint: install
 	$(BIN)/ruff check .

@@ -163,6 +163,8 @@ def check(
     if bad_signatures:
         verdict.unexpected += len(bad_signatures)
         verdict.note(f"{len(bad_signatures)} webhooks with a bad signature")
+    if stack.restarts:
+        verdict.note(f"supervisor restarted {stack.restarts}")
     expected = {p.workflow_id: p.expected_result for p in posted if p.workflow_id}
     for workflow_id, status, result, reason, seconds in rows:
         verdict.max_time_to_terminal = max(verdict.max_time_to_terminal, float(seconds))

@@ -61,6 +61,8 @@ class Proc:
     args: list[str]
     log: Path
     popen: subprocess.Popen[bytes] | None = None
+    # Stopped on purpose by the scenario: the supervisor leaves it down.
+    expected_down: bool = False
 
     @property
     def pid(self) -> int:
@@ -87,6 +89,9 @@ class Stack:
 
     def __post_init__(self) -> None:
         self.procs: dict[str, Proc] = {}
+        self.restarts: dict[str, int] = {}
+        self._supervising = threading.Event()
+        self._supervisor: threading.Thread | None = None
         self.redis_port = free_port()
         self.redis_proc: subprocess.Popen[bytes] | None = None
         self.pg_port = free_port() if self.own_postgres else 5432
@@ -157,8 +162,27 @@ class Stack:
         for index in range(self.celery_workers):
             self.start_worker(index)
         self.start_beat()
+        self._supervising.set()
+        self._supervisor = threading.Thread(target=self._supervise, daemon=True)
+        self._supervisor.start()
+
+    def _supervise(self) -> None:
+        """Restart a worker or beat that exits, as the deployment's process manager does
+        (compose `restart: unless-stopped`, systemd `Restart=always`, Kubernetes)."""
+        while self._supervising.is_set():
+            for name, proc in list(self.procs.items()):
+                if name == "web" or proc.expected_down or proc.alive():
+                    continue
+                if not self._supervising.is_set():
+                    return
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                self.spawn(name, proc.args)
+            time.sleep(0.5)
 
     def stop(self) -> None:
+        self._supervising.clear()
+        if self._supervisor is not None:
+            self._supervisor.join(5)
         for proc in list(self.procs.values()):
             if proc.popen is not None:
                 stop_group(proc.popen)
@@ -170,6 +194,11 @@ class Stack:
         for server in (self.standin, self.receiver):
             server.shutdown()
             server.server_close()
+        keep = os.environ.get("CHAOS_KEEP_LOGS")
+        if keep:  # for a post-mortem: the processes' logs, one folder per scenario
+            target = Path(keep) / self.name
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(self.workdir, target, ignore=shutil.ignore_patterns("pg"))
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     # --- processes ---------------------------------------------------------------------------
@@ -237,6 +266,7 @@ class Stack:
 
     def kill(self, name: str, sig: int = signal.SIGKILL, *, group: bool = True) -> None:
         proc = self.procs[name]
+        proc.expected_down = True
         if proc.popen is None or proc.popen.poll() is not None:
             return
         if group:
