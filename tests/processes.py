@@ -5,11 +5,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import requests
 from django.db import connection
@@ -159,3 +160,16 @@ def celery_beat_args(schedule_file: Path) -> list[str]:
         "--pidfile",
         "",
     ]
+
+
+@contextmanager
+def serving(server: Any) -> Iterator[None]:
+    """Serve an HTTP server (stand-in, receiver) on a thread of this process, then close it."""
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

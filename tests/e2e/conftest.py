@@ -2,7 +2,6 @@
 and a webhook receiver (threads of this process), all on 127.0.0.1, against the test database
 and the test Redis database. Started once for this package and stopped by pid afterwards."""
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -19,6 +18,7 @@ from tests.processes import (
     celery_worker_args,
     child_env,
     running,
+    serving,
     wait_for_text,
 )
 
@@ -41,12 +41,6 @@ E2E_SETTINGS = {
 }
 
 
-def _serve(server: Any) -> threading.Thread:
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    return thread
-
-
 @pytest.fixture(scope="package")
 def stack(
     django_db_setup: None, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory
@@ -56,9 +50,7 @@ def stack(
     receiver = make_receiver()
     with ExitStack() as stack:
         for server in (standin, receiver):
-            _serve(server)
-            stack.callback(server.server_close)
-            stack.callback(server.shutdown)
+            stack.enter_context(serving(server))
         with django_db_blocker.unblock():
             env = child_env(INTERNAL_SEARCH_URL=standin.base_url, LOG_LEVEL="INFO", **E2E_SETTINGS)
         worker_log = logs / "worker.log"

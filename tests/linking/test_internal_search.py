@@ -4,10 +4,8 @@ how it reads a searchset Bundle, and how every kind of answer of a real server i
 
 import copy
 import json
-import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -25,7 +23,7 @@ from linking.internal_search import (
 )
 from standin.server import StandinServer, make_server
 from tests.conftest import link_body
-from tests.processes import free_port
+from tests.processes import free_port, serving
 
 JANE_DOE_ID = "0c8eca2a00d55380a788b6f950b8c635"
 RIVERA_IDS = ["bef547d80bc951c0b70792b4248204e6", "c683023a29175d0a99f8ce671ef80f99"]
@@ -268,18 +266,6 @@ def test_overlong_internal_id_is_refused_not_truncated():
 
 
 # --- internal_search_match against the stand-in ------------------------------------------------
-
-
-@contextmanager
-def serving(server: ThreadingHTTPServer) -> Iterator[None]:
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from merchant.models import Customer
 from merchant.services import CustomerCredentials
 from standin.receiver import ReceiverServer, Step, make_receiver
 from tests.conftest import LinkClient, broker_messages, link_body
+from tests.processes import serving
 from workflows.models import (
     DeliveryStatus,
     WebhookAttempt,
@@ -37,18 +38,6 @@ from workflows.services import (
 pytestmark = pytest.mark.django_db
 
 SCHEDULE = [5, 60, 300]
-
-
-@contextmanager
-def serving(server: Any) -> Iterator[None]:
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 @pytest.fixture(autouse=True)
