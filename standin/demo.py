@@ -45,10 +45,20 @@ def onboard(webhook_url: str) -> dict[str, str]:
     return credentials
 
 
+def service_up(*, timeout: float) -> bool:
+    """Wait a little for a `make run` that is still starting (migrations, workers)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            requests.get(f"{API}/problems/not-found", timeout=3)
+            return True
+        except requests.RequestException:
+            time.sleep(0.5)
+    return False
+
+
 def main() -> int:
-    try:
-        requests.get(f"{API}/problems/not-found", timeout=3)
-    except requests.RequestException:
+    if not service_up(timeout=30):
         print(f"No service at {API}: start it with `make run` in another terminal.")
         return 1
     receiver = make_receiver(port=RECEIVER_PORT, echo=True)
