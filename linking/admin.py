@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.http import HttpRequest
 
-from linking.models import IdempotencyRecord, PatientMapping
+from linking.models import AuditEvent, IdempotencyRecord, PatientMapping
 
 
 @admin.register(IdempotencyRecord)
@@ -53,4 +53,23 @@ class PatientMappingAdmin(admin.ModelAdmin[PatientMapping]):
     ]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(admin.ModelAdmin[AuditEvent]):
+    list_display = ["at", "actor", "action", "subject", "outcome", "customer"]
+    list_filter = ["action", "outcome", "customer"]
+    search_fields = ["subject", "actor"]
+    date_hierarchy = "at"
+    readonly_fields = ["at", "actor", "action", "customer", "subject", "outcome"]
+
+    # Append-only: written by the services, never edited or removed here.
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: AuditEvent | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: AuditEvent | None = None) -> bool:
         return False

@@ -89,11 +89,53 @@ def _retry_after(response: requests.Response) -> float | None:
         return None  # an HTTP date, or nothing: our own backoff decides
 
 
-def internal_search_match(patient: dict[str, Any]) -> list[Candidate]:
-    """Search the internal index; candidates best first (certainly-not ones dropped)."""
+def _headers() -> dict[str, str]:
     headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON}
     if settings.INTERNAL_SEARCH_TOKEN:
         headers["Authorization"] = f"Bearer {settings.INTERNAL_SEARCH_TOKEN}"
+    return headers
+
+
+def _timeouts() -> tuple[float, float]:
+    return (settings.INTERNAL_SEARCH_CONNECT_TIMEOUT, settings.INTERNAL_SEARCH_READ_TIMEOUT)
+
+
+def internal_patient_read(internal_patient_id: str) -> dict[str, Any] | None:
+    """The internal system's Patient resource (contract section 3), or None if it is unknown."""
+    if not FHIR_ID.fullmatch(internal_patient_id):
+        return None
+    try:
+        response = _session().get(
+            f"{settings.INTERNAL_SEARCH_URL}/Patient/{internal_patient_id}",
+            headers=_headers(),
+            timeout=_timeouts(),
+            allow_redirects=False,
+        )
+    except requests.RequestException as exc:
+        raise InternalSearchError(
+            f"internal read failed ({type(exc).__name__})", permanent=False
+        ) from exc
+    if response.status_code in (404, 410):
+        return None
+    if response.status_code != 200:
+        raise InternalSearchError(
+            f"internal read answered {response.status_code}",
+            permanent=400 <= response.status_code < 500
+            and response.status_code not in TRANSIENT_STATUSES,
+            retry_after=_retry_after(response),
+        )
+    try:
+        resource = response.json()
+    except ValueError as exc:
+        raise InternalSearchError("internal read answered invalid JSON", permanent=True) from exc
+    if not isinstance(resource, dict) or resource.get("resourceType") != "Patient":
+        raise InternalSearchError("internal read answered something else", permanent=True)
+    return resource
+
+
+def internal_search_match(patient: dict[str, Any]) -> list[Candidate]:
+    """Search the internal index; candidates best first (certainly-not ones dropped)."""
+    headers = _headers()
     try:
         response = _session().post(
             f"{settings.INTERNAL_SEARCH_URL}/Patient/$match",

@@ -87,3 +87,25 @@ class PatientMapping(models.Model):
 
     def __str__(self) -> str:
         return f"{self.customer_patient_id} -> {self.internal_patient_id} ({self.status})"
+
+
+class AuditEvent(models.Model):
+    """Append-only record of every read of patient data: who, what, when, with what outcome."""
+
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    actor = models.CharField(max_length=150)  # "customer:<id>" or "operator:<username>"
+    action = models.CharField(max_length=64)  # e.g. "patient.read"
+    customer = models.ForeignKey(
+        "merchant.Customer", on_delete=models.PROTECT, related_name="audit_events"
+    )
+    subject = models.CharField(max_length=200)  # the customer's patient id as asked
+    outcome = models.CharField(max_length=32)
+
+    class Meta:
+        ordering = ["-at"]
+        indexes = [models.Index(fields=["customer", "subject"], name="audit_customer_subject")]
+
+    def __str__(self) -> str:
+        return (
+            f"{self.at:%Y-%m-%d %H:%M:%S} {self.actor} {self.action} {self.subject} {self.outcome}"
+        )

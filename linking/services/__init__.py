@@ -13,6 +13,7 @@ from linking.services.accept import (
     link_accept,
     request_fingerprint,
 )
+from linking.services.patients import PatientNotFound, patient_details, patient_read
 from linking.services.process import ProcessOutcome, link_process, retry_backoff
 
 __all__ = [
@@ -23,11 +24,14 @@ __all__ = [
     "LinkInProgress",
     "LinkRefused",
     "PatientAlreadyLinked",
+    "PatientNotFound",
     "ProcessOutcome",
     "RequestInFlight",
     "idempotency_purge_expired",
     "link_accept",
     "link_process",
+    "patient_details",
+    "patient_read",
     "request_fingerprint",
     "retry_backoff",
 ]

@@ -267,3 +267,15 @@ def test_task_delivered_twice_has_one_effect(
     delivered(receiver, workflow_id)
     assert len(deliveries_for(receiver, workflow_id)) == 1
     assert standin_stats(standin)["match_calls"] == 1
+
+
+def test_linked_patient_details_after_the_link(client: LinkClient, standin: Any, settings: Any):
+    settings.INTERNAL_SEARCH_URL = standin.base_url
+    workflow_id, body = post(client)
+    assert terminal(workflow_id).result == "LINKED"
+    patient_id = body["patient"]["id"]
+    response = client.client.get(f"/patient/{patient_id}", HTTP_CUSTOMER_TOKEN=client.token)
+    assert response.status_code == 200
+    details = response.json()
+    assert details["patient-id"] == patient_id
+    assert details["name"]["family"] == "Doe" and details["birth-date"] == "1980-04-02"
