@@ -1,7 +1,16 @@
 from django.contrib import admin
-from django.http import HttpRequest
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse
 
-from linking.models import AuditEvent, IdempotencyRecord, PatientMapping
+from linking.models import (
+    AuditEvent,
+    IdempotencyRecord,
+    LinkHistory,
+    MappingStatus,
+    PatientMapping,
+)
+from linking.services import link_delink
+from workflows.admin import action_with_reason, admin_actor
 
 
 @admin.register(IdempotencyRecord)
@@ -50,9 +59,66 @@ class PatientMappingAdmin(admin.ModelAdmin[PatientMapping]):
         "match_grade",
         "created_at",
         "updated_at",
+        "delinked_at",
+        "delinked_by",
+        "delinked_reason",
     ]
+    actions = ["delink"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    @admin.action(description="De-link (the customer is told)")
+    def delink(
+        self, request: HttpRequest, queryset: QuerySet[PatientMapping]
+    ) -> HttpResponse | None:
+        def apply(mapping: PatientMapping, reason: str) -> None:
+            link_delink(
+                customer=mapping.customer,
+                patient_id=str(mapping.customer_patient_id),
+                actor=admin_actor(request),
+                reason=reason,
+            )
+
+        return action_with_reason(
+            self,
+            request,
+            queryset.filter(status=MappingStatus.LINKED).select_related("customer"),
+            action="delink",
+            title="De-link patients",
+            explanation="These links will be set DE-LINKED and each customer gets a "
+            "link.delinked webhook with the reason.",
+            apply=apply,
+            done="De-linked {n} patient(s).",
+        )
+
+
+@admin.register(LinkHistory)
+class LinkHistoryAdmin(admin.ModelAdmin[LinkHistory]):
+    list_display = ["at", "customer_patient_id", "event", "internal_patient_id", "actor"]
+    list_filter = ["event", "customer"]
+    search_fields = ["customer_patient_id", "internal_patient_id", "workflow__id"]
+    readonly_fields = [
+        "at",
+        "customer",
+        "customer_patient_id",
+        "event",
+        "mapping",
+        "workflow",
+        "internal_patient_id",
+        "score",
+        "actor",
+        "reason",
+    ]
+
+    # Append-only, like the audit log.
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: LinkHistory | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: LinkHistory | None = None) -> bool:
         return False
 
 

@@ -12,6 +12,7 @@ from linking import services
 from linking.internal_search import InternalSearchError
 from linking.selectors import workflow_get_for_customer
 from linking.serializers import (
+    DelinkOutputSerializer,
     LinkAcceptedSerializer,
     LinkCreateInputSerializer,
     LinkStatusOutputSerializer,
@@ -195,3 +196,57 @@ class PatientDetailApi(APIView):
                 headers={"Retry-After": "5"},
             ) from exc
         return Response(details)
+
+
+class LinkDeleteApi(APIView):
+    @extend_schema(
+        operation_id="link_delete",
+        summary="De-link a customer patient",
+        description="Sets the patient's link DE-LINKED and sends a `link.delinked` webhook. "
+        "Idempotent: calling it again answers the same. A new POST /link for the patient is "
+        "accepted afterwards.",
+        parameters=[
+            OpenApiParameter(
+                "patient_id",
+                OpenApiTypes.UUID,
+                OpenApiParameter.PATH,
+                description="The customer's own patient id.",
+            ),
+            OpenApiParameter(
+                "reason",
+                str,
+                OpenApiParameter.QUERY,
+                required=False,
+                description="Why (kept in the link history; at most 500 characters).",
+            ),
+        ],
+        responses={
+            (200, "application/json"): DelinkOutputSerializer,
+            **problem_responses(400, 401, 404, 503),
+        },
+    )
+    def delete(self, request: Request, patient_id: str) -> Response:
+        customer = request_customer(request)
+        reason = request.query_params.get("reason", "")
+        if len(reason) > 500:
+            raise Problem("bad-request", "reason: at most 500 characters.")
+        try:
+            result = services.link_delink(
+                customer=customer,
+                patient_id=patient_id,
+                actor=f"customer:{customer.id}",
+                reason=reason,
+            )
+        except services.LinkNotFound as exc:
+            raise Problem("not-found") from exc
+        mapping = result.mapping
+        return Response(
+            {
+                "patient-id": str(mapping.customer_patient_id),
+                "status": mapping.status,
+                "workflow-id": str(mapping.workflow_id),
+                "delinked-at": mapping.delinked_at.isoformat().replace("+00:00", "Z")
+                if mapping.delinked_at
+                else None,
+            }
+        )

@@ -72,6 +72,9 @@ class PatientMapping(models.Model):
     match_grade = models.CharField(max_length=16, blank=True, default="")
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(default=timezone.now)
+    delinked_at = models.DateTimeField(null=True, blank=True)
+    delinked_by = models.CharField(max_length=150, blank=True, default="")
+    delinked_reason = models.TextField(blank=True, default="")
 
     class Meta:
         constraints = [
@@ -109,3 +112,38 @@ class AuditEvent(models.Model):
         return (
             f"{self.at:%Y-%m-%d %H:%M:%S} {self.actor} {self.action} {self.subject} {self.outcome}"
         )
+
+
+class LinkEvent(models.TextChoices):
+    LINKED = "linked"
+    RELINKED = "relinked"  # linked again after a de-link
+    DELINKED = "delinked"
+
+
+class LinkHistory(models.Model):
+    """Append-only history of a customer patient's link: every change, who made it and why."""
+
+    customer = models.ForeignKey(
+        "merchant.Customer", on_delete=models.PROTECT, related_name="link_history"
+    )
+    customer_patient_id = models.UUIDField()
+    event = models.CharField(max_length=16, choices=LinkEvent.choices)
+    mapping = models.ForeignKey(PatientMapping, on_delete=models.PROTECT, related_name="history")
+    workflow = models.ForeignKey(
+        "workflows.Workflow", on_delete=models.PROTECT, related_name="link_history"
+    )
+    internal_patient_id = models.CharField(max_length=64)
+    score = models.FloatField(null=True, blank=True)
+    actor = models.CharField(max_length=150)  # "worker", "customer:<id>", "operator:<name>"
+    reason = models.TextField(blank=True, default="")
+    at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["at", "id"]
+        verbose_name_plural = "link history"
+        indexes = [
+            models.Index(fields=["customer", "customer_patient_id", "at"], name="history_patient")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.customer_patient_id} {self.event}"

@@ -209,3 +209,14 @@ class PatientOutputSerializer(serializers.Serializer):
             "identifiers": PatientIdentifierSerializer(many=True),
         }
     )
+
+
+class DelinkOutputSerializer(serializers.Serializer):
+    locals().update(
+        {
+            "patient-id": serializers.UUIDField(help_text="The customer's own patient id."),
+            "status": serializers.ChoiceField(choices=["DE-LINKED"]),
+            "workflow-id": serializers.UUIDField(help_text="The workflow that had linked it."),
+            "delinked-at": serializers.DateTimeField(),
+        }
+    )

@@ -21,6 +21,8 @@ def test_schema_describes_link_api() -> None:
     assert set(accepted["properties"]) == {"workflow-id", "status"}
     status = paths["/link/status/{workflow_id}"]["get"]
     assert set(status["responses"]) >= {"200", "401", "404"}
+    delink = paths["/link/{patient_id}"]["delete"]
+    assert set(delink["responses"]) >= {"200", "401", "404"}
     patient = paths["/patient/{patient_id}"]["get"]
     assert set(patient["responses"]) >= {"200", "401", "404", "503"}
     schemes = schema["components"]["securitySchemes"]

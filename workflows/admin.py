@@ -1,4 +1,5 @@
 import datetime as dt
+from collections.abc import Callable
 from typing import Any
 
 from django import forms
@@ -52,8 +53,43 @@ class ReasonForm(forms.Form):
     reason = forms.CharField(max_length=500, widget=forms.TextInput(attrs={"size": 60}))
 
 
-def _actor(request: HttpRequest) -> str:
+def admin_actor(request: HttpRequest) -> str:
     return f"operator:{request.user.get_username()}"
+
+
+def action_with_reason(
+    model_admin: admin.ModelAdmin[Any],
+    request: HttpRequest,
+    queryset: QuerySet[Any],
+    *,
+    action: str,
+    title: str,
+    explanation: str,
+    apply: Callable[[Any, str], None],
+    done: str,
+) -> HttpResponse | None:
+    """An admin action that first asks for a reason (kept in the timeline or history)."""
+    form = ReasonForm(request.POST if "apply" in request.POST else None)
+    if "apply" in request.POST and form.is_valid():
+        objects = list(queryset)
+        for obj in objects:
+            apply(obj, form.cleaned_data["reason"])
+        model_admin.message_user(request, done.format(n=len(objects)), messages.SUCCESS)
+        return None
+    return render(
+        request,
+        "admin/action_with_reason.html",
+        {
+            **model_admin.admin_site.each_context(request),
+            "title": title,
+            "explanation": explanation,
+            "objects": queryset,
+            "form": form,
+            "action": action,
+            "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            "opts": model_admin.model._meta,
+        },
+    )
 
 
 @admin.register(Workflow)
@@ -105,7 +141,7 @@ class WorkflowAdmin(admin.ModelAdmin[Workflow]):
         done = 0
         for workflow_id in queryset.values_list("id", flat=True):
             try:
-                workflow_requeue(workflow_id=workflow_id, actor=_actor(request))
+                workflow_requeue(workflow_id=workflow_id, actor=admin_actor(request))
                 done += 1
             except ValueError as exc:
                 self.message_user(request, str(exc), messages.WARNING)
@@ -115,30 +151,19 @@ class WorkflowAdmin(admin.ModelAdmin[Workflow]):
     def mark_failed(
         self, request: HttpRequest, queryset: QuerySet[Workflow]
     ) -> HttpResponse | None:
-        form = ReasonForm(request.POST if "apply" in request.POST else None)
-        if "apply" in request.POST and form.is_valid():
-            done = 0
-            for workflow in queryset.filter(status__in=PENDING_STATES):
-                workflow_mark_failed(
-                    workflow_id=workflow.id,
-                    actor=_actor(request),
-                    reason=form.cleaned_data["reason"],
-                )
-                done += 1
-            self.message_user(request, f"Marked {done} workflow(s) FAILED.", messages.SUCCESS)
-            return None
-        return render(
+        def fail(workflow: Workflow, reason: str) -> None:
+            workflow_mark_failed(workflow_id=workflow.id, actor=admin_actor(request), reason=reason)
+
+        return action_with_reason(
+            self,
             request,
-            "admin/workflows/mark_failed.html",
-            {
-                **self.admin_site.each_context(request),
-                "title": "Mark workflows FAILED",
-                "workflows": queryset,
-                "form": form,
-                "action": "mark_failed",
-                "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
-                "opts": self.model._meta,
-            },
+            queryset.filter(status__in=PENDING_STATES),
+            action="mark_failed",
+            title="Mark workflows FAILED",
+            explanation="These pending workflows will be marked FAILED and each customer gets a "
+            "link.failed webhook with the reason.",
+            apply=fail,
+            done="Marked {n} workflow(s) FAILED.",
         )
 
     @admin.action(description="Redeliver webhooks")

@@ -182,9 +182,13 @@ class WebhookDelivery(models.Model):
     webhook_id = models.CharField(max_length=64, unique=True)  # the same on every retry
     workflow = models.ForeignKey(Workflow, on_delete=models.CASCADE, related_name="deliveries")
     # The terminal transition this message announces: one message per ending (a workflow an
-    # operator re-queues can end, and be announced, again).
+    # operator re-queues can end, and be announced, again). None for other events (de-link).
     transition = models.OneToOneField(
-        WorkflowTransition, on_delete=models.PROTECT, related_name="delivery"
+        WorkflowTransition,
+        on_delete=models.PROTECT,
+        related_name="delivery",
+        null=True,
+        blank=True,
     )
     customer = models.ForeignKey(
         "merchant.Customer", on_delete=models.PROTECT, related_name="webhook_deliveries"

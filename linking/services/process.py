@@ -12,6 +12,7 @@ from django.utils import timezone
 from linking.internal_search import InternalSearchError, internal_search_match
 from linking.models import LinkRequest, MappingStatus, PatientMapping
 from linking.policy import Decision, link_decide
+from linking.services.links import link_created_event, link_history_record
 from workflows.models import Status, Workflow
 from workflows.services import workflow_claim, workflow_finish, workflow_transition
 
@@ -128,7 +129,7 @@ def _record(workflow: Workflow, decision: Decision) -> None:
                 reason="patient already linked by another workflow",
             )
         elif candidate is not None:
-            PatientMapping.objects.create(
+            mapping = PatientMapping.objects.create(
                 customer_id=current.customer_id,
                 customer_patient_id=current.patient_id,
                 internal_patient_id=candidate.internal_patient_id,
@@ -137,6 +138,12 @@ def _record(workflow: Workflow, decision: Decision) -> None:
                 score=candidate.score,
                 match_grade=candidate.grade,
                 updated_at=timezone.now(),
+            )
+            link_history_record(
+                mapping=mapping,
+                event=link_created_event(mapping=mapping),
+                actor=ACTOR,
+                reason=decision.reason,
             )
             current = workflow_transition(
                 workflow=current, name="mark_linked", actor=ACTOR, reason=decision.reason

@@ -279,3 +279,24 @@ def test_linked_patient_details_after_the_link(client: LinkClient, standin: Any,
     details = response.json()
     assert details["patient-id"] == patient_id
     assert details["name"]["family"] == "Doe" and details["birth-date"] == "1980-04-02"
+
+
+def test_delink_sends_a_signed_webhook_and_allows_a_new_link(
+    client: LinkClient, customer: CustomerCredentials, receiver: ReceiverServer
+):
+    workflow_id, body = post(client)
+    assert terminal(workflow_id).result == "LINKED"
+    delivered(receiver, workflow_id)
+    patient_id = body["patient"]["id"]
+    response = client.client.delete(
+        f"/link/{patient_id}?reason=wrong-person", HTTP_CUSTOMER_TOKEN=client.token
+    )
+    assert response.status_code == 200
+    completed, delinked = delivered(receiver, workflow_id, count=2)
+    payload = verify(customer, delinked)
+    assert payload["type"] == "link.delinked"
+    assert payload["data"]["reason"] == "wrong-person"
+    assert delinked.headers["webhook-id"] != completed.headers["webhook-id"]
+    again = client.post_link(body, key="after-delink")
+    assert again.status_code == 202
+    assert terminal(again.json()["workflow-id"]).result == "LINKED"

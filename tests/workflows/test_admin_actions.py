@@ -110,7 +110,7 @@ def test_mark_failed_shows_its_form_first_and_changes_nothing(operator, customer
     first, second = make(customer, Status.IN_PROGRESS), make(customer, Status.REQUESTED)
     response = act(operator, WORKFLOWS, "mark_failed", [first.id, second.id])
     assert response.status_code == 200
-    assert "admin/workflows/mark_failed.html" in [t.name for t in response.templates]
+    assert "admin/action_with_reason.html" in [t.name for t in response.templates]
     html = response.content.decode()
     for workflow in (first, second):
         assert f'name="_selected_action" value="{workflow.id}"' in html

@@ -10,6 +10,7 @@ from workflows.services.webhooks import (
     webhook_delivery_attempt,
     webhook_delivery_create,
     webhook_dispatch_due,
+    webhook_event_create,
     webhook_redeliver,
 )
 from workflows.services.workflows import (
@@ -27,6 +28,7 @@ __all__ = [
     "webhook_delivery_attempt",
     "webhook_delivery_create",
     "webhook_dispatch_due",
+    "webhook_event_create",
     "webhook_redeliver",
     "workflow_claim",
     "workflow_create",

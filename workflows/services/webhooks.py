@@ -5,6 +5,7 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from django.conf import settings
 from django.db import transaction
@@ -34,19 +35,9 @@ def webhook_event_type(workflow: Workflow) -> str:
     return f"{workflow.request_type.lower()}.{outcome}"
 
 
-def webhook_payload(*, workflow: Workflow, event_type: str, at: dt.datetime) -> str:
+def webhook_payload(*, event_type: str, at: dt.datetime, data: dict[str, Any]) -> str:
     """A thin payload: ids and outcome, never demographics."""
-    body = {
-        "type": event_type,
-        "timestamp": at.isoformat().replace("+00:00", "Z"),
-        "data": {
-            "workflow-id": str(workflow.id),
-            "status": workflow.status,
-            "result": workflow.result,
-            "customer-patient-id": str(workflow.patient_id),
-            "reason": workflow.reason or None,
-        },
-    }
+    body = {"type": event_type, "timestamp": at.isoformat().replace("+00:00", "Z"), "data": data}
     return json.dumps(body, separators=(",", ":"))
 
 
@@ -54,8 +45,33 @@ def webhook_delivery_create(
     *, workflow: Workflow, transition: WorkflowTransition
 ) -> WebhookDelivery:
     """The webhook announcing a terminal transition (call inside that transition's transaction)."""
+    return webhook_event_create(
+        workflow=workflow,
+        transition=transition,
+        event_type=webhook_event_type(workflow),
+        data={
+            "workflow-id": str(workflow.id),
+            "status": workflow.status,
+            "result": workflow.result,
+            "customer-patient-id": str(workflow.patient_id),
+            "reason": workflow.reason or None,
+        },
+    )
+
+
+def webhook_event_create(
+    *,
+    workflow: Workflow,
+    event_type: str,
+    data: dict[str, Any],
+    transition: WorkflowTransition | None = None,
+) -> WebhookDelivery:
+    """A webhook about `workflow` for its customer, due now (call inside the event's transaction).
+
+    `transition` ties a terminal workflow's announcement to its ending; other events (a de-link)
+    have none.
+    """
     now = timezone.now()
-    event_type = webhook_event_type(workflow)
     return WebhookDelivery.objects.create(
         webhook_id=f"msg_{uuid.uuid4().hex}",
         workflow=workflow,
@@ -63,7 +79,7 @@ def webhook_delivery_create(
         customer_id=workflow.customer_id,
         event_type=event_type,
         url=workflow.webhook_url or workflow.customer.webhook_url,
-        payload=webhook_payload(workflow=workflow, event_type=event_type, at=now),
+        payload=webhook_payload(event_type=event_type, at=now, data=data),
         next_attempt_at=now,
         created_at=now,
         updated_at=now,
