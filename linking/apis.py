@@ -115,6 +115,8 @@ class LinkCreateApi(APIView):
                 body=request.data,
                 request_data=serializer.canonical(),
             )
+        except services.InsufficientDemographics as exc:
+            raise Problem("insufficient-demographics", str(exc)) from exc
         except services.IdempotencyKeyReused as exc:
             raise Problem("idempotency-key-reused") from exc
         except services.RequestInFlight as exc:

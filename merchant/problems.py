@@ -102,6 +102,12 @@ PROBLEMS = _catalog(
         "Send the body as `application/json`.",
     ),
     ProblemType(
+        "insufficient-demographics",
+        "Not enough to match safely",
+        422,
+        "The demographics are too thin, or the name is a placeholder; `detail` says which.",
+    ),
+    ProblemType(
         "idempotency-key-reused",
         "Idempotency-Key reused",
         422,

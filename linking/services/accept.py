@@ -12,6 +12,7 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from linking.models import IdempotencyRecord, LinkRequest, MappingStatus, PatientMapping
+from linking.quality import demographics_quality
 from merchant.models import Customer
 from workflows.models import PENDING_STATES, Status, Workflow
 from workflows.services import workflow_create, workflow_publish_soon
@@ -23,6 +24,10 @@ IN_FLIGHT_RETRY_AFTER_SECONDS = 1
 
 class LinkRefused(Exception):
     """A link request refused before anything was written."""
+
+
+class InsufficientDemographics(LinkRefused):
+    """Too thin, or a placeholder name: matching it could link the wrong patient."""
 
 
 class IdempotencyKeyReused(LinkRefused):
@@ -68,6 +73,9 @@ def link_accept(
     the queue message is published only after it commits. `body` is the parsed body as sent
     (for the fingerprint), `request_data` its validated, canonical form (what is stored).
     """
+    refusal = demographics_quality(request_data["patient"]).refusal(settings.MIN_DEMOGRAPHICS_SCORE)
+    if refusal is not None:
+        raise InsufficientDemographics(refusal)
     fingerprint = request_fingerprint(body)
     patient_id = uuid.UUID(request_data["patient"]["id"])
     try:
