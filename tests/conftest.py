@@ -94,6 +94,15 @@ def link_body(**patient_overrides: Any) -> dict[str, Any]:
     return {"patient": patient}
 
 
+def not_found_body(response: Any) -> dict[str, Any]:
+    """A 404 problem body without `instance`, to compare the 404s of different ids."""
+    assert response.status_code == 404
+    assert response["Content-Type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
+    body.pop("instance")
+    return body
+
+
 class LinkClient:
     """A thin JSON client for the link API with a customer token."""
 

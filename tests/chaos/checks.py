@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 from tests.chaos.load import Posted
 from tests.chaos.stack import Stack
@@ -193,9 +192,3 @@ def check(
 
 def answers(posted: list[Posted]) -> Counter[int]:
     return Counter(p.status for p in posted)
-
-
-def summarize(posted: list[Posted]) -> dict[str, Any]:
-    codes = answers(posted)
-    slowest = max((p.elapsed for p in posted), default=0.0)
-    return {"answers": dict(codes), "slowest": round(slowest, 3)}

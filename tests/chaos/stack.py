@@ -253,9 +253,6 @@ class Stack:
         wait_for_text(proc.log, "ready.", timeout=30)
         return proc
 
-    def worker_ready_count(self, index: int) -> int:
-        return self.procs[f"worker{index}"].log.read_text(errors="replace").count("ready.")
-
     def start_beat(self, name: str = "beat") -> Proc:
         proc = self.spawn(
             name,

@@ -5,7 +5,6 @@ and the test Redis database. Started once for this package and stopped by pid af
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -109,8 +108,3 @@ def wait_until(predicate: Callable[[], Any], *, timeout: float = 20, what: str =
             return value
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-
-
-def log_of(stack: dict[str, Any], name: str) -> str:
-    path: Path = stack[name]
-    return path.read_text(errors="replace")

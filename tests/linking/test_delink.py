@@ -13,7 +13,7 @@ from linking.models import LinkHistory, MappingStatus, PatientMapping
 from linking.services import link_process
 from merchant.services import CustomerCredentials
 from standin.server import make_server
-from tests.conftest import LinkClient, link_body
+from tests.conftest import LinkClient, link_body, not_found_body
 from tests.processes import serving
 from workflows.models import WebhookDelivery, Workflow
 
@@ -85,14 +85,6 @@ def test_delink_relink_and_history(api: LinkClient, credentials: CustomerCredent
     ]
     assert history[1].reason == "merged-record"
     assert history[0].score is not None and history[0].internal_patient_id
-
-
-def not_found_body(response: Any) -> dict[str, Any]:
-    assert response.status_code == 404
-    assert response["Content-Type"] == "application/problem+json"
-    body: dict[str, Any] = response.json()
-    body.pop("instance")
-    return body
 
 
 def test_unknown_foreign_and_malformed_are_the_same_404(

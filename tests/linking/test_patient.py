@@ -9,7 +9,7 @@ import pytest
 from linking.models import AuditEvent, MappingStatus, PatientMapping
 from merchant.services import CustomerCredentials
 from standin.server import make_server
-from tests.conftest import LinkClient, link_body
+from tests.conftest import LinkClient, link_body, not_found_body
 from tests.processes import free_port, serving
 from workflows.models import Workflow
 
@@ -78,14 +78,6 @@ def test_linked_patient_details(api: LinkClient, credentials, standin) -> None:
         patient_id,
         "ok",
     )
-
-
-def not_found_body(response: Any) -> dict[str, Any]:
-    assert response.status_code == 404
-    assert response["Content-Type"] == "application/problem+json"
-    body: dict[str, Any] = response.json()
-    body.pop("instance")
-    return body
 
 
 def test_unlinked_foreign_unknown_and_malformed_are_the_same_404(

@@ -1,11 +1,10 @@
 """GET /link/status/<workflow-id>: own workflow 200, anything else the same 404."""
 
 import uuid
-from typing import Any
 
 import pytest
 
-from tests.conftest import LinkClient, link_body
+from tests.conftest import LinkClient, link_body, not_found_body
 from workflows.models import Workflow
 from workflows.services import workflow_transition
 
@@ -41,14 +40,6 @@ def test_failed_workflow_shows_reason(api: LinkClient) -> None:
     workflow_transition(workflow=workflow, name="fail", actor="test", reason="internal 400")
     data = api.status(workflow_id).json()
     assert (data["status"], data["result"], data["reason"]) == ("FAILED", None, "internal 400")
-
-
-def not_found_body(response: Any) -> dict[str, Any]:
-    assert response.status_code == 404
-    assert response["Content-Type"] == "application/problem+json"
-    body: dict[str, Any] = response.json()
-    body.pop("instance")
-    return body
 
 
 def test_foreign_unknown_and_malformed_ids_are_the_same_404(
