@@ -148,10 +148,27 @@ INTERNAL_SEARCH_TOKEN = env_str("INTERNAL_SEARCH_TOKEN", "")
 INTERNAL_SEARCH_CONNECT_TIMEOUT = env_float("INTERNAL_SEARCH_CONNECT_TIMEOUT", 3.05)
 INTERNAL_SEARCH_READ_TIMEOUT = env_float("INTERNAL_SEARCH_READ_TIMEOUT", 10.0)
 INTERNAL_SEARCH_COUNT = env_int("INTERNAL_SEARCH_COUNT", 5, minimum=2)
+# Matching bands (linking/policy.py), overridable per customer: the top candidate links by
+# itself at AUTO_LINK_SCORE with AUTO_LINK_MARGIN over the next; candidates from
+# REVIEW_MIN_SCORE up go to an operator; below it is no match.
 AUTO_LINK_SCORE = env_float("AUTO_LINK_SCORE", 0.9)
+AUTO_LINK_MARGIN = env_float("AUTO_LINK_MARGIN", 0.1)
+REVIEW_MIN_SCORE = env_float("REVIEW_MIN_SCORE", 0.5)
+for _name in ("AUTO_LINK_SCORE", "AUTO_LINK_MARGIN", "REVIEW_MIN_SCORE"):
+    if not 0 <= globals()[_name] <= 1:
+        raise ImproperlyConfigured(f"{_name} must be between 0 and 1")
+if REVIEW_MIN_SCORE > AUTO_LINK_SCORE:
+    raise ImproperlyConfigured("REVIEW_MIN_SCORE must not exceed AUTO_LINK_SCORE")
 # Requests whose demographics weigh less than this are refused (linking/quality.py).
 MIN_DEMOGRAPHICS_SCORE = env_int("MIN_DEMOGRAPHICS_SCORE", 6)
-AUTO_LINK_MARGIN = env_float("AUTO_LINK_MARGIN", 0.1)
+# Asynchronous internal search (contract section 2): send `Prefer: respond-async`; results come
+# back signed to /internal/search-results/<search-id> with INTERNAL_CALLBACK_SECRET.
+INTERNAL_SEARCH_ASYNC = env_bool("INTERNAL_SEARCH_ASYNC", False)
+INTERNAL_CALLBACK_SECRET = env_str("INTERNAL_CALLBACK_SECRET", "")
+if INTERNAL_SEARCH_ASYNC and not INTERNAL_CALLBACK_SECRET.startswith("whsec_"):
+    raise ImproperlyConfigured(
+        "INTERNAL_SEARCH_ASYNC needs INTERNAL_CALLBACK_SECRET (whsec_<base64>)"
+    )
 WORKFLOW_MAX_ATTEMPTS = env_int("WORKFLOW_MAX_ATTEMPTS", 5, minimum=1)
 RETRY_BACKOFF_BASE_SECONDS = env_float("RETRY_BACKOFF_BASE_SECONDS", 2.0)
 RETRY_BACKOFF_MAX_SECONDS = env_float("RETRY_BACKOFF_MAX_SECONDS", 60.0)
@@ -224,6 +241,8 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    # Several responses carry a workflow's status: one named enum for all of them.
+    "ENUM_NAME_OVERRIDES": {"WorkflowStatusEnum": "workflows.models.Status"},
 }
 
 # --- Django plumbing ---------------------------------------------------------------------------

@@ -1,15 +1,19 @@
-"""The link API: POST /link and GET /link/status/<workflow-id>. Views parse and call services."""
+"""The link API, and the internal system's search callback. Views parse and call services."""
 
+import json
+from collections.abc import Mapping
 from typing import Any
 
+from django.conf import settings
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from linking import services
-from linking.internal_search import InternalSearchError
+from linking.internal_search import InternalSearchError, parse_bundle
 from linking.selectors import workflow_get_for_customer
 from linking.serializers import (
     DelinkOutputSerializer,
@@ -17,6 +21,7 @@ from linking.serializers import (
     LinkCreateInputSerializer,
     LinkStatusOutputSerializer,
     PatientOutputSerializer,
+    SearchResultReceiptSerializer,
 )
 from merchant.auth import request_customer
 from merchant.problems import Problem
@@ -252,3 +257,59 @@ class LinkDeleteApi(APIView):
                 else None,
             }
         )
+
+
+class SearchResultCallbackApi(APIView):
+    """The internal system's result callback (contract section 2). Not a customer endpoint: it
+    is authenticated by its Standard Webhooks signature, not by a customer token."""
+
+    authentication_classes: list[type] = []
+    permission_classes: list[type] = []
+    throttle_classes: list[type] = []
+
+    @extend_schema(
+        operation_id="internal_search_result",
+        summary="Receive an asynchronous search result (internal system only)",
+        description="The FHIR searchset Bundle of the search job `search_id`, signed with the "
+        "Standard Webhooks scheme and `INTERNAL_CALLBACK_SECRET` (headers `webhook-id`, "
+        "`webhook-timestamp`, `webhook-signature`). A bad or missing signature gets 401 and "
+        "changes nothing. A result for a workflow that has moved on (the sweep polled the job "
+        "first) is acknowledged and ignored; an unknown search id gets 404, so the internal "
+        "system retries it.",
+        tags=["internal"],
+        auth=[],
+        request={"application/fhir+json": OpenApiTypes.OBJECT},
+        parameters=[
+            OpenApiParameter(name, str, OpenApiParameter.HEADER, required=True)
+            for name in ("webhook-id", "webhook-timestamp", "webhook-signature")
+        ],
+        responses={
+            (200, "application/json"): SearchResultReceiptSerializer,
+            **problem_responses(400, 401, 404, 413),
+        },
+    )
+    def post(self, request: Request, search_id: str) -> Response:
+        body = request.body
+        if len(body) > settings.LINK_MAX_BODY_BYTES * 16:
+            raise Problem("payload-too-large")
+        _verify_callback_signature(body, request.headers)
+        try:
+            candidates = parse_bundle(json.loads(body))
+        except ValueError as exc:  # also JSONDecodeError, UnicodeDecodeError
+            raise Problem("bad-request", f"not a searchset Bundle: {exc}") from exc
+        try:
+            receipt = services.link_search_result(search_id=search_id, candidates=candidates)
+        except services.SearchUnknown as exc:
+            raise Problem("not-found", "No workflow waits for this search id.") from exc
+        return Response(SearchResultReceiptSerializer(receipt).data)
+
+
+def _verify_callback_signature(body: bytes, headers: Mapping[str, str]) -> None:
+    secret = settings.INTERNAL_CALLBACK_SECRET
+    if not secret:
+        raise Problem("unauthorized", "Search callbacks are not enabled.")
+    try:
+        Webhook(secret).verify(body, dict(headers), json_parse=False)
+    except (WebhookVerificationError, ValueError) as exc:
+        # ValueError: a body that is not UTF-8, a signature that is not `v1,<base64>`.
+        raise Problem("unauthorized", "Bad or missing webhook signature.") from exc

@@ -4,6 +4,7 @@ import re
 import threading
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from django.conf import settings
@@ -133,41 +134,100 @@ def internal_patient_read(internal_patient_id: str) -> dict[str, Any] | None:
     return resource
 
 
-def internal_search_match(patient: dict[str, Any]) -> list[Candidate]:
-    """Search the internal index; candidates best first (certainly-not ones dropped)."""
-    headers = _headers()
+@dataclass(frozen=True)
+class SearchRequested:
+    """The internal system took the search as a job (contract section 2): the result comes by
+    callback, or by polling the job."""
+
+    search_id: str
+
+
+class SearchJobLost(InternalSearchError):
+    """The job URL answers 404/410: the internal system forgot the job; search again."""
+
+    def __init__(self) -> None:
+        super().__init__("search job unknown to the internal system", permanent=False)
+
+
+SEARCH_ID = re.compile(r"[A-Za-z0-9\-._~]{1,200}")
+
+
+def job_url(search_id: str) -> str:
+    # Built from our own setting, never from the Content-Location we were given: a job URL
+    # pointing elsewhere must not make the sweep call an arbitrary host.
+    return f"{settings.INTERNAL_SEARCH_URL}/$match-jobs/{search_id}"
+
+
+def _search_id(content_location: str) -> str:
+    search_id = urlsplit(content_location).path.rstrip("/").rsplit("/", 1)[-1]
+    if not SEARCH_ID.fullmatch(search_id):
+        raise InternalSearchError(
+            "internal search answered 202 without a usable Content-Location", permanent=True
+        )
+    return search_id
+
+
+def _call(method: str, url: str, what: str, **kwargs: Any) -> requests.Response:
     try:
-        response = _session().post(
-            f"{settings.INTERNAL_SEARCH_URL}/Patient/$match",
-            json=match_parameters(patient, count=settings.INTERNAL_SEARCH_COUNT),
-            headers=headers,
-            timeout=(
-                settings.INTERNAL_SEARCH_CONNECT_TIMEOUT,
-                settings.INTERNAL_SEARCH_READ_TIMEOUT,
-            ),
-            allow_redirects=False,
+        response = _session().request(
+            method, url, timeout=_timeouts(), allow_redirects=False, **kwargs
         )
     except requests.Timeout as exc:
-        raise InternalSearchError("internal search timed out", permanent=False) from exc
+        raise InternalSearchError(f"{what} timed out", permanent=False) from exc
     except requests.RequestException as exc:
         raise InternalSearchError(
-            f"internal search unreachable ({type(exc).__name__})", permanent=False
+            f"{what} unreachable ({type(exc).__name__})", permanent=False
         ) from exc
     status = response.status_code
     if status >= 500 or status in TRANSIENT_STATUSES:
         raise InternalSearchError(
-            f"internal search answered {status}",
-            permanent=False,
-            retry_after=_retry_after(response),
+            f"{what} answered {status}", permanent=False, retry_after=_retry_after(response)
         )
-    if status != 200:
-        raise InternalSearchError(f"internal search refused the request ({status})", permanent=True)
+    return response
+
+
+def _candidates(response: requests.Response, what: str) -> list[Candidate]:
     try:
         return parse_bundle(response.json())
     except (ValueError, TypeError, KeyError) as exc:
         raise InternalSearchError(
-            f"internal search answered an invalid Bundle ({exc})", permanent=True
+            f"{what} answered an invalid Bundle ({exc})", permanent=True
         ) from exc
+
+
+def internal_search_match(patient: dict[str, Any]) -> list[Candidate] | SearchRequested:
+    """Search the internal index; candidates best first (certainly-not ones dropped), or, with
+    INTERNAL_SEARCH_ASYNC, possibly the job the internal system made of it."""
+    headers = _headers()
+    if settings.INTERNAL_SEARCH_ASYNC:
+        headers["Prefer"] = "respond-async"
+    response = _call(
+        "POST",
+        f"{settings.INTERNAL_SEARCH_URL}/Patient/$match",
+        "internal search",
+        json=match_parameters(patient, count=settings.INTERNAL_SEARCH_COUNT),
+        headers=headers,
+    )
+    status = response.status_code
+    if status == 202 and settings.INTERNAL_SEARCH_ASYNC:
+        return SearchRequested(_search_id(response.headers.get("Content-Location", "")))
+    if status != 200:
+        raise InternalSearchError(f"internal search refused the request ({status})", permanent=True)
+    return _candidates(response, "internal search")
+
+
+def internal_search_poll(search_id: str) -> list[Candidate] | None:
+    """The result of an asynchronous search: candidates when the job is done, None while it is
+    pending. Raises SearchJobLost when the internal system no longer knows the job."""
+    response = _call("GET", job_url(search_id), "search job poll", headers=_headers())
+    status = response.status_code
+    if status == 202:
+        return None
+    if status in (404, 410):
+        raise SearchJobLost()
+    if status != 200:
+        raise InternalSearchError(f"search job poll refused ({status})", permanent=True)
+    return _candidates(response, "search job poll")
 
 
 def parse_bundle(bundle: Any) -> list[Candidate]:

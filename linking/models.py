@@ -2,6 +2,8 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from workflows.models import Workflow
+
 
 class LinkRequest(models.Model):
     """The request data of seed section 2.3.2 (request-id -> customer and patient details).
@@ -118,6 +120,8 @@ class LinkEvent(models.TextChoices):
     LINKED = "linked"
     RELINKED = "relinked"  # linked again after a de-link
     DELINKED = "delinked"
+    # An operator resolved a review by rejecting every candidate: the request ended NO_RESULTS.
+    REVIEW_REJECTED = "review-rejected"
 
 
 class LinkHistory(models.Model):
@@ -128,11 +132,18 @@ class LinkHistory(models.Model):
     )
     customer_patient_id = models.UUIDField()
     event = models.CharField(max_length=16, choices=LinkEvent.choices)
-    mapping = models.ForeignKey(PatientMapping, on_delete=models.PROTECT, related_name="history")
+    # None only for a rejected review, which made no mapping.
+    mapping = models.ForeignKey(
+        PatientMapping,
+        on_delete=models.PROTECT,
+        related_name="history",
+        null=True,
+        blank=True,
+    )
     workflow = models.ForeignKey(
         "workflows.Workflow", on_delete=models.PROTECT, related_name="link_history"
     )
-    internal_patient_id = models.CharField(max_length=64)
+    internal_patient_id = models.CharField(max_length=64, blank=True)
     score = models.FloatField(null=True, blank=True)
     actor = models.CharField(max_length=150)  # "worker", "customer:<id>", "operator:<name>"
     reason = models.TextField(blank=True, default="")
@@ -144,6 +155,50 @@ class LinkHistory(models.Model):
         indexes = [
             models.Index(fields=["customer", "customer_patient_id", "at"], name="history_patient")
         ]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(event=LinkEvent.REVIEW_REJECTED) | Q(mapping__isnull=False),
+                name="history_mapping_unless_rejected",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.at:%Y-%m-%d %H:%M:%S} {self.customer_patient_id} {self.event}"
+
+
+class SearchCandidate(models.Model):
+    """One candidate of a workflow's internal search, as the internal system ranked it: what
+    the decision was made on, and what an operator chooses from in a review."""
+
+    workflow = models.ForeignKey(
+        "workflows.Workflow", on_delete=models.CASCADE, related_name="candidates"
+    )
+    # The workflow attempt whose search this was: an operator's re-queue searches again.
+    attempt = models.PositiveIntegerField()
+    rank = models.PositiveSmallIntegerField()  # 1 = best
+    internal_patient_id = models.CharField(max_length=64)
+    score = models.FloatField()
+    match_grade = models.CharField(max_length=16)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        ordering = ["workflow", "-attempt", "rank"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["workflow", "attempt", "rank"], name="candidate_workflow_attempt_rank"
+            ),
+            models.CheckConstraint(
+                condition=Q(score__gte=0, score__lte=1), name="candidate_score_in_unit_range"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.rank} {self.internal_patient_id} {self.score:.2f} {self.match_grade}"
+
+
+class LinkReview(Workflow):
+    """The admin's view of workflows waiting for an operator (status REVIEW)."""
+
+    class Meta:
+        proxy = True
+        verbose_name = "link review"

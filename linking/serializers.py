@@ -152,7 +152,11 @@ class LinkStatusOutputSerializer(serializers.Serializer):
     locals().update(
         {
             "workflow-id": serializers.UUIDField(source="id"),
-            "status": serializers.ChoiceField(choices=Status.choices),
+            "status": serializers.ChoiceField(
+                choices=Status.choices,
+                help_text="REVIEW: the search found candidates too close to call; an operator "
+                "decides, then the workflow completes and the webhook is sent.",
+            ),
             "result": serializers.ChoiceField(choices=Result.choices, allow_null=True),
             "reason": serializers.CharField(
                 allow_null=True, help_text="Why the workflow failed (FAILED only)."
@@ -218,5 +222,17 @@ class DelinkOutputSerializer(serializers.Serializer):
             "status": serializers.ChoiceField(choices=["DE-LINKED"]),
             "workflow-id": serializers.UUIDField(help_text="The workflow that had linked it."),
             "delinked-at": serializers.DateTimeField(),
+        }
+    )
+
+
+class SearchResultReceiptSerializer(serializers.Serializer):
+    locals().update(
+        {
+            "workflow-id": serializers.UUIDField(source="workflow_id"),
+            "applied": serializers.BooleanField(
+                help_text="False when the workflow had already moved on: nothing changed."
+            ),
+            "status": serializers.ChoiceField(choices=Status.choices),
         }
     )

@@ -1,6 +1,12 @@
 from django.urls import path
 
-from linking.apis import LinkCreateApi, LinkDeleteApi, LinkStatusApi, PatientDetailApi
+from linking.apis import (
+    LinkCreateApi,
+    LinkDeleteApi,
+    LinkStatusApi,
+    PatientDetailApi,
+    SearchResultCallbackApi,
+)
 
 urlpatterns = [
     path("link", LinkCreateApi.as_view(), name="link-create"),
@@ -8,4 +14,9 @@ urlpatterns = [
     path("link/status/<str:workflow_id>", LinkStatusApi.as_view(), name="link-status"),
     path("link/<str:patient_id>", LinkDeleteApi.as_view(), name="link-delete"),
     path("patient/<str:patient_id>", PatientDetailApi.as_view(), name="patient-detail"),
+    path(
+        "internal/search-results/<str:search_id>",
+        SearchResultCallbackApi.as_view(),
+        name="search-result-callback",
+    ),
 ]

@@ -27,6 +27,9 @@ class CustomerAdmin(admin.ModelAdmin[Customer]):
         "webhook_url",
         "webhook_secret",
         "token_version",
+        "auto_link_score",
+        "auto_link_margin",
+        "review_min_score",
         "created_at",
         "updated_at",
     ]

@@ -16,6 +16,11 @@ class Customer(models.Model):
     webhook_secret = models.CharField(max_length=100)
     # Bumped to revoke every token issued before; tokens carry the version they were issued at.
     token_version = models.PositiveIntegerField(default=1)
+    # This customer's matching bands; NULL = the settings AUTO_LINK_SCORE, AUTO_LINK_MARGIN and
+    # REVIEW_MIN_SCORE. A customer whose records are poorer may want more of them reviewed.
+    auto_link_score = models.FloatField(null=True, blank=True)
+    auto_link_margin = models.FloatField(null=True, blank=True)
+    review_min_score = models.FloatField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -25,6 +30,21 @@ class Customer(models.Model):
             models.CheckConstraint(
                 condition=models.Q(webhook_secret__startswith="whsec_"),  # noqa: S106
                 name="customer_webhook_secret_format",
+            ),
+            models.CheckConstraint(
+                condition=(
+                    models.Q(auto_link_score__isnull=True)
+                    | models.Q(auto_link_score__gte=0, auto_link_score__lte=1)
+                )
+                & (
+                    models.Q(auto_link_margin__isnull=True)
+                    | models.Q(auto_link_margin__gte=0, auto_link_margin__lte=1)
+                )
+                & (
+                    models.Q(review_min_score__isnull=True)
+                    | models.Q(review_min_score__gte=0, review_min_score__lte=1)
+                ),
+                name="customer_bands_in_unit_range",
             ),
         ]
 

@@ -10,20 +10,26 @@ class Status(models.TextChoices):
     RECEIVED = "RECEIVED"
     IN_PROGRESS = "IN_PROGRESS"
     REQUESTED = "REQUESTED"
+    REVIEW = "REVIEW"
     LINKED = "LINKED"
     NO_RESULTS = "NO_RESULTS"
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
 
 
-# Pending states are the ones the reconciliation sweep watches: each must reach an end state.
+# Pending states must each reach an end state; at most one per customer patient.
 PENDING_STATES = (
     Status.RECEIVED,
     Status.IN_PROGRESS,
     Status.REQUESTED,
+    Status.REVIEW,
     Status.LINKED,
     Status.NO_RESULTS,
 )
+# What the reconciliation sweep re-queues. REVIEW waits for a person, not for a machine: the
+# sweep reports it (stuck report) but never re-runs it, so no automatic run can overtake the
+# operator's decision.
+SWEPT_STATES = tuple(s for s in PENDING_STATES if s != Status.REVIEW)
 TERMINAL_STATES = (Status.COMPLETED, Status.FAILED)
 
 
@@ -68,7 +74,8 @@ class Workflow(ConcurrentTransitionMixin, models.Model):
     claimed_until = models.DateTimeField(null=True, blank=True)
     # Where this request's webhook goes when it is not the customer's registered URL.
     webhook_url = models.URLField(max_length=2000, blank=True, default="")
-    search_id = models.CharField(max_length=200, null=True, blank=True)
+    # The internal system's asynchronous search job (seed 6.2); NULL until a search answers 202.
+    search_id = models.CharField(max_length=200, null=True, blank=True, unique=True)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(default=timezone.now)
 
@@ -91,10 +98,10 @@ class Workflow(ConcurrentTransitionMixin, models.Model):
             ),
         ]
         indexes = [
-            # The reconciliation sweep reads only pending rows, oldest first.
+            # The reconciliation sweep reads only the rows it re-queues, oldest first.
             models.Index(
                 fields=["updated_at"],
-                condition=Q(status__in=PENDING_STATES),
+                condition=Q(status__in=SWEPT_STATES),
                 name="workflow_pending_updated",
             ),
             models.Index(fields=["customer", "status"], name="workflow_customer_status"),
@@ -115,20 +122,34 @@ class Workflow(ConcurrentTransitionMixin, models.Model):
     def start(self, *, reason: str = "") -> None:
         pass
 
-    @transition(field=status, source=Status.IN_PROGRESS, target=Status.REQUESTED)
+    # REQUESTED -> REQUESTED: the job was lost on the internal side and the search sent again.
+    @transition(
+        field=status, source=[Status.IN_PROGRESS, Status.REQUESTED], target=Status.REQUESTED
+    )
     def request_search(self, *, search_id: str, reason: str = "") -> None:
         self.search_id = search_id
 
-    @transition(field=status, source=[Status.IN_PROGRESS, Status.REQUESTED], target=Status.LINKED)
+    @transition(field=status, source=[Status.IN_PROGRESS, Status.REQUESTED], target=Status.REVIEW)
+    def request_review(self, *, reason: str = "") -> None:
+        pass
+
+    @transition(
+        field=status,
+        source=[Status.IN_PROGRESS, Status.REQUESTED, Status.REVIEW],
+        target=Status.LINKED,
+    )
     def mark_linked(self, *, reason: str = "") -> None:
         self.result = Result.LINKED
 
     @transition(
-        field=status, source=[Status.IN_PROGRESS, Status.REQUESTED], target=Status.NO_RESULTS
+        field=status,
+        source=[Status.IN_PROGRESS, Status.REQUESTED, Status.REVIEW],
+        target=Status.NO_RESULTS,
     )
-    def mark_no_results(self, *, reason: str = "") -> None:
+    def mark_no_results(self, *, reason: str = "", public_reason: str | None = None) -> None:
+        # `public_reason` when the timeline's reason is not for the customer (an operator's note).
         self.result = Result.NO_RESULTS
-        self.reason = reason
+        self.reason = reason if public_reason is None else public_reason
 
     @transition(field=status, source=[Status.LINKED, Status.NO_RESULTS], target=Status.COMPLETED)
     def complete(self, *, reason: str = "") -> None:

@@ -17,6 +17,8 @@ from linking.services.accept import (
 from linking.services.links import Delinked, LinkNotFound, link_delink, link_history_record
 from linking.services.patients import PatientNotFound, patient_details, patient_read
 from linking.services.process import ProcessOutcome, link_process, retry_backoff
+from linking.services.review import ReviewError, link_review_resolve
+from linking.services.search_results import SearchResultReceipt, SearchUnknown, link_search_result
 
 __all__ = [
     "IN_FLIGHT_RETRY_AFTER_SECONDS",
@@ -32,11 +34,16 @@ __all__ = [
     "PatientNotFound",
     "ProcessOutcome",
     "RequestInFlight",
+    "ReviewError",
+    "SearchResultReceipt",
+    "SearchUnknown",
     "idempotency_purge_expired",
     "link_accept",
     "link_delink",
     "link_history_record",
     "link_process",
+    "link_review_resolve",
+    "link_search_result",
     "patient_details",
     "patient_read",
     "request_fingerprint",

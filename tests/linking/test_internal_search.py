@@ -329,7 +329,9 @@ def test_server_errors_are_transient(standin, status):
     assert caught.value.retry_after is None
     assert str(status) in caught.value.reason
     # The next call is answered normally: the error was that one answer, not the client.
-    assert internal_search_match(patient())[0].internal_patient_id == JANE_DOE_ID
+    answer = internal_search_match(patient())
+    assert isinstance(answer, list)
+    assert answer[0].internal_patient_id == JANE_DOE_ID
 
 
 @pytest.mark.parametrize("status", [429, 503])
@@ -390,7 +392,9 @@ def test_bearer_token_is_sent_when_configured(guarded_standin, settings):
         internal_search_match(patient())
 
     settings.INTERNAL_SEARCH_TOKEN = "internal-search-token-1"
-    assert internal_search_match(patient())[0].internal_patient_id == JANE_DOE_ID
+    answer = internal_search_match(patient())
+    assert isinstance(answer, list)
+    assert answer[0].internal_patient_id == JANE_DOE_ID
     statuses = [r["status"] for r in control(guarded_standin, "stats")["requests"]]
     assert statuses == [401, 401, 200]
 

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from linking.internal_search import Candidate
-from linking.policy import REASON_AMBIGUOUS, REASON_NO_MATCH, Decision, link_decide
+from linking.policy import REASON_AMBIGUOUS, REASON_NO_MATCH, Bands, Decision, Outcome, link_decide
 from linking.services.process import retry_backoff
 
 
@@ -14,9 +14,14 @@ def c(patient_id: str, score: float, grade: str = "probable") -> Candidate:
     return Candidate(patient_id, score, grade)
 
 
-# (candidates best first, min_score, margin) -> id that links, or None.
+def bands(auto: float = 0.9, margin: float = 0.1, review: float = 0.5) -> Bands:
+    return Bands(auto_link_score=auto, auto_link_margin=margin, review_min_score=review)
+
+
+# (candidates best first, auto-link score, margin) -> id that links, or None: then every one of
+# these goes to review, since each top candidate scores at least the review minimum (0.5).
 CASES = [
-    pytest.param([], 0.9, 0.1, None, id="none"),
+    pytest.param([], 0.9, 0.1, "no-match", id="none"),
     pytest.param([c("a", 0.97, "certain")], 0.9, 0.1, "a", id="single-certain"),
     pytest.param(
         [c("a", 0.97, "certain"), c("b", 0.56, "possible")],
@@ -60,43 +65,85 @@ CASES = [
     pytest.param([c("a", 0.5)], 0.5, 0.5, "a", id="single-exactly-both"),
     pytest.param([c("a", 0.75)], 0.75, 0.0, "a", id="zero-margin"),
     pytest.param([c("a", 0.75), c("b", 0.75)], 0.75, 0.0, "a", id="zero-margin-tie-takes-first"),
+    # The review band's lower edge: below it there is no match.
+    pytest.param([c("a", 0.49, "possible")], 0.9, 0.1, "no-match", id="below-review-min"),
+    pytest.param(
+        [c("a", 0.45), c("b", 0.40, "possible")], 0.9, 0.1, "no-match", id="all-below-review-min"
+    ),
 ]
 
 
-@pytest.mark.parametrize(("candidates", "min_score", "margin", "expected"), CASES)
-def test_link_decision_table(candidates, min_score, margin, expected):
-    decision = link_decide(candidates, min_score=min_score, margin=margin)
+@pytest.mark.parametrize(("candidates", "auto", "margin", "expected"), CASES)
+def test_link_decision_table(candidates, auto, margin, expected):
+    decision = link_decide(candidates, bands=bands(auto, margin))
     assert isinstance(decision, Decision)
     if expected is None:
-        assert decision.candidate is None
-        assert decision.reason == (REASON_NO_MATCH if not candidates else REASON_AMBIGUOUS)
+        assert (decision.outcome, decision.candidate) == (Outcome.REVIEW, None)
+        assert decision.reason not in (REASON_NO_MATCH, "")
+    elif expected == "no-match":
+        assert (decision.outcome, decision.candidate) == (Outcome.NO_MATCH, None)
+        assert decision.reason == REASON_NO_MATCH
     else:
+        assert decision.outcome == Outcome.LINK
         assert decision.candidate is not None
         assert decision.candidate.internal_patient_id == expected
-        assert decision.reason not in (REASON_NO_MATCH, REASON_AMBIGUOUS)
+        assert not decision.reason.startswith(REASON_AMBIGUOUS)
+
+
+def test_no_candidates_is_no_match():
+    assert link_decide([], bands=bands()) == Decision(Outcome.NO_MATCH, None, REASON_NO_MATCH)
+
+
+@pytest.mark.parametrize(
+    ("review_min", "outcome"),
+    [
+        (0.5, Outcome.REVIEW),
+        (0.82, Outcome.REVIEW),
+        (0.83, Outcome.NO_MATCH),
+        (0.0, Outcome.REVIEW),
+    ],
+)
+def test_review_min_score_is_the_lower_edge_of_review(review_min, outcome):
+    decision = link_decide([c("a", 0.82), c("b", 0.3, "possible")], bands=bands(review=review_min))
+    assert decision.outcome == outcome
 
 
 def test_reasons_explain_the_decision():
-    certain = link_decide([c("a", 0.97, "certain")], min_score=0.9, margin=0.1)
+    certain = link_decide([c("a", 0.97, "certain")], bands=bands())
     assert certain.reason == "single certain candidate"
-    scored = link_decide([c("a", 0.95), c("b", 0.5, "possible")], min_score=0.9, margin=0.1)
+    scored = link_decide([c("a", 0.95), c("b", 0.5, "possible")], bands=bands())
     assert scored.reason == "score 0.95, margin 0.45"
-    assert link_decide([], min_score=0.9, margin=0.1).reason == "no match"
     two = [c("a", 0.97, "certain"), c("b", 0.97, "certain")]
-    assert link_decide(two, min_score=0.9, margin=0.1).reason == "ambiguous"
+    assert link_decide(two, bands=bands()).reason == "ambiguous: 2 certain candidates"
+    close = [c("a", 0.95), c("b", 0.9)]
+    assert link_decide(close, bands=bands()).reason == "ambiguous: margin 0.05"
+    probable = [c("a", 0.82)]
+    assert link_decide(probable, bands=bands()).reason == "best score 0.82 (probable)"
 
 
 def test_decision_does_not_reorder_or_change_the_candidates():
     candidates = [c("a", 0.95), c("b", 0.5, "possible")]
     before = list(candidates)
-    link_decide(candidates, min_score=0.9, margin=0.1)
+    link_decide(candidates, bands=bands())
     assert candidates == before
 
 
 @pytest.mark.parametrize(("top", "runner_up"), [(0.9, 0.8), (0.95, 0.85), (0.97, 0.87), (1.0, 0.9)])
 def test_lead_of_exactly_the_default_margin_links(top, runner_up):
-    decision = link_decide([c("a", top), c("b", runner_up)], min_score=0.9, margin=0.1)
-    assert decision.candidate is not None
+    decision = link_decide([c("a", top), c("b", runner_up)], bands=bands())
+    assert decision.outcome == Outcome.LINK
+
+
+@pytest.mark.django_db
+def test_bands_are_the_settings_unless_the_customer_has_its_own(settings, credentials):
+    settings.AUTO_LINK_SCORE = 0.8
+    settings.AUTO_LINK_MARGIN = 0.2
+    settings.REVIEW_MIN_SCORE = 0.4
+    customer = credentials.customer
+    assert Bands.for_customer(customer) == bands(0.8, 0.2, 0.4)
+    customer.review_min_score = 0.7
+    customer.auto_link_margin = 0.0
+    assert Bands.for_customer(customer) == bands(0.8, 0.0, 0.7)
 
 
 # --- retry_backoff ----------------------------------------------------------------------------

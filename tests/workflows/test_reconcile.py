@@ -18,12 +18,14 @@ from merchant.services import CustomerCredentials
 from tests.conftest import LinkClient, broker_messages, link_body, new_customer
 from workflows.models import (
     PENDING_STATES,
+    SWEPT_STATES,
     DeliveryStatus,
     Status,
     WebhookDelivery,
     Workflow,
     WorkflowTransition,
 )
+from workflows.selectors import workflows_stuck_report
 from workflows.services import (
     ReconcileReport,
     workflow_mark_failed,
@@ -165,12 +167,26 @@ def test_stale_after_can_be_given_per_run(customer):
     assert workflows_reconcile(stale_after_seconds=10).requeued == [workflow.id]
 
 
-@pytest.mark.parametrize("status", PENDING_STATES)
-def test_every_pending_state_is_swept(customer, status):
+@pytest.mark.parametrize("status", SWEPT_STATES)
+def test_every_pending_state_but_review_is_swept(customer, status):
     workflow = make(customer, status, age=STALE, attempts=1)
     assert workflows_reconcile().requeued == [workflow.id]
     row = Workflow.objects.get(id=workflow.id)
     assert (row.status, row.requeues, row.attempts) == (status, 1, 1)
+
+
+def test_review_is_reported_but_never_swept(customer, redis_db):
+    assert set(PENDING_STATES) - set(SWEPT_STATES) == {Status.REVIEW}
+    waiting = make(customer, Status.REVIEW, age=STALE * 100, attempts=MAX_ATTEMPTS + 3)
+    assert workflows_reconcile(dry_run=True).as_dict() == {"requeued": [], "failed": []}
+    assert workflows_reconcile().as_dict() == {"requeued": [], "failed": []}
+    row = Workflow.objects.get(id=waiting.id)
+    assert (row.status, row.requeues, row.updated_at) == (Status.REVIEW, 0, waiting.updated_at)
+    assert broker_messages(redis_db) == []
+    report = workflows_stuck_report()
+    assert (report["total"], report["by_state"]) == (1, {"REVIEW": 1})
+    with pytest.raises(ValueError, match="awaits review"):
+        workflow_requeue(workflow_id=waiting.id, actor="operator:ops")
 
 
 def test_dry_run_changes_nothing_and_publishes_nothing(

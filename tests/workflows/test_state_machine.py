@@ -18,9 +18,15 @@ S = Status
 # (transition, its keyword arguments) -> allowed sources and the target (design.md "Statuses").
 TRANSITIONS: dict[str, tuple[dict[str, Any], set[str], str]] = {
     "start": ({}, {S.RECEIVED}, S.IN_PROGRESS),
-    "request_search": ({"search_id": "job-1"}, {S.IN_PROGRESS}, S.REQUESTED),
-    "mark_linked": ({}, {S.IN_PROGRESS, S.REQUESTED}, S.LINKED),
-    "mark_no_results": ({"reason": "no match"}, {S.IN_PROGRESS, S.REQUESTED}, S.NO_RESULTS),
+    # REQUESTED -> REQUESTED: a lost job searched again.
+    "request_search": ({"search_id": "job-1"}, {S.IN_PROGRESS, S.REQUESTED}, S.REQUESTED),
+    "request_review": ({}, {S.IN_PROGRESS, S.REQUESTED}, S.REVIEW),
+    "mark_linked": ({}, {S.IN_PROGRESS, S.REQUESTED, S.REVIEW}, S.LINKED),
+    "mark_no_results": (
+        {"reason": "no match"},
+        {S.IN_PROGRESS, S.REQUESTED, S.REVIEW},
+        S.NO_RESULTS,
+    ),
     "complete": ({}, {S.LINKED, S.NO_RESULTS}, S.COMPLETED),
     "fail": ({"reason": "broken"}, set(PENDING_STATES), S.FAILED),
     "requeue": ({}, {S.FAILED}, S.RECEIVED),

@@ -20,6 +20,7 @@ from workflows.services.workflows import (
     workflow_message,
     workflow_publish,
     workflow_publish_soon,
+    workflow_release,
     workflow_transition,
 )
 
@@ -37,6 +38,7 @@ __all__ = [
     "workflow_message",
     "workflow_publish",
     "workflow_publish_soon",
+    "workflow_release",
     "workflow_requeue",
     "workflow_transition",
     "workflows_reconcile",

@@ -9,7 +9,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from workflows.models import PENDING_STATES, Status, Workflow, WorkflowTransition
+from workflows.models import PENDING_STATES, SWEPT_STATES, Status, Workflow, WorkflowTransition
 from workflows.services.workflows import workflow_finish, workflow_publish, workflow_transition
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,9 @@ def workflows_reconcile(
 ) -> ReconcileReport:
     """Re-queue pending workflows untouched for too long; fail those out of attempts.
 
+    A REQUESTED workflow's re-queue makes the consumer poll its search job. REVIEW ones are
+    left to the operator (the stuck report counts them).
+
     Rows are taken with FOR UPDATE SKIP LOCKED and touched inside the same transaction, so two
     sweeps running at once (two beats by mistake) never dispatch one workflow twice.
     """
@@ -59,7 +62,7 @@ def workflows_reconcile(
                 # holding one workflow would hide all its customer's workflows from the sweep.
                 Workflow.objects.select_for_update(skip_locked=True, of=("self",))
                 .select_related("customer")
-                .filter(status__in=PENDING_STATES, updated_at__lt=cutoff)
+                .filter(status__in=SWEPT_STATES, updated_at__lt=cutoff)
                 .order_by("updated_at")[: settings.RECONCILE_BATCH_SIZE]
             )
             for workflow in batch:
@@ -97,7 +100,7 @@ def _out_of_attempts(workflow: Workflow) -> bool:
 def _reconcile_preview(cutoff: dt.datetime) -> ReconcileReport:
     """What a sweep would do now, changing nothing (bounded like a real run)."""
     report = ReconcileReport()
-    stale = Workflow.objects.filter(status__in=PENDING_STATES, updated_at__lt=cutoff).order_by(
+    stale = Workflow.objects.filter(status__in=SWEPT_STATES, updated_at__lt=cutoff).order_by(
         "updated_at"
     )[: settings.RECONCILE_BATCH_SIZE * MAX_BATCHES_PER_RUN]
     for workflow in stale.only("id", "attempts", "requeues"):
@@ -124,13 +127,16 @@ def _requeue_pending(workflow: Workflow, *, now: dt.datetime, actor: str, reason
 def workflow_requeue(*, workflow_id: uuid.UUID, actor: str, reason: str = "") -> Workflow:
     """An operator's re-queue: FAILED -> RECEIVED and publish; a pending one is re-published.
 
-    Raises Workflow.DoesNotExist, or ValueError when it cannot be re-queued (COMPLETED, or a
-    newer request for the same patient is pending).
+    Raises Workflow.DoesNotExist, or ValueError when it cannot be re-queued (COMPLETED, waiting
+    for an operator's review, or a newer request for the same patient is pending).
     """
     with transaction.atomic():
         workflow = Workflow.objects.select_for_update().get(id=workflow_id)
         if workflow.status == Status.COMPLETED:
             raise ValueError(f"workflow {workflow_id} is COMPLETED; nothing to re-queue")
+        if workflow.status == Status.REVIEW:
+            # A machine must not overtake the person: resolve the review instead.
+            raise ValueError(f"workflow {workflow_id} awaits review; resolve the review instead")
         if workflow.status != Status.FAILED:
             _requeue_pending(
                 workflow,

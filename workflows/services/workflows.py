@@ -150,8 +150,15 @@ def workflow_publish(*, workflow: Workflow) -> bool:
     return True
 
 
-# States a consumer may pick up: RECEIVED to start, the others to resume after a crash.
-CLAIMABLE_STATES = (Status.RECEIVED, Status.IN_PROGRESS, Status.LINKED, Status.NO_RESULTS)
+# States a consumer may pick up: RECEIVED to start, REQUESTED to poll an asynchronous search
+# that sent no callback, the others to resume after a crash. Never REVIEW: that is a person's.
+CLAIMABLE_STATES = (
+    Status.RECEIVED,
+    Status.IN_PROGRESS,
+    Status.REQUESTED,
+    Status.LINKED,
+    Status.NO_RESULTS,
+)
 
 
 def workflow_claim(
@@ -159,8 +166,8 @@ def workflow_claim(
 ) -> Workflow | None:
     """Claim a workflow for one consumer, counting the attempt; None if there is nothing to do.
 
-    Nothing to do: unknown, terminal, waiting for an asynchronous search (REQUESTED), or claimed
-    by another consumer whose claim has not expired. `claim_id` renews our own claim (a Celery
+    Nothing to do: unknown, terminal, waiting for an operator (REVIEW), or claimed by another
+    consumer whose claim has not expired. `claim_id` renews our own claim (a Celery
     retry of the same work). The claim is committed before any work, so a worker that dies
     mid-task still used up an attempt.
     """
@@ -184,6 +191,13 @@ def workflow_claim(
         workflow.updated_at = now
         workflow.save()
     return workflow
+
+
+def workflow_release(*, workflow: Workflow) -> None:
+    """Drop our claim (caller holds the row lock): the workflow now waits on someone else."""
+    workflow.claim_id = None
+    workflow.claimed_until = None
+    workflow.save(update_fields=["claim_id", "claimed_until"])
 
 
 def workflow_finish(*, workflow: Workflow, name: str, actor: str, reason: str = "") -> Workflow:
