@@ -1,16 +1,110 @@
-from django.contrib import admin
-from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.db.models import Count, QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404, render
+from django.urls import reverse
 
 from linking.models import (
     AuditEvent,
     IdempotencyRecord,
     LinkHistory,
+    LinkReview,
     MappingStatus,
     PatientMapping,
 )
-from linking.services import link_delink
+from linking.services import ReviewError, link_delink, link_review_resolve
+from linking.services.review import review_case_read
 from workflows.admin import action_with_reason, admin_actor
+from workflows.models import Status
+
+REJECT = "reject"
+
+
+class ReviewForm(forms.Form):
+    decision = forms.ChoiceField(widget=forms.RadioSelect)
+    reason = forms.CharField(max_length=500, widget=forms.TextInput(attrs={"size": 60}))
+
+    def __init__(self, *args: Any, candidate_ids: list[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        decision = self.fields["decision"]
+        assert isinstance(decision, forms.ChoiceField)
+        choices = [(i, f"Link {i}") for i in candidate_ids]
+        decision.choices = [*choices, (REJECT, "None of them: no match")]
+
+
+@admin.register(LinkReview)
+class LinkReviewAdmin(admin.ModelAdmin[LinkReview]):
+    """Workflows waiting for an operator: the candidates side by side with what the customer
+    sent; the decision (link one, or reject) is final and the customer is told then."""
+
+    list_display = ["id", "customer", "patient_id", "reason", "candidate_count", "updated_at"]
+    list_filter = ["customer"]
+    search_fields = ["id", "patient_id"]
+    list_select_related = ["customer"]
+    ordering = ["updated_at"]  # the longest waiting first
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[LinkReview]:
+        return (
+            super()
+            .get_queryset(request)
+            .filter(status=Status.REVIEW)
+            .annotate(candidate_count=Count("candidates"))
+        )
+
+    @admin.display(description="candidates", ordering="candidate_count")
+    def candidate_count(self, obj: Any) -> int:
+        return int(obj.candidate_count)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        workflow = get_object_or_404(self.get_queryset(request), pk=object_id)
+        if not self.has_change_permission(request, workflow):
+            return HttpResponse(status=403)
+        case = review_case_read(workflow=workflow, actor=admin_actor(request))
+        candidate_ids = [c.candidate.internal_patient_id for c in case.candidates]
+        form = ReviewForm(
+            request.POST if request.method == "POST" else None, candidate_ids=candidate_ids
+        )
+        if request.method == "POST" and form.is_valid():
+            decision = form.cleaned_data["decision"]
+            try:
+                link_review_resolve(
+                    workflow_id=workflow.id,
+                    internal_patient_id=None if decision == REJECT else decision,
+                    actor=admin_actor(request),
+                    reason=form.cleaned_data["reason"],
+                )
+            except ReviewError as exc:
+                form.add_error(None, str(exc))
+            else:
+                done = "rejected" if decision == REJECT else f"linked to {decision}"
+                self.message_user(request, f"Review {workflow.id}: {done}.", messages.SUCCESS)
+                return HttpResponseRedirect(reverse("admin:linking_linkreview_changelist"))
+        return render(
+            request,
+            "admin/linking/linkreview/resolve.html",
+            {
+                **self.admin_site.each_context(request),
+                "title": f"Review {workflow.id}",
+                "case": case,
+                "form": form,
+                "opts": self.model._meta,
+            },
+        )
 
 
 @admin.register(IdempotencyRecord)

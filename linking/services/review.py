@@ -1,11 +1,14 @@
 """An operator's resolution of a workflow in REVIEW: link one candidate, or reject them all."""
 
 import uuid
+from dataclasses import dataclass
+from typing import Any
 
 from django.db import transaction
 
-from linking.internal_search import Candidate
-from linking.models import LinkEvent, LinkHistory, SearchCandidate
+from linking.internal_search import Candidate, InternalSearchError, internal_patient_read
+from linking.models import AuditEvent, LinkEvent, LinkHistory, LinkRequest, SearchCandidate
+from linking.services.patients import patient_details
 from linking.services.process import link_record
 from workflows.models import Status, Workflow
 from workflows.services import workflow_finish, workflow_transition
@@ -26,6 +29,62 @@ def review_candidates(*, workflow: Workflow) -> list[SearchCandidate]:
     if latest is None:
         return []
     return list(searches.filter(attempt=latest).order_by("rank"))
+
+
+@dataclass(frozen=True)
+class ReviewCandidate:
+    candidate: SearchCandidate
+    # The internal record, summed up for a person to compare; None if it could not be read.
+    details: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class ReviewCase:
+    workflow: Workflow
+    request: dict[str, Any] | None  # the demographics the customer sent
+    candidates: list[ReviewCandidate]
+
+
+def review_case_read(*, workflow: Workflow, actor: str) -> ReviewCase:
+    """What an operator compares to decide: the customer's demographics and each candidate's
+    internal record. Patient data on screen, so the read is audited like GET /patient."""
+    request = LinkRequest.objects.filter(request_id=workflow.request_id).first()
+    candidates = []
+    outcome = "ok"
+    for candidate in review_candidates(workflow=workflow):
+        try:
+            resource = internal_patient_read(candidate.internal_patient_id)
+        except InternalSearchError:
+            resource, outcome = None, "unavailable"
+        candidates.append(ReviewCandidate(candidate, _summary(candidate, resource)))
+    AuditEvent.objects.create(
+        actor=actor,
+        action="review.read",
+        customer_id=workflow.customer_id,
+        subject=str(workflow.patient_id),
+        outcome=outcome,
+    )
+    return ReviewCase(
+        workflow=workflow,
+        request=None if request is None else request.data.get("patient"),
+        candidates=candidates,
+    )
+
+
+def _summary(candidate: SearchCandidate, resource: dict[str, Any] | None) -> dict[str, Any] | None:
+    if resource is None:
+        return None
+    shaped = patient_details(patient_id=candidate.internal_patient_id, resource=resource)
+    return {
+        "name": shaped["name"]["text"]
+        or " ".join([*shaped["name"]["given"], shaped["name"]["family"] or ""]),
+        "birth_date": shaped["birth-date"],
+        "gender": shaped["gender"],
+        "telecom": [t["value"] for t in shaped["telecom"] if t["value"]],
+        "address": [
+            a["text"] or ", ".join([*a["line"], a["city"] or ""]) for a in shaped["address"]
+        ],
+    }
 
 
 def link_review_resolve(

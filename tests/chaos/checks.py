@@ -1,6 +1,7 @@
 """The invariants, checked over the database and what the webhook receiver got.
 
-I1 every workflow that got a 202 is terminal (COMPLETED or FAILED) by the deadline;
+I1 every workflow that got a 202 is terminal (COMPLETED or FAILED) by the deadline, or waits in
+   REVIEW for an operator when that is its expected outcome (and then nobody was told anything);
 I2 exactly one terminal transition per workflow, and none after it;
 I3 no customer patient has two LINKED mappings;
 I4 every terminal workflow has a delivered webhook, or an explicitly exhausted delivery;
@@ -17,6 +18,7 @@ from tests.chaos.load import Posted
 from tests.chaos.stack import Stack
 
 TERMINAL = ("COMPLETED", "FAILED")
+REVIEW = "REVIEW"  # a resting state: the machine's part is done, a person decides
 
 
 @dataclass
@@ -42,8 +44,15 @@ def accepted_ids(posted: list[Posted]) -> list[str]:
     return sorted({p.workflow_id for p in posted if p.workflow_id})
 
 
-def wait_terminal(stack: Stack, ids: list[str], *, deadline: float) -> dict[str, str]:
-    """Poll until every id is terminal or the deadline (monotonic) passes; id -> status."""
+def settled(workflow_id: str, status: str | None, review: frozenset[str]) -> bool:
+    return status in TERMINAL or (status == REVIEW and workflow_id in review)
+
+
+def wait_terminal(
+    stack: Stack, ids: list[str], *, deadline: float, review: frozenset[str] = frozenset()
+) -> dict[str, str]:
+    """Poll until every id is settled (terminal, or in REVIEW for the ids in `review`) or the
+    deadline (monotonic) passes; id -> status."""
     statuses: dict[str, str] = {}
     while True:
         with stack.db() as conn:
@@ -52,7 +61,7 @@ def wait_terminal(stack: Stack, ids: list[str], *, deadline: float) -> dict[str,
                 [ids],
             ).fetchall()
         statuses = {row[0]: row[1] for row in rows}
-        pending = [i for i in ids if statuses.get(i) not in TERMINAL]
+        pending = [i for i in ids if not settled(i, statuses.get(i), review)]
         if not pending or time.monotonic() > deadline:
             return statuses
         time.sleep(0.5)
@@ -87,14 +96,18 @@ def check(
     ids = accepted_ids(posted)
     verdict.workflows = len(ids)
     deadline = time.monotonic() + deadline_seconds
-    statuses = wait_terminal(stack, ids, deadline=deadline)
+    review = frozenset(
+        p.workflow_id for p in posted if p.workflow_id and p.expected_result == REVIEW
+    )
+    statuses = wait_terminal(stack, ids, deadline=deadline, review=review)
     wait_webhooks(stack, ids, deadline=deadline)
 
     # I1
-    not_terminal = [i for i in ids if statuses.get(i) not in TERMINAL]
+    not_terminal = [i for i in ids if not settled(i, statuses.get(i), review)]
     verdict.lost += len(not_terminal)
     for workflow_id in not_terminal[:3]:
         verdict.note(f"I1 not terminal: {workflow_id} ({statuses.get(workflow_id, 'missing')})")
+    in_review = [i for i in ids if statuses.get(i) == REVIEW]
 
     with stack.db() as conn:
         # I2: one terminal transition, and nothing after it.
@@ -147,6 +160,11 @@ def check(
                 [ids],
             ).fetchall()
         }
+        # A review is not an ending: no terminal transition, and the customer is not told yet.
+        for workflow_id in in_review:
+            if workflow_id in deliveries:
+                verdict.unexpected += 1
+                verdict.note(f"webhook sent while in review: {workflow_id}")
         rows = conn.execute(
             "SELECT w.id::text, w.status, w.result, w.reason,"
             " extract(epoch FROM (t.at - w.created_at))"

@@ -25,7 +25,8 @@ KINDS: dict[str, tuple[dict[str, Any], str]] = {
         "LINKED",
     ),
     "none": ({"full_name": "Zed Nobody", "dob": "1901-01-01"}, "NO_RESULTS"),
-    "ambiguous": ({"full_name": "Alex Rivera", "dob": "1975-09-14"}, "NO_RESULTS"),
+    # Two `certain` candidates: never guessed, it waits for an operator in REVIEW.
+    "ambiguous": ({"full_name": "Alex Rivera", "dob": "1975-09-14"}, "REVIEW"),
 }
 MIX = ["certain", "certain", "none", "ambiguous"]
 

@@ -1,6 +1,7 @@
 """A link request end to end: the real worker and beat, the FHIR stand-in over HTTP, the real
 PostgreSQL and Redis, and a webhook receiver verifying Standard Webhooks signatures."""
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -8,7 +9,8 @@ import pytest
 from django.db import transaction
 from standardwebhooks.webhooks import Webhook
 
-from linking.models import MappingStatus, PatientMapping
+from linking.models import MappingStatus, PatientMapping, SearchCandidate
+from linking.services import link_review_resolve
 from merchant.models import Customer
 from merchant.services import CustomerCredentials, customer_onboard
 from standin.receiver import ReceiverServer, Step
@@ -123,17 +125,66 @@ def test_no_results(client: LinkClient, customer: CustomerCredentials, receiver:
     assert verify(customer, delivery)["data"]["result"] == "NO_RESULTS"
 
 
-def test_ambiguous_is_never_guessed(client: LinkClient, receiver: ReceiverServer):
+def in_review(workflow_id: str) -> Workflow:
+    def waiting() -> Workflow | None:
+        workflow = Workflow.objects.get(id=workflow_id)
+        assert workflow.status not in (Status.COMPLETED, Status.FAILED), workflow.status
+        return workflow if workflow.status == Status.REVIEW else None
+
+    result: Workflow = wait_until(waiting, what=f"workflow {workflow_id} in review")
+    return result
+
+
+@pytest.mark.parametrize("decision", ["link", "reject"])
+def test_ambiguous_goes_to_review_and_the_operator_decides(
+    client: LinkClient, customer: CustomerCredentials, receiver: ReceiverServer, decision: str
+):
     workflow_id, _ = post(client, **AMBIGUOUS)
-    workflow = terminal(workflow_id)
-    assert (workflow.status, workflow.result, workflow.reason) == (
-        Status.COMPLETED,
-        "NO_RESULTS",
-        "ambiguous",
+    workflow = in_review(workflow_id)
+    candidates = list(SearchCandidate.objects.filter(workflow=workflow))
+    assert [(c.rank, c.match_grade) for c in candidates] == [(1, "certain"), (2, "certain")]
+    assert client.status(workflow_id).json()["status"] == "REVIEW"
+    # Past the sweep threshold (5 s) and several sweeps (every 1 s): still waiting, untouched,
+    # and the customer has not been told anything yet.
+    time.sleep(7)
+    workflow.refresh_from_db()
+    assert (workflow.status, workflow.requeues, workflow.attempts) == (Status.REVIEW, 0, 1)
+    assert deliveries_for(receiver, workflow_id) == []
+
+    chosen = candidates[1].internal_patient_id if decision == "link" else None
+    link_review_resolve(
+        workflow_id=workflow.id,
+        internal_patient_id=chosen,
+        actor="operator:e2e",
+        reason="checked against the chart",
     )
-    assert not PatientMapping.objects.filter(workflow=workflow).exists()
     [delivery] = delivered(receiver, workflow_id)
-    assert delivery.json()["data"]["reason"] == "ambiguous"
+    data = verify(customer, delivery)["data"]
+    workflow.refresh_from_db()
+    assert workflow.status == Status.COMPLETED
+    if decision == "link":
+        assert (data["status"], data["result"]) == ("COMPLETED", "LINKED")
+        assert PatientMapping.objects.get(workflow=workflow).internal_patient_id == chosen
+    else:
+        assert (data["result"], data["reason"]) == ("NO_RESULTS", "no match (reviewed)")
+        assert not PatientMapping.objects.filter(workflow=workflow).exists()
+    # Final: more sweeps, a re-published message, and still one answer.
+    workflow_publish(workflow=workflow)
+    time.sleep(3)
+    assert Workflow.objects.get(id=workflow.id).status == Status.COMPLETED
+    assert len(deliveries_for(receiver, workflow_id)) == 1
+
+
+def test_low_scores_are_no_match(client: LinkClient, customer: CustomerCredentials, receiver):
+    # Morgan Ellis scores 0.82 (probable): under this customer's review minimum, no match.
+    customer.customer.review_min_score = 0.9
+    customer.customer.save()
+    workflow_id, _ = post(client, full_name="Morgan Ellis", dob="1988-07-03", contact={})
+    workflow = terminal(workflow_id)
+    assert (workflow.result, workflow.reason) == ("NO_RESULTS", "no match")
+    assert SearchCandidate.objects.filter(workflow=workflow).count() == 1
+    [delivery] = delivered(receiver, workflow_id)
+    assert verify(customer, delivery)["data"]["result"] == "NO_RESULTS"
 
 
 def test_internal_500_then_success_is_retried(client: LinkClient, standin: Any):
