@@ -1,5 +1,7 @@
 """Django settings, all read from the environment. Every setting is documented in README.md."""
 
+import base64
+import binascii
 from pathlib import Path
 
 import dj_database_url
@@ -165,10 +167,18 @@ MIN_DEMOGRAPHICS_SCORE = env_int("MIN_DEMOGRAPHICS_SCORE", 6)
 # back signed to /internal/search-results/<search-id> with INTERNAL_CALLBACK_SECRET.
 INTERNAL_SEARCH_ASYNC = env_bool("INTERNAL_SEARCH_ASYNC", False)
 INTERNAL_CALLBACK_SECRET = env_str("INTERNAL_CALLBACK_SECRET", "")
-if INTERNAL_SEARCH_ASYNC and not INTERNAL_CALLBACK_SECRET.startswith("whsec_"):
-    raise ImproperlyConfigured(
-        "INTERNAL_SEARCH_ASYNC needs INTERNAL_CALLBACK_SECRET (whsec_<base64>)"
-    )
+if INTERNAL_CALLBACK_SECRET or INTERNAL_SEARCH_ASYNC:
+    try:
+        _callback_key = base64.b64decode(
+            INTERNAL_CALLBACK_SECRET.removeprefix("whsec_"), validate=True
+        )
+    except binascii.Error:
+        _callback_key = b""
+    if not INTERNAL_CALLBACK_SECRET.startswith("whsec_") or len(_callback_key) < 16:
+        raise ImproperlyConfigured(
+            "INTERNAL_CALLBACK_SECRET must be whsec_<base64 of at least 16 bytes>; "
+            "INTERNAL_SEARCH_ASYNC needs it"
+        )
 WORKFLOW_MAX_ATTEMPTS = env_int("WORKFLOW_MAX_ATTEMPTS", 5, minimum=1)
 RETRY_BACKOFF_BASE_SECONDS = env_float("RETRY_BACKOFF_BASE_SECONDS", 2.0)
 RETRY_BACKOFF_MAX_SECONDS = env_float("RETRY_BACKOFF_MAX_SECONDS", 60.0)

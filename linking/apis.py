@@ -5,12 +5,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
-from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook, WebhookVerificationError
 
 from linking import services
 from linking.internal_search import InternalSearchError, parse_bundle
@@ -289,16 +290,27 @@ class SearchResultCallbackApi(APIView):
         },
     )
     def post(self, request: Request, search_id: str) -> Response:
-        body = request.body
-        if len(body) > settings.LINK_MAX_BODY_BYTES * 16:
-            raise Problem("payload-too-large")
+        try:
+            # At most DATA_UPLOAD_MAX_MEMORY_SIZE (128 KiB): five Patients fit many times over.
+            body = request.body
+        except RequestDataTooBig as exc:
+            raise Problem("payload-too-large") from exc
         _verify_callback_signature(body, request.headers)
+        webhook_id = request.headers["webhook-id"]
+        if len(webhook_id) > 200:
+            raise Problem("bad-request", "webhook-id is longer than 200 characters.")
         try:
             candidates = parse_bundle(json.loads(body))
         except ValueError as exc:  # also JSONDecodeError, UnicodeDecodeError
             raise Problem("bad-request", f"not a searchset Bundle: {exc}") from exc
         try:
-            receipt = services.link_search_result(search_id=search_id, candidates=candidates)
+            receipt = services.link_search_result(
+                search_id=search_id,
+                candidates=candidates,
+                webhook_id=webhook_id,
+            )
+        except services.CallbackReplayed as exc:
+            raise Problem("unauthorized", "This webhook-id was used for another search.") from exc
         except services.SearchUnknown as exc:
             raise Problem("not-found", "No workflow waits for this search id.") from exc
         return Response(SearchResultReceiptSerializer(receipt).data)
@@ -306,10 +318,10 @@ class SearchResultCallbackApi(APIView):
 
 def _verify_callback_signature(body: bytes, headers: Mapping[str, str]) -> None:
     secret = settings.INTERNAL_CALLBACK_SECRET
-    if not secret:
-        raise Problem("unauthorized", "Search callbacks are not enabled.")
     try:
         Webhook(secret).verify(body, dict(headers), json_parse=False)
+    except EmptyWebhookSecretError as exc:
+        raise Problem("unauthorized", "Search callbacks are not enabled.") from exc
     except (WebhookVerificationError, ValueError) as exc:
         # ValueError: a body that is not UTF-8, a signature that is not `v1,<base64>`.
         raise Problem("unauthorized", "Bad or missing webhook signature.") from exc

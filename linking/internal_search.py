@@ -149,7 +149,8 @@ class SearchJobLost(InternalSearchError):
         super().__init__("search job unknown to the internal system", permanent=False)
 
 
-SEARCH_ID = re.compile(r"[A-Za-z0-9\-._~]{1,200}")
+# URL-safe characters, but not a dot segment ("." or ".."): the job URL must name the job.
+SEARCH_ID = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9\-._~]{1,200}")
 
 
 def job_url(search_id: str) -> str:
@@ -268,6 +269,6 @@ def _candidate(entry: Any) -> Candidate:
     grade = next(
         (e.get("valueCode") for e in extensions if e.get("url") == MATCH_GRADE_URL), "possible"
     )
-    if grade not in MATCH_GRADES:
+    if not isinstance(grade, str) or grade not in MATCH_GRADES:
         raise ValueError(f"unknown match grade {grade!r}")
     return Candidate(patient_id, float(score), grade)

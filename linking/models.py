@@ -202,3 +202,18 @@ class LinkReview(Workflow):
     class Meta:
         proxy = True
         verbose_name = "link review"
+
+
+class SearchCallback(models.Model):
+    """Each accepted search-result callback's `webhook-id`, bound to the search it was for.
+
+    The signature covers the id, timestamp and body but not the URL: without this, a captured
+    callback could be replayed, within the signature's 5-minute tolerance, to another search id.
+    A `webhook-id` seen for one search is refused for any other (its retries stay welcome)."""
+
+    webhook_id = models.CharField(max_length=200, unique=True)
+    search_id = models.CharField(max_length=200)
+    received_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    def __str__(self) -> str:
+        return f"{self.webhook_id} -> {self.search_id}"

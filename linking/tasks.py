@@ -2,9 +2,10 @@
 
 from celery import shared_task
 
-from linking.services import idempotency_purge_expired
+from linking.services import idempotency_purge_expired, search_callbacks_purge
 
 
 @shared_task(name="linking.purge_idempotency_records")
 def purge_idempotency_records() -> int:
-    return idempotency_purge_expired()
+    # Also the search callbacks' ids: the same kind of short-lived replay protection.
+    return idempotency_purge_expired() + search_callbacks_purge()

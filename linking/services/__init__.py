@@ -18,11 +18,18 @@ from linking.services.links import Delinked, LinkNotFound, link_delink, link_his
 from linking.services.patients import PatientNotFound, patient_details, patient_read
 from linking.services.process import ProcessOutcome, link_process, retry_backoff
 from linking.services.review import ReviewError, link_review_resolve
-from linking.services.search_results import SearchResultReceipt, SearchUnknown, link_search_result
+from linking.services.search_results import (
+    CallbackReplayed,
+    SearchResultReceipt,
+    SearchUnknown,
+    link_search_result,
+    search_callbacks_purge,
+)
 
 __all__ = [
     "IN_FLIGHT_RETRY_AFTER_SECONDS",
     "STATUS_RETRY_AFTER_SECONDS",
+    "CallbackReplayed",
     "Delinked",
     "IdempotencyKeyReused",
     "InsufficientDemographics",
@@ -48,4 +55,5 @@ __all__ = [
     "patient_read",
     "request_fingerprint",
     "retry_backoff",
+    "search_callbacks_purge",
 ]
