@@ -46,6 +46,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "config.middleware.no_store",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -254,6 +255,23 @@ SPECTACULAR_SETTINGS = {
     # Several responses carry a workflow's status: one named enum for all of them.
     "ENUM_NAME_OVERRIDES": {"WorkflowStatusEnum": "workflows.models.Status"},
 }
+
+# --- Transport security (`manage.py check --deploy` is clean with DEBUG off) -----------------
+# Everything is https in production; a TLS-terminating proxy in front says so with
+# X-Forwarded-Proto, trusted only when TRUST_X_FORWARDED_PROTO is set (else anyone could claim it).
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", not DEBUG)
+if env_bool("TRUST_X_FORWARDED_PROTO", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0 if DEBUG else 31_536_000, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", True)
+# The header only allows preloading; nothing is preloaded until the domain's owner submits it.
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", True)
+SESSION_COOKIE_SECURE = not DEBUG
+CSRF_COOKIE_SECURE = not DEBUG
+SESSION_COOKIE_HTTPONLY = True
+X_FRAME_OPTIONS = "DENY"
+SECURE_REFERRER_POLICY = "no-referrer"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
 
 # --- Django plumbing ---------------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [

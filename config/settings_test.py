@@ -8,6 +8,8 @@ os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/15")
 os.environ.setdefault("WEBHOOK_ALLOW_PRIVATE_HOSTS", "true")
 os.environ.setdefault("LOG_LEVEL", "WARNING")
 os.environ.setdefault("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver")
+# Test servers speak plain http on 127.0.0.1; the https redirect is tested on its own.
+os.environ.setdefault("SECURE_SSL_REDIRECT", "false")
 
 from config.settings import *  # noqa: F403
 

@@ -41,3 +41,62 @@ def test_unworkable_settings_are_refused(env, message):
 def test_a_good_async_configuration_loads():
     result = load_settings(INTERNAL_SEARCH_ASYNC="true", INTERNAL_CALLBACK_SECRET=GOOD_SECRET)
     assert result.returncode == 0, result.stderr
+
+
+# --- production settings --------------------------------------------------------------------
+
+PRODUCTION = {
+    "DEBUG": "false",
+    "SECRET_KEY": "a-production-length-secret-key-" + "x" * 40,
+    "ALLOWED_HOSTS": "merchant.example.com",
+}
+
+
+def test_check_deploy_is_clean_with_production_settings():
+    env = child_env(DJANGO_SETTINGS_MODULE="config.settings", **PRODUCTION)
+    env.pop("SECURE_SSL_REDIRECT", None)  # the production default, not the suite's override
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
+
+
+def test_production_refuses_to_start_without_a_secret_key():
+    env = child_env(DJANGO_SETTINGS_MODULE="config.settings", **PRODUCTION)
+    del env["SECRET_KEY"]
+    result = subprocess.run(
+        [sys.executable, "-c", "from django.conf import settings; settings.INSTALLED_APPS"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0 and "SECRET_KEY is not set" in result.stderr
+
+
+@pytest.mark.django_db
+def test_api_answers_carry_security_headers(api):
+    response = api.client.get("/link/status/unknown", HTTP_CUSTOMER_TOKEN=api.token, secure=True)
+    assert response.status_code == 404
+    assert response["Cache-Control"] == "no-store"
+    assert response["X-Content-Type-Options"] == "nosniff"
+    assert response["Referrer-Policy"] == "no-referrer"
+    assert response["Strict-Transport-Security"] == ("max-age=31536000; includeSubDomains; preload")
+    assert response["Cross-Origin-Opener-Policy"] == "same-origin"
+
+
+@pytest.mark.django_db
+def test_admin_pages_cannot_be_framed(admin_client):
+    assert admin_client.get("/admin/")["X-Frame-Options"] == "DENY"
+
+
+def test_plain_http_is_redirected_to_https(client, settings):
+    settings.SECURE_SSL_REDIRECT = True
+    response = client.get("/api/schema/")
+    assert response.status_code == 301
+    assert response["Location"] == "https://testserver/api/schema/"

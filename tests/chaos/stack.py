@@ -134,6 +134,7 @@ class Stack:
             {
                 "DJANGO_SETTINGS_MODULE": "config.settings",
                 "DEBUG": "false",
+                "SECURE_SSL_REDIRECT": "false",  # plain http on 127.0.0.1
                 "SECRET_KEY": SECRET_KEY,
                 "ALLOWED_HOSTS": "127.0.0.1,localhost",
                 "DATABASE_URL": self.database_url,
