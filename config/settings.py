@@ -232,6 +232,34 @@ WEBHOOK_ALLOW_PRIVATE_HOSTS = env_bool("WEBHOOK_ALLOW_PRIVATE_HOSTS", False)
 LINK_MAX_BODY_BYTES = 64 * 1024
 DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * LINK_MAX_BODY_BYTES
 
+# --- Request data (the demographics): encrypted at rest, purged after the workflow ended -------
+# Keys of linking.LinkRequest.data (django-fernet-encrypted-fields derives each Fernet key from
+# SECRET_KEY and one of these): the first encrypts, all decrypt. Rotation: put a new key first,
+# deploy, run `manage.py rotate_request_data_key`, then drop the old key.
+_DEV_REQUEST_DATA_KEY = "development-only-request-data-key"
+REQUEST_DATA_KEYS = env_list("REQUEST_DATA_KEYS", [])
+if not REQUEST_DATA_KEYS:
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "REQUEST_DATA_KEYS is not set: comma-separated keys for the request data at rest "
+            "(or DEBUG=true for a local development default)."
+        )
+    REQUEST_DATA_KEYS = [_DEV_REQUEST_DATA_KEY]
+if any(len(key) < 16 for key in REQUEST_DATA_KEYS):
+    raise ImproperlyConfigured("each of REQUEST_DATA_KEYS must be at least 16 characters")
+SALT_KEY = REQUEST_DATA_KEYS  # the library's name for them
+# The derived keys depend on SECRET_KEY too: after changing it, the old one stays here until
+# rotate_request_data_key has run (Django's sessions and signatures accept it meanwhile too).
+SECRET_KEY_FALLBACKS = env_list("SECRET_KEY_FALLBACKS", [])
+REQUEST_DATA_RETENTION_DAYS = env_int("REQUEST_DATA_RETENTION_DAYS", 30, minimum=0)
+REQUEST_DATA_PURGE_INTERVAL_SECONDS = env_int(
+    "REQUEST_DATA_PURGE_INTERVAL_SECONDS", 3600, minimum=10
+)
+CELERY_BEAT_SCHEDULE["purge-request-data"] = {
+    "task": "linking.purge_request_data",
+    "schedule": REQUEST_DATA_PURGE_INTERVAL_SECONDS,
+}
+
 # --- REST API ----------------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["merchant.auth.CustomerTokenAuthentication"],

@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("DEBUG", "false")
 os.environ.setdefault("SECRET_KEY", "test-only-secret-key-not-for-production-use-0123456789")
+os.environ.setdefault("REQUEST_DATA_KEYS", "test-only-request-data-key-0123456789")
 os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/15")
 os.environ.setdefault("WEBHOOK_ALLOW_PRIVATE_HOSTS", "true")
 os.environ.setdefault("LOG_LEVEL", "WARNING")

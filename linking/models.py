@@ -2,6 +2,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from linking.fields import EncryptedJSONDocumentField
 from workflows.models import Workflow
 
 
@@ -16,7 +17,9 @@ class LinkRequest(models.Model):
     customer = models.ForeignKey(
         "merchant.Customer", on_delete=models.PROTECT, related_name="link_requests"
     )
-    data = models.JSONField()
+    # Encrypted at rest (REQUEST_DATA_KEYS); deleted REQUEST_DATA_RETENTION_DAYS after the
+    # workflow ended (linking/services/retention.py).
+    data = EncryptedJSONDocumentField()
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 
     def __str__(self) -> str:

@@ -2,10 +2,19 @@
 
 from celery import shared_task
 
-from linking.services import idempotency_purge_expired, search_callbacks_purge
+from linking.services import (
+    idempotency_purge_expired,
+    request_data_purge_expired,
+    search_callbacks_purge,
+)
 
 
 @shared_task(name="linking.purge_idempotency_records")
 def purge_idempotency_records() -> int:
     # Also the search callbacks' ids: the same kind of short-lived replay protection.
     return idempotency_purge_expired() + search_callbacks_purge()
+
+
+@shared_task(name="linking.purge_request_data")
+def purge_request_data() -> int:
+    return request_data_purge_expired()

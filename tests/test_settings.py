@@ -49,6 +49,7 @@ PRODUCTION = {
     "DEBUG": "false",
     "SECRET_KEY": "a-production-length-secret-key-" + "x" * 40,
     "ALLOWED_HOSTS": "merchant.example.com",
+    "REQUEST_DATA_KEYS": "a-production-request-data-key-" + "y" * 20,
 }
 
 

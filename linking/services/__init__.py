@@ -17,6 +17,11 @@ from linking.services.accept import (
 from linking.services.links import Delinked, LinkNotFound, link_delink, link_history_record
 from linking.services.patients import PatientNotFound, patient_details, patient_read
 from linking.services.process import ProcessOutcome, link_process, retry_backoff
+from linking.services.retention import (
+    RotationReport,
+    request_data_purge_expired,
+    request_data_rotate_key,
+)
 from linking.services.review import ReviewError, link_review_resolve
 from linking.services.search_results import (
     CallbackReplayed,
@@ -42,6 +47,7 @@ __all__ = [
     "ProcessOutcome",
     "RequestInFlight",
     "ReviewError",
+    "RotationReport",
     "SearchResultReceipt",
     "SearchUnknown",
     "idempotency_purge_expired",
@@ -53,6 +59,8 @@ __all__ = [
     "link_search_result",
     "patient_details",
     "patient_read",
+    "request_data_purge_expired",
+    "request_data_rotate_key",
     "request_fingerprint",
     "retry_backoff",
     "search_callbacks_purge",

@@ -135,6 +135,7 @@ class Stack:
                 "DJANGO_SETTINGS_MODULE": "config.settings",
                 "DEBUG": "false",
                 "SECURE_SSL_REDIRECT": "false",  # plain http on 127.0.0.1
+                "REQUEST_DATA_KEYS": "chaos-only-request-data-key-0123456789",
                 "SECRET_KEY": SECRET_KEY,
                 "ALLOWED_HOSTS": "127.0.0.1,localhost",
                 "DATABASE_URL": self.database_url,
