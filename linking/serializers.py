@@ -9,7 +9,8 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from merchant.models import Customer
-from merchant.webhook_urls import WebhookURLError, webhook_url_check
+from merchant.problems import Problem
+from merchant.webhook_urls import WebhookURLError, WebhookURLRefused, webhook_url_check
 from workflows.models import Result, Status
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
@@ -121,13 +122,28 @@ class LinkCreateInputSerializer(StrictSerializer):
         help_text="Optional receiver for this request's webhook; must be on the host registered "
         "at onboarding.",
     )
+    webhook_refusal: str | None = None
 
     def validate_webhook(self, value: str) -> str:
         customer: Customer = self.context["customer"]
         try:
             return webhook_url_check(url=value, registered_url=customer.webhook_url)
+        except WebhookURLRefused as exc:
+            # Well formed but never called: a 422 from validate(), once the rest is valid.
+            self.webhook_refusal = str(exc)
+            return value
         except WebhookURLError as exc:
             raise serializers.ValidationError(str(exc)) from exc
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        refusal = self.webhook_refusal
+        if refusal:
+            raise Problem(
+                "webhook-url-refused",
+                refusal,
+                extra={"errors": [{"field": "webhook", "detail": refusal}]},
+            )
+        return attrs
 
     def canonical(self) -> dict[str, Any]:
         """The validated request as JSON-ready data (what is stored as the request data)."""

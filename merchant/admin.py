@@ -1,11 +1,24 @@
+from django import forms
 from django.contrib import admin
 from django.db import models
 
 from merchant.models import Customer
+from merchant.webhook_urls import WebhookURLError, webhook_url_check
+
+
+class CustomerAdminForm(forms.ModelForm[Customer]):
+    def clean_webhook_url(self) -> str:
+        url: str = self.cleaned_data["webhook_url"]
+        try:
+            # The same rules as onboarding: the admin is a registration path too.
+            return webhook_url_check(url=url, resolve=True)
+        except WebhookURLError as exc:
+            raise forms.ValidationError(str(exc)) from exc
 
 
 @admin.register(Customer)
 class CustomerAdmin(admin.ModelAdmin[Customer]):
+    form = CustomerAdminForm
     list_display = [
         "name",
         "id",

@@ -114,6 +114,14 @@ PROBLEMS = _catalog(
         "This Idempotency-Key was already used with a different body.",
     ),
     ProblemType(
+        "webhook-url-refused",
+        "Webhook URL refused",
+        422,
+        "The webhook URL is well formed but names a destination webhooks are never sent to "
+        "(not https, not a public host, or not the host registered at onboarding); `detail` "
+        "says which.",
+    ),
+    ProblemType(
         "rate-limited", "Too many requests", 429, "Slow down; retry after `Retry-After` seconds."
     ),
     ProblemType(

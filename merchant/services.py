@@ -44,7 +44,7 @@ def customer_onboard(*, name: str, webhook_url: str) -> CustomerCredentials:
     name = name.strip()
     if not name:
         raise ValueError("The customer name must not be empty.")
-    webhook_url_check(url=webhook_url)
+    webhook_url_check(url=webhook_url, resolve=True)
     customer = Customer.objects.create(
         name=name, webhook_url=webhook_url, webhook_secret=webhook_secret_generate()
     )

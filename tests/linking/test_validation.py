@@ -96,11 +96,9 @@ def test_body_must_be_an_object(api: LinkClient) -> None:
 @pytest.mark.parametrize(
     ("webhook", "reason"),
     [
-        ("https://evil.example/steal", "host registered"),
-        ("not a url", ""),
-        ("ftp://hooks.acme.example/merchant", "https"),
+        # A well-formed URL naming a refused destination is a 422 (tests/merchant/test_webhook_urls)
+        ("not a url", "spaces"),
         ("https://user:pw@hooks.acme.example/merchant", "credentials"),
-        ("https://hooks.acme.example:8443/merchant", "host registered"),
     ],
 )
 def test_bad_request_webhook(api: LinkClient, webhook: str, reason: str) -> None:

@@ -414,7 +414,7 @@ def test_a_per_request_webhook_url_is_the_one_used(
     assert sent.verified is True
     # Another receiver (another port of the same host) is refused at the API.
     other = {**link_body(), "webhook": "http://127.0.0.1:1/hooks"}
-    assert api.post_link(other, key="key-2").status_code == 400
+    assert api.post_link(other, key="key-2").status_code == 422
 
 
 # --- beat's dispatch and redelivery -------------------------------------------------------------
