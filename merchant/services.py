@@ -17,6 +17,10 @@ from merchant.webhook_urls import webhook_url_check
 
 TOKEN_ALGORITHM = "HS256"  # noqa: S105 -- pinned here; never taken from the token's header
 TOKEN_MAX_LENGTH = 4096
+# The JOSE header token_issue writes, and so the only one accepted. PyJWT skips header parameters
+# it does not know and honours some we never use (`crit: ["b64"]`, RFC 7797): a `kid`, `jku`,
+# `jwk`, `crit` or another `typ` means the token was not made by token_issue, whoever signed it.
+TOKEN_HEADER = {"alg": TOKEN_ALGORITHM, "typ": "JWT"}
 
 
 class InvalidToken(Exception):
@@ -62,7 +66,10 @@ def token_issue(*, customer: Customer, ttl_seconds: int | None = None) -> str:
         "jti": uuid.uuid4().hex,
         "ver": customer.token_version,
     }
-    return jwt.encode(claims, settings.TOKEN_SIGNING_KEY, algorithm=TOKEN_ALGORITHM)
+    # The header spelled out, not PyJWT's default: token_verify accepts exactly this one.
+    return jwt.encode(
+        claims, settings.TOKEN_SIGNING_KEY, algorithm=TOKEN_ALGORITHM, headers=dict(TOKEN_HEADER)
+    )
 
 
 def customer_issue_token(*, customer_id: uuid.UUID) -> CustomerCredentials:
@@ -86,7 +93,10 @@ def token_verify(*, token: str) -> Customer:
     if not token or len(token) > TOKEN_MAX_LENGTH:
         raise InvalidToken("missing or oversized token")
     try:
-        claims = jwt.decode(
+        # PyJWT (2.15, as locked) also refuses an `nbf` or `iat` in the future and an unknown
+        # `crit` (CVE-2026-32597, fixed in 2.12); tests/merchant/test_token_matrix.py holds it
+        # to that, so an upgrade or downgrade that loses a check fails the suite.
+        decoded = jwt.decode_complete(
             token,
             settings.TOKEN_SIGNING_KEY,
             algorithms=[TOKEN_ALGORITHM],
@@ -94,10 +104,16 @@ def token_verify(*, token: str) -> Customer:
             issuer=settings.TOKEN_ISSUER,
             options={"require": ["exp", "iat", "iss", "aud", "sub", "ver"], "strict_aud": True},
         )
+        claims = decoded["payload"]
         customer_id = uuid.UUID(str(claims["sub"]))
         version = claims["ver"]
     except (jwt.PyJWTError, ValueError, TypeError, KeyError) as exc:
         raise InvalidToken(type(exc).__name__) from exc
+    if decoded["header"] != TOKEN_HEADER:
+        raise InvalidToken("header is not the one token_issue writes")
+    if claims["sub"] != str(customer_id):
+        # uuid.UUID also reads "urn:uuid:...", braces and upper case: one subject, one spelling.
+        raise InvalidToken("subject is not a canonical UUID")
     if not isinstance(version, int) or isinstance(version, bool):
         raise InvalidToken("version claim is not an integer")
     customer = Customer.objects.filter(id=customer_id).first()
