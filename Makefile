@@ -7,7 +7,7 @@ UV_VERSION := 0.13.8
 BIN := $(VENV)/bin
 export DJANGO_SETTINGS_MODULE ?= config.settings
 
-.PHONY: install run demo test chaos lint typecheck migrate clean
+.PHONY: install run demo test chaos fuzz lint typecheck migrate clean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ test: install
 # The whole fault-injection suite (tests/chaos): prints the table, fails on any violation.
 chaos: install
 	$(BIN)/python -m tests.chaos --json chaos-results.json
+
+# schemathesis against gunicorn on a fresh database (tests/fuzz): every operation, every check,
+# positive and negative data, a real customer token; prints the summary, fails on any failure.
+# FUZZ_ARGS="--seed N" replays a run, "--max-examples N" changes its length.
+fuzz: install
+	$(BIN)/python -m tests.fuzz $(FUZZ_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

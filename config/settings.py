@@ -260,11 +260,27 @@ CELERY_BEAT_SCHEDULE["purge-request-data"] = {
     "schedule": REQUEST_DATA_PURGE_INTERVAL_SECONDS,
 }
 
+# --- Abuse limits (merchant/throttling.py, merchant/parsers.py) -------------------------------
+# Requests per customer (keyed by the token, not the address) in DRF's rate syntax, counted in
+# Redis; over it: 429 rate-limited with Retry-After. POST /link has its own budget; the reads
+# (status, patient) and de-link share the other. Empty turns a limit off.
+RATE_LIMIT_LINK_CREATE = env_str("RATE_LIMIT_LINK_CREATE", "600/min")
+RATE_LIMIT_READ = env_str("RATE_LIMIT_READ", "1200/min")
+_RATE_PERIODS = {"s", "sec", "second", "m", "min", "minute", "h", "hour", "d", "day"}
+for _name in ("RATE_LIMIT_LINK_CREATE", "RATE_LIMIT_READ"):
+    _count, _, _period = globals()[_name].partition("/")
+    if globals()[_name] and not (_count.isdigit() and int(_count) > 0 and _period in _RATE_PERIODS):
+        raise ImproperlyConfigured(f"{_name} must be <count>/<s|min|hour|day>, e.g. 600/min")
+# JSON bodies deeper or with more object members + array items in total are refused (400).
+JSON_MAX_DEPTH = 20
+JSON_MAX_ITEMS = 1000
+
 # --- REST API ----------------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["merchant.auth.CustomerTokenAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_PARSER_CLASSES": ["merchant.problems.LimitedJSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["merchant.parsers.LimitedJSONParser"],
+    "DEFAULT_THROTTLE_CLASSES": ["merchant.throttling.CustomerRateThrottle"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "EXCEPTION_HANDLER": "merchant.problems.problem_exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
@@ -281,7 +297,16 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
     # Several responses carry a workflow's status: one named enum for all of them.
-    "ENUM_NAME_OVERRIDES": {"WorkflowStatusEnum": "workflows.models.Status"},
+    "ENUM_NAME_OVERRIDES": {
+        "WorkflowStatusEnum": "workflows.models.Status",
+        # The FHIR Bundle of the search callback: fixed values, named after what they belong to.
+        "BundleResourceTypeEnum": ["Bundle"],
+        "BundleTypeEnum": ["searchset"],
+    },
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "merchant.schema.postprocess_common_responses",
+    ],
 }
 
 # --- Transport security (`manage.py check --deploy` is clean with DEBUG off) -----------------

@@ -11,6 +11,9 @@ os.environ.setdefault("LOG_LEVEL", "WARNING")
 os.environ.setdefault("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver")
 # Test servers speak plain http on 127.0.0.1; the https redirect is tested on its own.
 os.environ.setdefault("SECURE_SSL_REDIRECT", "false")
+# The suite sends many requests per customer; the rate limit tests set low limits themselves.
+os.environ.setdefault("RATE_LIMIT_LINK_CREATE", "100000/min")
+os.environ.setdefault("RATE_LIMIT_READ", "100000/min")
 
 from config.settings import *  # noqa: F403
 

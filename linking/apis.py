@@ -1,6 +1,5 @@
 """The link API, and the internal system's search callback. Views parse and call services."""
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,16 +22,24 @@ from linking.serializers import (
     LinkStatusOutputSerializer,
     PatientOutputSerializer,
     SearchResultReceiptSerializer,
+    SearchsetBundleSerializer,
 )
 from merchant.auth import request_customer
+from merchant.parsers import json_loads_limited
 from merchant.problems import Problem
 from merchant.schema import problem_responses
+
+# What _idempotency_key accepts; no space at either end, as HTTP strips it from header values.
+IDEMPOTENCY_KEY_PATTERN = r"^[!-~]([ -~]{0,253}[!-~])?$"
+CALLBACK_JSON_MAX_DEPTH = 64
+# Text that reaches PostgreSQL, which refuses NUL characters (400 bad-request).
+NO_NUL_PATTERN = r"^[^\x00]*$"
 
 _IDEMPOTENCY_KEY = OpenApiParameter(
     name="Idempotency-Key",
     location=OpenApiParameter.HEADER,
     required=True,
-    type=str,
+    type={"type": "string", "minLength": 1, "maxLength": 255, "pattern": IDEMPOTENCY_KEY_PATTERN},
     description="A unique key per logical request (1-255 printable ASCII characters). A retry "
     "with the same key and body replays the first response for "
     "IDEMPOTENCY_TTL_SECONDS (24 h by default) with `Idempotent-Replayed: true`.",
@@ -74,6 +81,8 @@ def _idempotency_key(request: Request) -> str:
 
 
 class LinkCreateApi(APIView):
+    throttle_scope = "link-create"  # merchant/throttling.py
+
     @extend_schema(
         operation_id="link_create",
         summary="Ask for a customer patient to be linked",
@@ -144,6 +153,8 @@ class LinkCreateApi(APIView):
 
 
 class LinkStatusApi(APIView):
+    throttle_scope = "read"  # merchant/throttling.py
+
     @extend_schema(
         operation_id="link_status",
         summary="Read a link request's status",
@@ -171,6 +182,8 @@ class LinkStatusApi(APIView):
 
 
 class PatientDetailApi(APIView):
+    throttle_scope = "read"  # merchant/throttling.py
+
     @extend_schema(
         operation_id="patient_read",
         summary="Read the details of a linked patient",
@@ -207,6 +220,8 @@ class PatientDetailApi(APIView):
 
 
 class LinkDeleteApi(APIView):
+    throttle_scope = "read"  # merchant/throttling.py
+
     @extend_schema(
         operation_id="link_delete",
         summary="De-link a customer patient",
@@ -222,7 +237,7 @@ class LinkDeleteApi(APIView):
             ),
             OpenApiParameter(
                 "reason",
-                str,
+                {"type": "string", "maxLength": 500, "pattern": NO_NUL_PATTERN},
                 OpenApiParameter.QUERY,
                 required=False,
                 description="Why (kept in the link history; at most 500 characters).",
@@ -279,10 +294,25 @@ class SearchResultCallbackApi(APIView):
         "system retries it.",
         tags=["internal"],
         auth=[],
-        request={"application/fhir+json": OpenApiTypes.OBJECT},
+        request={"application/fhir+json": SearchsetBundleSerializer},
         parameters=[
-            OpenApiParameter(name, str, OpenApiParameter.HEADER, required=True)
-            for name in ("webhook-id", "webhook-timestamp", "webhook-signature")
+            OpenApiParameter(
+                "search_id",
+                # The column's length; PostgreSQL stores no NUL.
+                {"type": "string", "minLength": 1, "maxLength": 200, "pattern": NO_NUL_PATTERN},
+                OpenApiParameter.PATH,
+                description="The search job's id, as the internal system named it.",
+            ),
+            OpenApiParameter(
+                "webhook-id",
+                {"type": "string", "minLength": 1, "maxLength": 200},
+                OpenApiParameter.HEADER,
+                required=True,
+            ),
+            *(
+                OpenApiParameter(name, str, OpenApiParameter.HEADER, required=True)
+                for name in ("webhook-timestamp", "webhook-signature")
+            ),
         ],
         responses={
             (200, "application/json"): SearchResultReceiptSerializer,
@@ -300,8 +330,13 @@ class SearchResultCallbackApi(APIView):
         if len(webhook_id) > 200:
             raise Problem("bad-request", "webhook-id is longer than 200 characters.")
         try:
-            candidates = parse_bundle(json.loads(body))
-        except ValueError as exc:  # also JSONDecodeError, UnicodeDecodeError
+            # Limits of their own: a searchset of full Patient resources nests deeper and has
+            # more members than a link request, but not without bound (no RecursionError).
+            document = json_loads_limited(
+                body.decode("utf-8"), max_depth=CALLBACK_JSON_MAX_DEPTH, max_items=20_000
+            )
+            candidates = parse_bundle(document)
+        except ValueError as exc:  # also JSONDecodeError, UnicodeDecodeError, JSONTooComplex
             raise Problem("bad-request", f"not a searchset Bundle: {exc}") from exc
         try:
             receipt = services.link_search_result(

@@ -1,13 +1,16 @@
 """Input and output serializers of the link API (one pair per operation)."""
 
+import copy
 import datetime as dt
 import re
 from typing import Any
 
 from django.utils import timezone
+from drf_spectacular.extensions import OpenApiSerializerExtension, OpenApiSerializerFieldExtension
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from linking.internal_search import FHIR_ID, MATCH_GRADE_URL, MATCH_GRADES
 from merchant.models import Customer
 from merchant.problems import Problem
 from merchant.webhook_urls import WebhookURLError, WebhookURLRefused, webhook_url_check
@@ -16,6 +19,23 @@ from workflows.models import Result, Status
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 # E.164 or a common national format: digits with optional +, spaces, dots, dashes, parentheses.
 _PHONE = re.compile(r"^\+?[0-9][0-9 ().\-]{5,23}[0-9]$")
+# The schema's patterns say what TextField accepts: after trimming, not blank and no control
+# characters. Space around is allowed (trimmed); inside, any space but no control character.
+# What str.strip() trims, spelled out: `\s` differs between Python and the ECMA regular
+# expressions of JSON Schema (U+0085 and U+001C-U+001F are space only to Python).
+_STRIPPED = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_VISIBLE = rf"[^{_STRIPPED}\x00-\x1f\x7f]"
+_TEXT_SCHEMA_PATTERN = rf"^[{_STRIPPED}]*{_VISIBLE}([^\x00-\x1f\x7f]*{_VISIBLE})?[{_STRIPPED}]*$"
+_PHONE_SCHEMA_PATTERN = rf"^[{_STRIPPED}]*{_PHONE.pattern[1:-1]}[{_STRIPPED}]*$"
+# An absolute http(s) URL webhook_url_parse can read: a host of up to three labels, a port
+# 1-65535, no credentials, fragment, space or control character. It must also be on the host
+# registered at onboarding (422 otherwise), which no schema can say.
+_WEBHOOK_URL_SCHEMA_PATTERN = (
+    r"^https?://[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+    r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?){0,2}"
+    r"(:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?"
+    r"([/?][^\x00-\x20\x7f#]*)?$"
+)
 MAX_AGE_YEARS = 150
 
 
@@ -37,8 +57,24 @@ class StrictSerializer(serializers.Serializer):
         return value
 
 
+class StrictSerializerSchema(OpenApiSerializerExtension):
+    """The schema says what StrictSerializer does: no properties beyond the declared ones."""
+
+    target_class = StrictSerializer
+    match_subclasses = True
+
+    def map_serializer(self, auto_schema: Any, direction: Any) -> dict[str, Any]:
+        schema: dict[str, Any] = auto_schema._map_serializer(
+            self.target, direction, bypass_extensions=True
+        )
+        schema["additionalProperties"] = False
+        return schema
+
+
 class TextField(serializers.CharField):
     """A trimmed, non-blank string without control characters."""
+
+    schema_pattern = _TEXT_SCHEMA_PATTERN
 
     def to_internal_value(self, data: Any) -> str:
         if not isinstance(data, str):
@@ -47,6 +83,34 @@ class TextField(serializers.CharField):
         if _CONTROL_CHARS.search(value):
             raise serializers.ValidationError("Must not contain control characters.")
         return value
+
+
+class PhoneField(TextField):
+    schema_pattern = _PHONE_SCHEMA_PATTERN
+
+
+class TextFieldSchema(OpenApiSerializerFieldExtension):
+    target_class = TextField
+    match_subclasses = True
+
+    def map_serializer_field(self, auto_schema: Any, direction: Any) -> dict[str, Any]:
+        schema: dict[str, Any] = auto_schema._map_serializer_field(
+            self.target, direction, bypass_extensions=True
+        )
+        schema["pattern"] = self.target.schema_pattern
+        return schema
+
+
+@extend_schema_field({"type": "object", "additionalProperties": True})
+class JSONObjectField(serializers.JSONField):
+    """A JSON object (DRF's JSONField takes any JSON value; validate_insurance refuses others)."""
+
+
+@extend_schema_field(
+    {"type": "string", "format": "uri", "maxLength": 2000, "pattern": _WEBHOOK_URL_SCHEMA_PATTERN}
+)
+class WebhookURLField(serializers.CharField):
+    """Only the schema differs: validate_webhook applies webhook_url_check."""
 
 
 class UUIDStringField(serializers.UUIDField):
@@ -85,7 +149,7 @@ class BirthDateField(serializers.Field):
 
 class ContactSerializer(StrictSerializer):
     address = TextField(max_length=500, required=False)
-    phone = TextField(max_length=32, required=False)
+    phone = PhoneField(max_length=32, required=False)
     email = serializers.EmailField(max_length=254, required=False)
 
     def validate_phone(self, value: str) -> str:
@@ -96,10 +160,13 @@ class ContactSerializer(StrictSerializer):
 
 class PatientSerializer(StrictSerializer):
     id = UUIDStringField(help_text="The customer's own patient id.")
-    full_name = TextField(max_length=200)
-    dob = BirthDateField(help_text="Date of birth, ISO 8601 (a datetime's date is kept).")
+    full_name = TextField(max_length=200, help_text="With at least one letter.")
+    dob = BirthDateField(
+        help_text="Date of birth, ISO 8601 (a datetime's date is kept); not in the future, at "
+        f"most {MAX_AGE_YEARS} years ago."
+    )
     contact = ContactSerializer(required=False)
-    insurance = serializers.JSONField(
+    insurance = JSONObjectField(
         required=False, help_text="Free-form insurance details (a JSON object)."
     )
 
@@ -116,7 +183,7 @@ class PatientSerializer(StrictSerializer):
 
 class LinkCreateInputSerializer(StrictSerializer):
     patient = PatientSerializer()
-    webhook = serializers.CharField(
+    webhook = WebhookURLField(
         max_length=2000,
         required=False,
         help_text="Optional receiver for this request's webhook; must be on the host registered "
@@ -240,6 +307,68 @@ class DelinkOutputSerializer(serializers.Serializer):
             "delinked-at": serializers.DateTimeField(),
         }
     )
+
+
+# What parse_bundle accepts, as a schema: a searchset Bundle whose entries are Patients with a FHIR
+# id, an optional score in 0..1 and an optional match-grade extension with a known grade. Other
+# members (Bundle.total, Patient.name, other extensions...) are allowed and ignored, as FHIR wants.
+_MATCH_GRADE_EXTENSION = {
+    "type": "object",
+    "properties": {
+        "url": {"type": "string", "enum": [MATCH_GRADE_URL]},
+        "valueCode": {"type": "string", "enum": sorted(MATCH_GRADES)},
+    },
+    "required": ["url", "valueCode"],
+}
+_OTHER_EXTENSION = {"type": "object", "properties": {"url": {"not": {"enum": [MATCH_GRADE_URL]}}}}
+SEARCHSET_BUNDLE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "resourceType": {"type": "string", "enum": ["Bundle"]},
+        "type": {"type": "string", "enum": ["searchset"]},
+        "entry": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "resource": {
+                        "type": "object",
+                        "properties": {
+                            "resourceType": {"type": "string", "enum": ["Patient"]},
+                            "id": {"type": "string", "pattern": f"^{FHIR_ID.pattern}$"},
+                        },
+                        "required": ["resourceType", "id"],
+                    },
+                    "search": {
+                        "type": "object",
+                        "properties": {
+                            "score": {"type": "number", "minimum": 0, "maximum": 1},
+                            "extension": {
+                                "type": "array",
+                                "items": {"anyOf": [_MATCH_GRADE_EXTENSION, _OTHER_EXTENSION]},
+                            },
+                        },
+                    },
+                },
+                "required": ["resource"],
+            },
+        },
+    },
+    "required": ["resourceType", "type"],
+}
+
+
+class SearchsetBundleSerializer(serializers.Serializer):
+    """Schema only: the callback verifies the signature over the raw body, then parse_bundle
+    reads it."""
+
+
+class SearchsetBundleSchema(OpenApiSerializerExtension):
+    target_class = SearchsetBundleSerializer
+
+    def map_serializer(self, auto_schema: Any, direction: Any) -> dict[str, Any]:
+        # A copy: the enum postprocessing hook rewrites the schema it is given in place.
+        return copy.deepcopy(SEARCHSET_BUNDLE_SCHEMA)
 
 
 class SearchResultReceiptSerializer(serializers.Serializer):

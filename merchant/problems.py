@@ -7,14 +7,12 @@ a short description there, so a client can always dereference it.
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from io import BytesIO
 from typing import Any
 
-from django.conf import settings
-from django.db import DatabaseError, InterfaceError, OperationalError
+from django.core.exceptions import RequestDataTooBig
+from django.db import DatabaseError, DataError, InterfaceError, OperationalError
 from django.http import Http404, HttpRequest, JsonResponse
 from rest_framework import exceptions
-from rest_framework.parsers import JSONParser
 from rest_framework.response import Response
 
 logger = logging.getLogger(__name__)
@@ -237,6 +235,9 @@ def problem_exception_handler(exc: Exception, context: Mapping[str, Any]) -> Res
         )
     if isinstance(exc, Http404):
         return problem_response("not-found", instance=instance)
+    if isinstance(exc, RequestDataTooBig):
+        # Django's DATA_UPLOAD_MAX_MEMORY_SIZE, hit when DRF reads the body for the parser.
+        return problem_response("payload-too-large", instance=instance)
     if isinstance(exc, exceptions.APIException):
         slug = next((s for cls, s in _DRF_SLUGS.items() if isinstance(exc, cls)), None)
         if slug is None:
@@ -256,36 +257,30 @@ def problem_exception_handler(exc: Exception, context: Mapping[str, Any]) -> Res
         return problem_response(
             "service-unavailable", instance=instance, headers={"Retry-After": "5"}
         )
+    if isinstance(exc, DataError):
+        # PostgreSQL's "data exception" (SQLSTATE class 22): a value it cannot store or compare,
+        # such as a NUL character or a string longer than its column. Here such values come from
+        # the request (an id in the path, a header): the same request fails every time, so it is
+        # the client's error, not a 500 that invites retries. Views should refuse them earlier;
+        # this is the net under them (found by the fuzzer, tests/test_fuzz_findings.py).
+        logger.warning("database refused a value of the request on %s", instance)
+        return problem_response(
+            "bad-request",
+            detail="The request carries a value that cannot be processed (such as a NUL "
+            "character or an over-long identifier).",
+            instance=instance,
+        )
+    if isinstance(exc, RecursionError):
+        # Only hostile input nests deep enough (JSON parsed outside the API's parser).
+        logger.warning("input nested too deeply on %s", instance)
+        return problem_response(
+            "bad-request", detail="The request is nested too deeply.", instance=instance
+        )
     if isinstance(exc, DatabaseError):
         logger.error("database error: %s", type(exc).__name__)
     else:
         logger.error("unhandled %s on %s", type(exc).__name__, instance)
     return problem_response("internal-error", instance=instance)
-
-
-class PayloadTooLarge(Problem):
-    def __init__(self) -> None:
-        super().__init__("payload-too-large")
-
-
-class LimitedJSONParser(JSONParser):
-    """JSONParser that refuses bodies over LINK_MAX_BODY_BYTES with 413, read or declared."""
-
-    def parse(
-        self,
-        stream: Any,
-        media_type: str | None = None,
-        parser_context: Mapping[str, Any] | None = None,
-    ) -> Any:
-        limit = settings.LINK_MAX_BODY_BYTES
-        request = (parser_context or {}).get("request")
-        declared = request.META.get("CONTENT_LENGTH") if request is not None else None
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge()
-        raw = stream.read(limit + 1)
-        if len(raw) > limit:
-            raise PayloadTooLarge()
-        return super().parse(BytesIO(raw), media_type, parser_context)
 
 
 # --- Django-level handlers: errors outside DRF views are problem+json too ----------------------

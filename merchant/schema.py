@@ -45,13 +45,64 @@ class ProblemSerializer(serializers.Serializer):
     )
 
 
+def _problem_description(code: int) -> str:
+    kinds = ", ".join(f"`{p.uri}`" for p in PROBLEMS.values() if p.status == code)
+    return f"Problem details ({kinds})."
+
+
 def problem_responses(*statuses: int) -> dict[Any, OpenApiResponse]:
     """OpenAPI responses for these statuses, each listing the problem types it can carry."""
-    responses: dict[Any, OpenApiResponse] = {}
-    for code in statuses:
-        kinds = ", ".join(f"`{p.uri}`" for p in PROBLEMS.values() if p.status == code)
-        responses[(code, PROBLEM_CONTENT_TYPE)] = OpenApiResponse(
-            response=ProblemSerializer,
-            description=f"Problem details ({kinds}).",
+    return {
+        (code, PROBLEM_CONTENT_TYPE): OpenApiResponse(
+            response=ProblemSerializer, description=_problem_description(code)
         )
-    return responses
+        for code in statuses
+    }
+
+
+_HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+_HEADERS = {
+    "Retry-After": {
+        "schema": {"type": "integer"},
+        "required": True,
+        "description": "Seconds to wait before retrying.",
+    },
+    "WWW-Authenticate": {
+        "schema": {"type": "string"},
+        "required": True,
+        "description": 'The scheme to authenticate with: `Bearer realm="merchant-service"`.',
+    },
+}
+
+
+def _common_problem(code: int, *headers: str) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": _problem_description(code),
+        "content": {PROBLEM_CONTENT_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
+    if headers:
+        response["headers"] = {name: _HEADERS[name] for name in headers}
+    return response
+
+
+def postprocess_common_responses(result: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """Add the answers every operation can give whatever its view does, so that no operation
+    (including one added later) can answer something its description leaves out: 400 (a value
+    the database refuses, such as a NUL character in an id: merchant.problems), 406 (DRF's
+    content negotiation, before the view: responses are JSON only), and on token-protected
+    operations 401 (with WWW-Authenticate) and 429 (the per-customer rate limit, with
+    Retry-After). Responses a view documents itself are kept."""
+    for item in result.get("paths", {}).values():
+        for method, operation in item.items():
+            if method not in _HTTP_METHODS:
+                continue
+            responses = operation.setdefault("responses", {})
+            common = {"400": _common_problem(400), "406": _common_problem(406)}
+            if operation.get("security"):
+                common["401"] = _common_problem(401, "WWW-Authenticate")
+                common["429"] = _common_problem(429, "Retry-After")
+            for code, response in common.items():
+                documented = responses.setdefault(code, response)
+                for name, header in response.get("headers", {}).items():
+                    documented.setdefault("headers", {}).setdefault(name, header)
+    return result

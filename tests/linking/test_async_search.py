@@ -748,6 +748,12 @@ BAD_BUNDLES = {
     "entry-without-id": json.dumps(
         {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": {}}]}
     ).encode(),
+    # Deeper than Python's recursion limit: refused before json.loads, not a RecursionError.
+    "nested-too-deep": b'{"resourceType": "Bundle", "type": "searchset", "x": '
+    + b"[" * 5000
+    + b"]" * 5000
+    + b"}",
+    "nan-score": json.dumps(searchset(entry("abc", float("nan")))).encode(),
 }
 
 
