@@ -260,6 +260,11 @@ CELERY_BEAT_SCHEDULE["purge-request-data"] = {
     "schedule": REQUEST_DATA_PURGE_INTERVAL_SECONDS,
 }
 
+# --- Customer tokens: how long a process trusts what it last read of a customer -------------
+# (active, token version). Changes made through this process apply at once; other processes see
+# a revocation or deactivation within this many seconds. 0 reads the customer on every request.
+CUSTOMER_CACHE_SECONDS = env_int("CUSTOMER_CACHE_SECONDS", 5, minimum=0)
+
 # --- Abuse limits (merchant/throttling.py, merchant/parsers.py) -------------------------------
 # Requests per customer (keyed by the token, not the address) in DRF's rate syntax, counted in
 # Redis; over it: 429 rate-limited with Retry-After. POST /link has its own budget; the reads

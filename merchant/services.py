@@ -85,6 +85,9 @@ def customer_revoke_tokens(*, customer_id: uuid.UUID) -> Customer:
         )
         if not updated:
             raise Customer.DoesNotExist(f"No customer {customer_id}")
+        # A queryset update sends no signal (merchant/signals.py).
+        transaction.on_commit(lambda: customer_cache_forget(customer_id=customer_id))
+    customer_cache_forget(customer_id=customer_id)
     return Customer.objects.get(id=customer_id)
 
 
@@ -116,7 +119,7 @@ def token_verify(*, token: str) -> Customer:
         raise InvalidToken("subject is not a canonical UUID")
     if not isinstance(version, int) or isinstance(version, bool):
         raise InvalidToken("version claim is not an integer")
-    customer = Customer.objects.filter(id=customer_id).first()
+    customer = _customer_cached(customer_id)
     if customer is None:
         raise InvalidToken("unknown customer")
     if not customer.is_active:
@@ -124,3 +127,30 @@ def token_verify(*, token: str) -> Customer:
     if version != customer.token_version:
         raise InvalidToken("revoked token")
     return customer
+
+
+# Customers as token_verify last read them, per process: (read at, customer or None if unknown).
+# Every authenticated request needs its customer's state; reading it from PostgreSQL each time
+# was the ack path's second round trip. Changes made in this process drop the entry at once
+# (merchant/signals.py); other processes see them within CUSTOMER_CACHE_SECONDS.
+_customers: dict[uuid.UUID, tuple[float, Customer | None]] = {}
+_CUSTOMERS_MAX = 10_000
+
+
+def _customer_cached(customer_id: uuid.UUID) -> Customer | None:
+    ttl = settings.CUSTOMER_CACHE_SECONDS
+    now = time.monotonic()
+    entry = _customers.get(customer_id)
+    if entry is not None and now - entry[0] < ttl:
+        return entry[1]
+    customer = Customer.objects.filter(id=customer_id).first()
+    if ttl > 0:
+        if len(_customers) >= _CUSTOMERS_MAX:
+            _customers.clear()  # a bound, not an eviction policy: tokens of so many is rare
+        _customers[customer_id] = (now, customer)
+    return customer
+
+
+def customer_cache_forget(*, customer_id: uuid.UUID) -> None:
+    """Drop what this process remembers of a customer (it changed or was deleted)."""
+    _customers.pop(customer_id, None)

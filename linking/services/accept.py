@@ -1,6 +1,8 @@
 """Link use cases: accepting a link request (the ack path)."""
 
+import contextlib
 import datetime as dt
+import functools
 import hashlib
 import json
 import uuid
@@ -9,17 +11,21 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
+from django.db.models import Field, Model
+from django.db.models.fields import AutoFieldMixin
 from django.utils import timezone
 
 from linking.models import IdempotencyRecord, LinkRequest, MappingStatus, PatientMapping
 from linking.quality import demographics_quality
 from merchant.models import Customer
-from workflows.models import PENDING_STATES, Status, Workflow
-from workflows.services import workflow_create, workflow_publish_soon
+from workflows.models import PENDING_STATES, Status, Workflow, WorkflowTransition
+from workflows.services import workflow_new, workflow_publish_soon
 
 # What a client is told to wait before polling the status (or retrying an in-flight request).
 STATUS_RETRY_AFTER_SECONDS = 5
 IN_FLIGHT_RETRY_AFTER_SECONDS = 1
+# Constants of the code, written into the statement (the partial unique index's own list).
+_PENDING_SQL = ", ".join(f"'{state}'" for state in PENDING_STATES)
 
 
 class LinkRefused(Exception):
@@ -69,8 +75,9 @@ def link_accept(
 ) -> LinkAcceptance:
     """Accept a link request durably, or replay/refuse it (seed 3.2).
 
-    The workflow, the request data and the idempotency record are written in one transaction;
-    the queue message is published only after it commits. `body` is the parsed body as sent
+    The workflow, the request data and the idempotency record are written in one transaction
+    (usually one statement: _accept_new); the queue message is published only after it
+    commits. `body` is the parsed body as sent
     (for the fingerprint), `request_data` its validated, canonical form (what is stored).
     """
     refusal = demographics_quality(request_data["patient"]).refusal(settings.MIN_DEMOGRAPHICS_SCORE)
@@ -78,17 +85,52 @@ def link_accept(
         raise InsufficientDemographics(refusal)
     fingerprint = request_fingerprint(body)
     patient_id = uuid.UUID(request_data["patient"]["id"])
+    workflow = _accept_new(
+        customer=customer,
+        key=idempotency_key,
+        fingerprint=fingerprint,
+        patient_id=patient_id,
+        request_data=request_data,
+    )
+    if workflow is None:
+        otherwise = _accept_otherwise(
+            customer=customer,
+            key=idempotency_key,
+            fingerprint=fingerprint,
+            patient_id=patient_id,
+            request_data=request_data,
+        )
+        if isinstance(otherwise, LinkAcceptance):
+            return otherwise
+        workflow = otherwise
+    # Sent after the commit (a message never names a workflow that does not exist) and off the
+    # request thread. If the process dies first, the reconciliation sweep publishes it.
+    workflow_publish_soon(workflow=workflow)
+    return _accepted_response(workflow)
+
+
+def _accept_otherwise(
+    *,
+    customer: Customer,
+    key: str,
+    fingerprint: str,
+    patient_id: uuid.UUID,
+    request_data: dict[str, Any],
+) -> Workflow | LinkAcceptance:
+    """Whatever the single statement did not take: a replay, a refusal, an expired key, a race
+    lost to a concurrent request. One query at a time, under the key's lock, so each case can
+    be told apart."""
     try:
         with transaction.atomic():
-            if not _try_lock_key(customer_id=customer.id, key=idempotency_key):
+            if not _try_lock_key(customer_id=customer.id, key=key):
                 raise RequestInFlight()
-            replay = _replay(customer=customer, key=idempotency_key, fingerprint=fingerprint)
+            replay = _replay(customer=customer, key=key, fingerprint=fingerprint)
             if replay is not None:
                 return replay
             _refuse_if_linked_or_pending(customer=customer, patient_id=patient_id)
             workflow = _persist(
                 customer=customer,
-                key=idempotency_key,
+                key=key,
                 fingerprint=fingerprint,
                 patient_id=patient_id,
                 request_data=request_data,
@@ -103,10 +145,11 @@ def link_accept(
         if constraint == "idempotency_customer_key":
             raise RequestInFlight() from exc
         raise
-    # Sent after the commit (a message never names a workflow that does not exist) and off the
-    # request thread. If the process dies first, the reconciliation sweep publishes it.
-    workflow_publish_soon(workflow=workflow)
-    return _accepted_response(workflow)
+    return workflow
+
+
+def _lock_name(*, customer_id: uuid.UUID, key: str) -> str:
+    return f"idempotency:{customer_id}:{key}"
 
 
 def _try_lock_key(*, customer_id: uuid.UUID, key: str) -> bool:
@@ -118,10 +161,131 @@ def _try_lock_key(*, customer_id: uuid.UUID, key: str) -> bool:
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))",
-            [f"idempotency:{customer_id}:{key}"],
+            [_lock_name(customer_id=customer_id, key=key)],
         )
         row = cursor.fetchone()
     return bool(row and row[0])
+
+
+def _accept_new(
+    *,
+    customer: Customer,
+    key: str,
+    fingerprint: str,
+    patient_id: uuid.UUID,
+    request_data: dict[str, Any],
+) -> Workflow | None:
+    """The common case in one statement, so one round trip to PostgreSQL: a new key for a
+    patient with no link and nothing pending. The request data, the workflow, its first
+    timeline line and the idempotency record are inserted together (one statement is one
+    transaction), under the same key lock as _accept_otherwise, or not at all. None when any
+    condition fails, or a concurrent request wins a unique constraint: _accept_otherwise then
+    says why, one query at a time."""
+    link_request, workflow, first, record = _new_rows(
+        customer=customer,
+        key=key,
+        fingerprint=fingerprint,
+        patient_id=patient_id,
+        request_data=request_data,
+    )
+    request_sql, request_params = _insert_select(link_request)
+    # Built from model metadata only; every value is a parameter.
+    sql = (
+        f"WITH request AS ({request_sql} "  # noqa: S608
+        "WHERE pg_try_advisory_xact_lock(hashtextextended(%s, 0))"
+        " AND NOT EXISTS (SELECT 1 FROM linking_idempotencyrecord"
+        " WHERE customer_id = %s AND key = %s)"
+        " AND NOT EXISTS (SELECT 1 FROM linking_patientmapping"
+        " WHERE customer_id = %s AND customer_patient_id = %s AND status = %s)"
+        " AND NOT EXISTS (SELECT 1 FROM workflows_workflow"
+        f" WHERE customer_id = %s AND patient_id = %s AND status IN ({_PENDING_SQL}))"
+        " RETURNING 1)"
+    )
+    params: list[Any] = [
+        *request_params,
+        _lock_name(customer_id=customer.id, key=key),
+        customer.id,
+        key,
+        customer.id,
+        patient_id,
+        MappingStatus.LINKED.value,
+        customer.id,
+        patient_id,
+    ]
+    # Each later row is inserted once per row of the one before: all of them or none.
+    for name, instance, source in (
+        ("workflow", workflow, "request"),
+        ("timeline", first, "workflow"),
+        ("record", record, "workflow"),
+    ):
+        insert_sql, insert_params = _insert_select(instance)
+        sql += f", {name} AS ({insert_sql} FROM {source} RETURNING 1)"
+        params += insert_params
+    sql += " SELECT count(*) FROM record"
+    try:
+        # A savepoint only inside an outer transaction (tests, callers holding one); in
+        # autocommit the statement is its own transaction and needs no BEGIN/COMMIT.
+        with (
+            transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext(),
+            connection.cursor() as cursor,
+        ):
+            cursor.execute(sql, params)
+            row = cursor.fetchone()
+    except IntegrityError:
+        return None
+    return workflow if row and row[0] == 1 else None
+
+
+def _new_rows(
+    *,
+    customer: Customer,
+    key: str,
+    fingerprint: str,
+    patient_id: uuid.UUID,
+    request_data: dict[str, Any],
+) -> tuple[LinkRequest, Workflow, WorkflowTransition, IdempotencyRecord]:
+    """The four rows of an accepted request, not saved yet."""
+    request_id = uuid.uuid4()
+    link_request = LinkRequest(request_id=request_id, customer=customer, data=request_data)
+    workflow, first = workflow_new(
+        customer=customer,
+        patient_id=patient_id,
+        request_id=request_id,
+        webhook_url=request_data.get("webhook", ""),
+    )
+    accepted = _accepted_response(workflow)
+    record = IdempotencyRecord(
+        customer=customer,
+        key=key,
+        fingerprint=fingerprint,
+        workflow=workflow,
+        response_status=accepted.status,
+        response_body=json.dumps(accepted.body),
+        response_headers=accepted.headers,
+        created_at=workflow.created_at,
+        expires_at=workflow.created_at + dt.timedelta(seconds=settings.IDEMPOTENCY_TTL_SECONDS),
+    )
+    return link_request, workflow, first, record
+
+
+def _insert_select(instance: Model) -> tuple[str, list[Any]]:
+    """`INSERT INTO <table> (<columns>) SELECT <values>` for an unsaved instance, each value
+    prepared by its field as save() would (encryption included) and cast to its column's type
+    (a bare parameter in a SELECT list would be text). Auto-incremented keys are left to the
+    database."""
+    sql, fields = _insert_select_sql(type(instance))
+    return sql, [f.get_db_prep_save(f.pre_save(instance, True), connection) for f in fields]
+
+
+@functools.cache
+def _insert_select_sql(model: type[Model]) -> tuple[str, tuple[Field[Any, Any], ...]]:
+    # The same for every row of a model: built once per process.
+    meta = model._meta
+    fields = tuple(f for f in meta.concrete_fields if not isinstance(f, AutoFieldMixin))
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(f.column) for f in fields)
+    values = ", ".join(f"CAST(%s AS {f.db_type(connection)})" for f in fields)
+    return f"INSERT INTO {quote(meta.db_table)} ({columns}) SELECT {values}", fields
 
 
 def _replay(*, customer: Customer, key: str, fingerprint: str) -> LinkAcceptance | None:
@@ -175,27 +339,16 @@ def _persist(
     patient_id: uuid.UUID,
     request_data: dict[str, Any],
 ) -> Workflow:
-    request_id = uuid.uuid4()
-    LinkRequest.objects.create(request_id=request_id, customer=customer, data=request_data)
-    workflow = workflow_create(
-        customer=customer,
-        patient_id=patient_id,
-        request_id=request_id,
-        webhook_url=request_data.get("webhook", ""),
-    )
-    accepted = _accepted_response(workflow)
-    IdempotencyRecord.objects.create(
+    rows = _new_rows(
         customer=customer,
         key=key,
         fingerprint=fingerprint,
-        workflow=workflow,
-        response_status=accepted.status,
-        response_body=json.dumps(accepted.body),
-        response_headers=accepted.headers,
-        created_at=workflow.created_at,
-        expires_at=workflow.created_at + dt.timedelta(seconds=settings.IDEMPOTENCY_TTL_SECONDS),
+        patient_id=patient_id,
+        request_data=request_data,
     )
-    return workflow
+    for row in rows:
+        row.save(force_insert=True)
+    return rows[1]
 
 
 def _accepted_response(workflow: Workflow) -> LinkAcceptance:

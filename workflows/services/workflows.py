@@ -2,9 +2,9 @@
 
 import datetime as dt
 import logging
+import queue
 import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from django.conf import settings
@@ -28,8 +28,32 @@ def workflow_create(
     actor: str = "api",
 ) -> Workflow:
     """Insert a RECEIVED workflow and the first line of its timeline (caller holds the tx)."""
+    workflow, first = workflow_new(
+        customer=customer,
+        patient_id=patient_id,
+        request_id=request_id,
+        request_type=request_type,
+        webhook_url=webhook_url,
+        actor=actor,
+    )
+    workflow.save(force_insert=True)
+    first.save(force_insert=True)
+    return workflow
+
+
+def workflow_new(
+    *,
+    customer: Customer,
+    patient_id: uuid.UUID,
+    request_id: uuid.UUID,
+    request_type: str = RequestType.LINK,
+    webhook_url: str = "",
+    actor: str = "api",
+) -> tuple[Workflow, WorkflowTransition]:
+    """A RECEIVED workflow and the first line of its timeline, not saved yet: workflow_create
+    saves them, the ack path's single statement inserts them (linking/services/accept.py)."""
     now = timezone.now()
-    workflow = Workflow.objects.create(
+    workflow = Workflow(
         customer=customer,
         patient_id=patient_id,
         request_id=request_id,
@@ -38,7 +62,7 @@ def workflow_create(
         created_at=now,
         updated_at=now,
     )
-    WorkflowTransition.objects.create(
+    first = WorkflowTransition(
         workflow=workflow,
         source="",
         target=Status.RECEIVED,
@@ -46,7 +70,7 @@ def workflow_create(
         at=now,
         reason="accepted",
     )
-    return workflow
+    return workflow, first
 
 
 def workflow_transition(
@@ -92,18 +116,39 @@ def workflow_message(*, workflow: Workflow) -> dict[str, str]:
 
 # Background publishing of the ack path: bounded, so a stalled broker cannot pile up work.
 _PUBLISH_BACKLOG_LIMIT = 10_000
-_publisher: ThreadPoolExecutor | None = None
+# Messages sent in one Redis round trip (kombu's publish batch) when acks arrive faster than
+# one publish takes.
+_PUBLISH_BATCH_SIZE = 100
+_publisher: threading.Thread | None = None
 _publisher_lock = threading.Lock()
+_pending: queue.SimpleQueue[Workflow] = queue.SimpleQueue()
 _backlog = threading.BoundedSemaphore(_PUBLISH_BACKLOG_LIMIT)
 
 
-def _publisher_pool() -> ThreadPoolExecutor:
-    # Created on first use, in the process that publishes (never inherited through a fork).
+def _publisher_started() -> None:
+    # Started on first use, in the process that publishes (a thread does not survive a fork).
     global _publisher
     with _publisher_lock:
-        if _publisher is None:
-            _publisher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="publish")
-        return _publisher
+        if _publisher is None or not _publisher.is_alive():
+            _publisher = threading.Thread(target=_publish_forever, name="publish", daemon=True)
+            _publisher.start()
+
+
+def _publish_forever() -> None:
+    """One thread publishes for the whole process: whatever queued up while it was sending
+    goes out together, so under load one producer and one Redis round trip serve many acks."""
+    while True:
+        batch = [_pending.get()]
+        while len(batch) < _PUBLISH_BATCH_SIZE:
+            try:
+                batch.append(_pending.get_nowait())
+            except queue.Empty:
+                break
+        try:
+            workflows_publish(workflows=batch)
+        finally:
+            for _ in batch:
+                _backlog.release()
 
 
 def workflow_publish_soon(*, workflow: Workflow) -> None:
@@ -118,14 +163,8 @@ def workflow_publish_soon(*, workflow: Workflow) -> None:
         if not _backlog.acquire(blocking=False):
             logger.warning("publish backlog full; workflow %s left to the sweep", workflow.id)
             return
-
-        def run() -> None:
-            try:
-                workflow_publish(workflow=workflow)
-            finally:
-                _backlog.release()
-
-        _publisher_pool().submit(run)
+        _publisher_started()
+        _pending.put(workflow)
 
     transaction.on_commit(submit)
 
@@ -136,18 +175,39 @@ def workflow_publish(*, workflow: Workflow) -> bool:
     A failure is logged and swallowed: the workflow row is committed, and the reconciliation
     sweep re-publishes every pending workflow that nobody picked up.
     """
+    return workflows_publish(workflows=[workflow]) == 1
+
+
+def workflows_publish(*, workflows: list[Workflow]) -> int:
+    """Send these workflows' messages in one batch (one Redis round trip); how many were sent.
+
+    A failure is logged and swallowed, as in workflow_publish, and counts as none sent: part of
+    the batch may have reached the broker, and a duplicate message is harmless (consumers claim
+    the workflow row), while the sweep re-queues whatever was lost.
+    """
     from workflows.tasks import process_workflow
 
     try:
-        process_workflow.apply_async(args=(workflow_message(workflow=workflow),))
+        with process_workflow.app.producer_or_acquire() as producer, producer.batch():
+            for workflow in workflows:
+                message = workflow_message(workflow=workflow)
+                # Celery would otherwise format the arguments for its logs with saferepr on
+                # every publish (a third of its cost); the id says it all. (Options Celery
+                # passes to its message, unknown to its type stubs.)
+                reprs: dict[str, Any] = {
+                    "argsrepr": f"(workflow {workflow.id})",
+                    "kwargsrepr": "{}",
+                }
+                process_workflow.apply_async(args=(message,), producer=producer, **reprs)
     except Exception as exc:
         logger.warning(
-            "publish failed for workflow %s (%s); the sweep will re-queue it",
-            workflow.id,
+            "publish failed for workflow %s%s (%s); the sweep will re-queue it",
+            workflows[0].id if workflows else None,
+            f" and {len(workflows) - 1} others" if len(workflows) > 1 else "",
             type(exc).__name__,
         )
-        return False
-    return True
+        return 0
+    return len(workflows)
 
 
 # States a consumer may pick up: RECEIVED to start, REQUESTED to poll an asynchronous search
