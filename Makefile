@@ -7,7 +7,7 @@ UV_VERSION := 0.13.8
 BIN := $(VENV)/bin
 export DJANGO_SETTINGS_MODULE ?= config.settings
 
-.PHONY: install run demo test chaos fuzz lint typecheck migrate clean
+.PHONY: install wrk run demo test chaos fuzz bench lint typecheck migrate clean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,15 @@ $(VENV)/.installed: uv.lock pyproject.toml | $(BIN)/uv
 	touch $@
 
 install: $(VENV)/.installed
+
+# wrk, the load generator of `make bench` and of its smoke test in `make test`: Debian's package,
+# installed once when missing (as root, else through sudo). Quiet when it is already there.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { \
+		echo "installing wrk (apt-get)"; \
+		$(SUDO) apt-get update -qq >/dev/null && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 
 migrate: install
 	$(BIN)/python manage.py ensure_database
@@ -37,7 +46,7 @@ run: migrate
 demo: install
 	$(BIN)/python -m standin.demo
 
-test: install
+test: install wrk
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
@@ -52,6 +61,13 @@ chaos: install
 # FUZZ_ARGS="--seed N" replays a run, "--max-examples N" changes its length.
 fuzz: install
 	$(BIN)/python -m tests.fuzz $(FUZZ_ARGS)
+
+# The benchmark (tests/bench, README "Performance"): the real stack with production settings on a
+# fresh database, wrk against the yardstick, the ack path and the status read, N workflows end to
+# end, the sweep over 1,000,000 rows. Prints the table, writes bench-results.json. Targets are
+# reported, not enforced: it fails only when a stage could not run. BENCH_ARGS="--duration 30".
+bench: install wrk
+	$(BIN)/python -m tests.bench --json bench-results.json $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -280,6 +280,11 @@ for _name in ("RATE_LIMIT_LINK_CREATE", "RATE_LIMIT_READ"):
 JSON_MAX_DEPTH = 20
 JSON_MAX_ITEMS = 1000
 
+# --- Benchmark (`make bench`, README "Performance") -----------------------------------------
+# Serves the yardstick (config/yardstick.py), a no-I/O endpoint every benchmark figure is a
+# ratio to. Off by default: it is not part of the API.
+BENCH_YARDSTICK = env_bool("BENCH_YARDSTICK", False)
+
 # --- REST API ----------------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["merchant.auth.CustomerTokenAuthentication"],

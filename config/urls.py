@@ -1,7 +1,9 @@
+from django.conf import settings
 from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from config.yardstick import YARDSTICK_PATH, YardstickApi
 from merchant.problems import problem_type_view
 
 urlpatterns = [
@@ -11,6 +13,10 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("admin/", admin.site.urls),
 ]
+
+if settings.BENCH_YARDSTICK:
+    # Benchmark-only (`make bench`): absent from the URLconf, not just refused, when off.
+    urlpatterns.append(path(YARDSTICK_PATH, YardstickApi.as_view(), name="bench-yardstick"))
 
 handler400 = "merchant.problems.handler400"
 handler403 = "merchant.problems.handler403"

@@ -1,4 +1,5 @@
-"""Real processes for tests: gunicorn, Celery workers, the stand-in. Each is stopped by pid."""
+"""Real processes for tests: gunicorn, Celery workers, the stand-in, a redis-server of its own, a
+fresh database. Each is stopped by pid (or dropped) afterwards."""
 
 import os
 import signal
@@ -12,8 +13,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+import dj_database_url
+import psycopg
 import requests
 from django.db import connection
+from psycopg import sql
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -173,3 +177,57 @@ def serving(server: Any) -> Iterator[None]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def admin_params(database_url: str) -> dict[str, Any]:
+    """psycopg connection parameters for the maintenance database of `database_url`'s server."""
+    db = dj_database_url.parse(database_url)
+    return {
+        "host": db.get("HOST") or None,
+        "port": db.get("PORT") or None,
+        "user": db.get("USER") or None,
+        "password": db.get("PASSWORD") or None,
+        "dbname": "postgres",
+        "connect_timeout": 5,
+    }
+
+
+def _with_name(database_url: str, name: str) -> str:
+    base, _, _old = database_url.rpartition("/")
+    return f"{base}/{name}"
+
+
+@contextmanager
+def fresh_database(database_url: str, *, prefix: str) -> Iterator[str]:
+    """An empty database `<prefix>_<pid>` on the server of `database_url`; yields its URL and
+    drops it afterwards (WITH FORCE: a process left connected cannot keep it)."""
+    name = f"{prefix}_{os.getpid()}"
+    params = admin_params(database_url)
+    with psycopg.connect(autocommit=True, **params) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield _with_name(database_url, name)
+    finally:
+        with psycopg.connect(autocommit=True, **params) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@contextmanager
+def redis_server(workdir: Path) -> Iterator[str]:
+    """A redis-server of its own on a free port (no persistence); yields its URL. Nothing of
+    the run is left in a shared Redis."""
+    port = free_port()
+    args = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", ""]
+    args += ["--appendonly", "no", "--dir", str(workdir)]
+    with running(args, env=dict(os.environ)):
+        deadline = time.monotonic() + 10
+        while subprocess.run(
+            ["redis-cli", "-p", str(port), "ping"], capture_output=True
+        ).returncode:
+            if time.monotonic() > deadline:
+                raise TimeoutError("redis-server did not start")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"

@@ -1,0 +1,238 @@
+"""The targets of issue 7 and the table `make bench` prints. Targets are reported, not enforced:
+a run that misses one still exits 0 (only a stage that could not run fails it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# Issue 7, on a 2-core machine with the load generator on the same box.
+ACK_MIN_RATIO = 0.20
+ACK_MAX_P99_MS = 30.0
+STATUS_MIN_RATIO = 0.50
+E2E_MIN_PER_SECOND = 300.0
+SWEEP_MAX_SECONDS = 1.0
+WEB_RSS_MAX_MIB = 120.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    name: str
+    target: str
+    figure: str
+    passed: bool | None  # None: not measured (the stage failed)
+
+    @property
+    def word(self) -> str:
+        return {True: "PASS", False: "FAIL", None: "n/a"}[self.passed]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "target": self.target,
+            "figure": self.figure,
+            "pass": self.passed,
+        }
+
+
+def ratio(stages: dict[str, Any], name: str) -> float | None:
+    """A stage's 2xx answers per second over A's."""
+    a = stages.get("yardstick", {}).get("ok_per_second")
+    figure = stages.get(name, {}).get("ok_per_second")
+    if not a or figure is None:
+        return None
+    return round(figure / a, 3)
+
+
+def verdicts(results: dict[str, Any]) -> list[Verdict]:
+    stages = results["stages"]
+    found: list[Verdict] = []
+
+    ack, ack_ratio = stages.get("ack"), ratio(stages, "ack")
+    if ack is None or ack_ratio is None:
+        found.append(Verdict("ack", _ACK_TARGET, "not measured", None))
+    else:
+        p99 = ack["latency_ms"]["p99"]
+        passed = ack_ratio >= ACK_MIN_RATIO and p99 <= ACK_MAX_P99_MS and _no_errors(ack)
+        figure = f"{ack_ratio:.2f} x A, p99 {p99:.1f} ms{_errors_note(ack)}"
+        found.append(Verdict("ack", _ACK_TARGET, figure, passed))
+
+    status, status_ratio = stages.get("status"), ratio(stages, "status")
+    if status is None or status_ratio is None:
+        found.append(Verdict("status", _STATUS_TARGET, "not measured", None))
+    else:
+        passed = status_ratio >= STATUS_MIN_RATIO and _no_errors(status)
+        figure = f"{status_ratio:.2f} x A{_errors_note(status)}"
+        found.append(Verdict("status", _STATUS_TARGET, figure, passed))
+
+    e2e = stages.get("end_to_end")
+    if e2e is None:
+        found.append(Verdict("end to end", _E2E_TARGET, "not measured", None))
+    else:
+        rate = e2e["workflows_per_second"]
+        complete = e2e["completed"] == e2e["posted"] and not e2e["timed_out"]
+        figure = f"{rate:.0f} workflows/s" + (
+            "" if complete else f" ({e2e['completed']} of {e2e['posted']} completed)"
+        )
+        found.append(
+            Verdict("end to end", _E2E_TARGET, figure, complete and rate >= E2E_MIN_PER_SECOND)
+        )
+
+    sweep = stages.get("sweep")
+    if sweep is None:
+        found.append(Verdict("sweep", _SWEEP_TARGET, "not measured", None))
+    else:
+        seconds = sweep["seconds"]
+        found.append(
+            Verdict("sweep", _SWEEP_TARGET, f"{seconds:.3f} s", seconds < SWEEP_MAX_SECONDS)
+        )
+
+    peak = results.get("rss", {}).get("web_worker_peak_mib")
+    if peak is None:
+        found.append(Verdict("web RSS", _RSS_TARGET, "not measured", None))
+    else:
+        found.append(Verdict("web RSS", _RSS_TARGET, f"{peak:.0f} MiB", peak < WEB_RSS_MAX_MIB))
+    return found
+
+
+_ACK_TARGET = f">= {ACK_MIN_RATIO:.2f} x A, p99 <= {ACK_MAX_P99_MS:.0f} ms"
+_STATUS_TARGET = f">= {STATUS_MIN_RATIO:.2f} x A"
+_E2E_TARGET = f">= {E2E_MIN_PER_SECOND:.0f} workflows/s"
+_SWEEP_TARGET = f"< {SWEEP_MAX_SECONDS:.0f} s"
+_RSS_TARGET = f"< {WEB_RSS_MAX_MIB:.0f} MiB per web worker"
+
+
+def _errors(stage: dict[str, Any]) -> int:
+    socket = sum(v for k, v in stage["socket_errors"].items() if k != "status")
+    return int(stage["non2xx"]) + socket
+
+
+def _no_errors(stage: dict[str, Any]) -> bool:
+    return _errors(stage) == 0
+
+
+def _errors_note(stage: dict[str, Any]) -> str:
+    count = _errors(stage)
+    return f", {count} errors" if count else ""
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+_WEB_STAGES = (
+    ("yardstick", "A: yardstick (no I/O)"),
+    ("ack", "POST /link (ack)"),
+    ("status", "GET /link/status"),
+)
+
+
+def render(results: dict[str, Any]) -> str:
+    stages = results["stages"]
+    machine = results.get("machine", {})
+    config = results.get("config", {})
+    lines = [
+        f"Merchant Service benchmark, {results.get('started_at', '')}",
+        f"machine: {machine.get('cores')} cores ({machine.get('cpu')}), "
+        f"{machine.get('memory_gib')} GiB; load average at start {machine.get('load_average')}",
+        f"stack: gunicorn {config.get('web_workers')} sync workers, "
+        f"{config.get('celery_workers')} Celery worker(s) as in the Procfile, stand-in "
+        f"{config.get('standin_latency_ms')} ms; wrk {config.get('threads')} threads x "
+        f"{config.get('connections')} connections, {config.get('duration'):g} s per web stage",
+        "",
+    ]
+    header = (
+        f"{'stage':<24}{'2xx/s':>9}{'x A':>7}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+        f"{'CPU s web':>11}{'wrk':>7}{'pg':>7}{'redis':>7}{'box %':>7}{'web ms/req':>12}"
+        f"{'web MiB':>9}"
+    )
+    lines += [header, "-" * len(header)]
+    for key, label in _WEB_STAGES:
+        stage = stages.get(key)
+        if stage is None:
+            lines.append(f"{label:<24}{'(not measured: see errors)':>40}")
+            continue
+        cpu = stage["cpu_seconds"]
+        share = ratio(stages, key)
+        lines.append(
+            f"{label:<24}{stage['ok_per_second']:>9.0f}"
+            f"{(f'{share:.2f}' if share is not None else '-'):>7}"
+            f"{stage['latency_ms']['p50']:>9.1f}{stage['latency_ms']['p99']:>9.1f}"
+            f"{_errors(stage):>8}{cpu['web']:>11.1f}{cpu['wrk']:>7.1f}"
+            f"{cpu['postgres']:>7.1f}{cpu['redis']:>7.1f}"
+            f"{_busy_percent(stage['machine_cpu_seconds']):>7}"
+            f"{stage['server_cpu_ms_per_request'] or 0:>12.2f}"
+            f"{max(stage['web_peak_rss_mib'], default=0):>9.0f}"
+        )
+        if stage["statuses"]:
+            lines.append(f"{'':<24}non-2xx by status: {stage['statuses']}")
+        if "messages_published" in stage:
+            lines.append(
+                f"{'':<24}{stage['messages_published']} queue messages published (wrk counted "
+                f"{stage['ok']} answers; requests in flight at its end are not counted)"
+            )
+    lines.append("")
+
+    e2e = stages.get("end_to_end")
+    if e2e is not None:
+        a = stages.get("yardstick", {}).get("ok_per_second")
+        of_a = f" ({e2e['workflows_per_second'] / a:.3f} x A)" if a else ""
+        lines.append(
+            f"end to end: {e2e['completed']} of {e2e['posted']} workflows COMPLETED in "
+            f"{e2e['seconds']:.1f} s = {e2e['workflows_per_second']:.0f} workflows/s{of_a}; "
+            f"202 -> COMPLETED p50 {e2e['to_completed_s']['p50']:.2f} s, "
+            f"p99 {e2e['to_completed_s']['p99']:.2f} s; webhooks delivered "
+            f"{e2e['webhooks_delivered']} (p99 {_seconds(e2e['to_webhook_s']['p99'])} after "
+            "the 202)"
+        )
+        lines.append(
+            "  CPU s: "
+            + ", ".join(f"{name} {seconds:.1f}" for name, seconds in e2e["cpu_seconds"].items())
+            + "; per workflow ms: "
+            + ", ".join(f"{name} {ms:.2f}" for name, ms in e2e["cpu_ms_per_workflow"].items())
+            + f"; machine busy {_busy_percent(e2e['machine_cpu_seconds'])}%, of which "
+            f"{e2e['machine_cpu_seconds']['rest']:.1f} s outside these processes"
+        )
+        lines.append(
+            f"  peak RSS: web workers {_mib(e2e['web_peak_rss_mib'])}, Celery workers "
+            f"{_mib(e2e['celery_worker_peak_rss_mib'])}"
+        )
+    sweep = stages.get("sweep")
+    if sweep is not None:
+        lines.append(
+            f"sweep: {sweep['rows']:,} rows ({sweep['table_size']}), {sweep['stale']:,} stale: "
+            f"{sweep['seconds']:.3f} s, {sweep['requeued']} re-queued and checked in the "
+            f"database, {sweep['failed']} failed (COPY load {sweep['load_seconds']:.1f} s)"
+        )
+    rss = results.get("rss", {})
+    if rss:
+        lines.append(
+            f"peak RSS (VmHWM) over the stages: web worker {_mib(rss.get('web_worker_peak_mib'))}"
+            f", Celery worker {_mib(rss.get('celery_worker_peak_mib'))}, gunicorn master "
+            f"{_mib(rss.get('web_master_mib'))}"
+        )
+    lines.append("")
+
+    found = verdicts(results)
+    lines.append(f"{'target':<12}{'wanted':<36}{'measured':<40}verdict")
+    for verdict in found:
+        lines.append(f"{verdict.name:<12}{verdict.target:<36}{verdict.figure:<40}{verdict.word}")
+    for stage, message in results.get("errors", {}).items():
+        lines.append(f"ERROR in {stage}: {message.splitlines()[-1] if message else ''}")
+    return "\n".join(lines)
+
+
+def _busy_percent(machine: dict[str, float]) -> str:
+    """How busy the whole machine was (all cores), the processes above or not."""
+    total = machine["busy"] + machine["idle"]
+    return f"{100 * machine['busy'] / total:.0f}" if total else "-"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} s"
+
+
+def _mib(values: Any) -> str:
+    if not values:
+        return "-"
+    if isinstance(values, list):
+        return f"max {max(values):.0f} MiB (" + ", ".join(f"{v:.0f}" for v in values) + ")"
+    return f"{values:.0f} MiB"

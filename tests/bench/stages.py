@@ -1,0 +1,512 @@
+"""The stages of `make bench`. Each takes the running stack and returns its figures as a dict
+(what the table prints and the JSON file holds); a stage that cannot run raises."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import random
+import secrets
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from tests.bench.procstat import (
+    CpuMeter,
+    MachineMeter,
+    Selector,
+    group_pids,
+    in_group,
+    named,
+    peak_rss,
+    reset_peak_rss,
+)
+from tests.bench.stack import YARDSTICK_PATH, BenchStack, Process
+from tests.bench.wrk import WrkResult, interrupt, run_wrk
+
+# Celery's default queue, where the ack stage's messages wait (no consumer runs meanwhile).
+_QUEUE = "celery"
+
+
+class StageFailed(RuntimeError):
+    """The stage ran but its result cannot be used (e.g. the sweep did not do the work)."""
+
+
+@dataclass(frozen=True)
+class Load:
+    duration: float
+    threads: int
+    connections: int
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile: the smallest value with at least p% of the values at or below."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def _server_sources(stack: BenchStack) -> dict[str, Selector]:
+    return {
+        "web": in_group(stack.web_group()),
+        "postgres": named("postgres"),
+        "redis": in_group(stack.redis_pid()),
+    }
+
+
+# --- A, the ack path, the status read: wrk against gunicorn ------------------------------------
+
+
+def web_stage(
+    stack: BenchStack,
+    load: Load,
+    *,
+    script: str,
+    path: str,
+    env: dict[str, str] | None = None,
+    settle: Callable[[], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """wrk for `load.duration` seconds; the answers, latencies, everyone's CPU meanwhile and the
+    web workers' peak memory. `settle()` runs after wrk and before the CPU is read: work the
+    requests left behind (publishing) is charged to them; its figures join the stage's."""
+    web_workers = stack.web_worker_pids()
+    own_peak = reset_peak_rss(web_workers)
+    meter, machine = CpuMeter(_server_sources(stack)), MachineMeter()
+    meter.start()
+    machine.start()
+    result = run_wrk(
+        f"{stack.base_url}{path}",
+        script,
+        duration=load.duration,
+        threads=load.threads,
+        connections=load.connections,
+        env={"BENCH_TOKEN": stack.token, **(env or {})},
+    )
+    settled = settle() if settle is not None else {}
+    cpu = meter.stop()
+    cpu["wrk"] = round(result.cpu_seconds, 3)
+    figures = {**_web_figures(result, cpu), **settled}
+    figures["machine_cpu_seconds"] = _with_rest(machine.stop(), cpu)
+    figures["web_peak_rss_mib"] = peak_rss(web_workers)
+    figures["peak_rss_since"] = "stage start" if own_peak else "process start"
+    return figures
+
+
+def _with_rest(machine: dict[str, float], cpu: dict[str, float]) -> dict[str, float]:
+    """The machine's busy time that none of the measured processes used: the kernel's network
+    work, a neighbour on a shared machine, the harness itself."""
+    return {**machine, "rest": round(machine["busy"] - sum(cpu.values()), 2)}
+
+
+def _web_figures(result: WrkResult, cpu: dict[str, float]) -> dict[str, Any]:
+    figures = result.as_dict()
+    figures["cpu_seconds"] = cpu
+    busy = cpu["web"] + cpu["wrk"]
+    figures["cpu_share"] = {
+        "server": round(cpu["web"] / busy, 3) if busy else None,
+        "generator": round(cpu["wrk"] / busy, 3) if busy else None,
+    }
+    figures["server_cpu_ms_per_request"] = (
+        round(cpu["web"] * 1000 / result.requests, 3) if result.requests else None
+    )
+    return figures
+
+
+def yardstick(stack: BenchStack, load: Load) -> dict[str, Any]:
+    return web_stage(stack, load, script="yardstick.lua", path=f"/{YARDSTICK_PATH}")
+
+
+def ack(stack: BenchStack, load: Load) -> dict[str, Any]:
+    client = redis.Redis.from_url(stack.redis_url)
+    before = int(client.llen(_QUEUE))
+    return web_stage(
+        stack,
+        load,
+        script="ack.lua",
+        path="/link",
+        env={"BENCH_PREFIX": secrets.token_hex(4)},
+        settle=lambda: {"messages_published": _settle_queue(client) - before},
+    )
+
+
+def _settle_queue(client: redis.Redis, *, timeout: float = 15) -> int:
+    """Wait until the ack stage's messages are all published (gunicorn publishes them on a
+    background thread, after the answer; no consumer runs during the web stages); the number
+    waiting in Celery's default queue then."""
+    deadline = time.monotonic() + timeout
+    last, steady_since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        length = int(client.llen(_QUEUE))
+        if length != last:
+            last, steady_since = length, time.monotonic()
+        elif time.monotonic() - steady_since > 0.5:
+            break
+        time.sleep(0.1)
+    return last
+
+
+def status(stack: BenchStack, load: Load, *, sample: int = 2000) -> dict[str, Any]:
+    """GET /link/status over ids of workflows created by the earlier stages."""
+    with stack.db() as conn:
+        ids = [
+            str(row[0])
+            for row in conn.execute(
+                "SELECT id FROM workflows_workflow ORDER BY random() LIMIT %s", [sample]
+            )
+        ]
+    if not ids:
+        raise StageFailed("no workflow to read the status of: the earlier stages made none")
+    ids_file = stack.workdir / "status-ids.txt"
+    ids_file.write_text("\n".join(ids) + "\n")
+    figures = web_stage(
+        stack,
+        load,
+        script="status.lua",
+        path="/link/status",
+        env={"BENCH_IDS_FILE": str(ids_file)},
+    )
+    figures["distinct_ids"] = len(ids)
+    return figures
+
+
+def warm_up(stack: BenchStack, load: Load) -> None:
+    """Every gunicorn worker imports its views and opens its database connection on its first
+    requests: not something the first measured second should pay."""
+    short = Load(1, load.threads, load.connections)
+    web_stage(stack, short, script="yardstick.lua", path=f"/{YARDSTICK_PATH}")
+    ids_file = stack.workdir / "warm-up-ids.txt"
+    ids_file.write_text("00000000-0000-4000-8000-000000000000\n")  # a 404 behind the token
+    web_stage(
+        stack,
+        short,
+        script="status.lua",
+        path="/link/status",
+        env={"BENCH_IDS_FILE": str(ids_file)},
+    )
+
+
+# --- end to end ----------------------------------------------------------------------------------
+
+# A run's workflows are those whose patient ids start with its prefix (tests/bench/lua/ack.lua).
+_E2E_ROWS = """
+SELECT w.status,
+       extract(epoch FROM w.created_at)::float8,
+       (SELECT extract(epoch FROM min(t.at))::float8 FROM workflows_workflowtransition t
+         WHERE t.workflow_id = w.id AND t.target = 'COMPLETED'),
+       (SELECT extract(epoch FROM min(d.delivered_at))::float8 FROM workflows_webhookdelivery d
+         WHERE d.workflow_id = w.id)
+  FROM workflows_workflow w
+ WHERE w.patient_id::text LIKE %s
+"""
+_E2E_PROGRESS = """
+SELECT count(*), count(*) FILTER (WHERE status IN ('COMPLETED', 'FAILED'))
+  FROM workflows_workflow
+ WHERE patient_id::text LIKE %s
+"""
+_E2E_WEBHOOKS_DONE = """
+SELECT count(*)
+  FROM workflows_webhookdelivery d JOIN workflows_workflow w ON w.id = d.workflow_id
+ WHERE w.patient_id::text LIKE %s AND d.status <> 'PENDING'
+"""
+
+
+def end_to_end(stack: BenchStack, load: Load, *, workflows: int, timeout: float) -> dict[str, Any]:
+    """`workflows` link requests posted as fast as wrk can (the ack script, each thread stopped
+    after its share), worked by the Celery workers against the stand-in, webhooks to the
+    receiver. The clock runs from the first 202 to the last COMPLETED, both read from the
+    database (the workflow's created_at, its COMPLETED transition). The Celery workers and beat
+    run for this stage only, and are stopped whatever happens."""
+    try:
+        return _end_to_end(
+            stack, stack.start_consumers(), load, workflows=workflows, timeout=timeout
+        )
+    finally:
+        stack.stop_consumers()
+
+
+def _end_to_end(
+    stack: BenchStack, workers: list[Process], load: Load, *, workflows: int, timeout: float
+) -> dict[str, Any]:
+    prefix = secrets.token_hex(4)
+    like = f"{prefix}-%"
+    stop_file = stack.workdir / f"e2e-{prefix}.stopped"
+    groups = {w.pid for w in workers}
+    sources = {
+        **_server_sources(stack),
+        "workers": (lambda s: s.pgrp in groups),
+        "beat": in_group(stack.processes["beat"].pid),
+        "standin": in_group(stack.processes["standin"].pid),
+        "receiver": in_group(stack.processes["receiver"].pid),
+    }
+    meter, machine = CpuMeter(sources), MachineMeter()
+    web_workers = stack.web_worker_pids()
+    worker_pids = [pid for w in workers for pid in group_pids(w.pid)]
+    own_peak = reset_peak_rss([*web_workers, *worker_pids])
+    with stack.db() as conn:
+
+        def progress() -> tuple[int, int]:
+            row = conn.execute(_E2E_PROGRESS, [like]).fetchone()
+            assert row is not None
+            return int(row[0]), int(row[1])
+
+        def webhooks_done() -> int:
+            row = conn.execute(_E2E_WEBHOOKS_DONE, [like]).fetchone()
+            return int(row[0]) if row else 0
+
+        last_count = 0.0
+
+        def poll(proc: subprocess.Popen[str]) -> None:
+            # Each wrk thread stops itself after its share, but wrk sleeps out its whole
+            # duration unless interrupted. Also stop it once the database has them all (a
+            # thread whose connections failed never reaches its share); that query only
+            # twice a second, its CPU is in the figures.
+            nonlocal last_count
+            stopped = stop_file.read_text().count("stopped") if stop_file.exists() else 0
+            if stopped >= load.threads:
+                interrupt(proc)
+            elif time.monotonic() - last_count > 0.5:
+                last_count = time.monotonic()
+                if progress()[0] >= workflows:
+                    interrupt(proc)
+
+        meter.start()
+        machine.start()
+        started = time.monotonic()
+        posted = run_wrk(
+            f"{stack.base_url}/link",
+            "ack.lua",
+            duration=timeout,
+            threads=load.threads,
+            connections=load.connections,
+            env={
+                "BENCH_TOKEN": stack.token,
+                "BENCH_PREFIX": prefix,
+                "BENCH_QUOTA": str(math.ceil(workflows / load.threads)),
+                "BENCH_STOP_FILE": str(stop_file),
+            },
+            poll=poll,
+        )
+        deadline = started + timeout
+        total, terminal = progress()
+        while (total == 0 or terminal < total) and time.monotonic() < deadline:
+            time.sleep(0.25)
+            total, terminal = progress()
+        cpu = meter.stop()
+        machine_cpu = machine.stop()
+        cpu["wrk"] = round(posted.cpu_seconds, 3)
+        timed_out = total == 0 or terminal < total
+        # The last webhooks are still on their way: a few seconds more for them (not timed).
+        webhook_deadline = time.monotonic() + 15
+        while webhooks_done() < terminal and time.monotonic() < webhook_deadline:
+            time.sleep(0.25)
+        rows = conn.execute(_E2E_ROWS, [like]).fetchall()
+    rss = {
+        "web_peak_rss_mib": peak_rss(web_workers),
+        "celery_worker_peak_rss_mib": peak_rss(worker_pids),
+        "peak_rss_since": "stage start" if own_peak else "process start",
+    }
+
+    by_status: dict[str, int] = {}
+    for row in rows:
+        by_status[row[0]] = by_status.get(row[0], 0) + 1
+    completed = [(row[1], row[2]) for row in rows if row[2] is not None]
+    delivered = [row[3] - row[1] for row in rows if row[3] is not None]
+    if not completed:
+        raise StageFailed(f"no workflow completed (by status: {by_status})")
+    first_created = min(row[1] for row in rows)
+    last_completed = max(done for _, done in completed)
+    span = max(last_completed - first_created, 1e-6)
+    to_completed = [done - created for created, done in completed]
+    return {
+        "asked": workflows,
+        "posted": len(rows),
+        "completed": len(completed),
+        "by_status": by_status,
+        "timed_out": timed_out,
+        "seconds": round(span, 3),
+        "workflows_per_second": round(len(completed) / span, 1),
+        "to_completed_s": {
+            "p50": round(percentile(to_completed, 50), 3),
+            "p99": round(percentile(to_completed, 99), 3),
+            "max": round(max(to_completed), 3),
+        },
+        "webhooks_delivered": len(delivered),
+        "to_webhook_s": {
+            "p50": round(percentile(delivered, 50), 3) if delivered else None,
+            "p99": round(percentile(delivered, 99), 3) if delivered else None,
+        },
+        "post": posted.as_dict(),
+        "cpu_seconds": cpu,
+        "machine_cpu_seconds": _with_rest(machine_cpu, cpu),
+        "cpu_ms_per_workflow": {
+            name: round(seconds * 1000 / len(completed), 2) for name, seconds in cpu.items()
+        },
+        "celery_workers": len(workers),
+        **rss,
+    }
+
+
+# --- the reconciliation sweep ------------------------------------------------------------------
+
+_COLUMNS = (
+    "id, request_id, customer_id, patient_id, request_type, status, result, reason, attempts, "
+    "requeues, claim_id, claimed_until, webhook_url, search_id, created_at, updated_at"
+)
+# One digit of each row's id (the 10th character) says what the row is, so that the check after
+# the sweep can tell the stale rows from the others.
+_STALE, _RECENT, _REVIEW, _FAILED, _COMPLETED = "5", "6", "7", "8", "9"
+_SWEEP_CHECK = """
+SELECT count(*) FILTER (WHERE requeues > 0),
+       count(*) FILTER (WHERE requeues > 0 AND substr(id::text, 10, 1) = %(stale)s),
+       count(*) FILTER (WHERE status = 'FAILED' AND substr(id::text, 10, 1) <> %(failed)s)
+  FROM workflows_workflow
+"""
+_SWEEP_SNIPPET = """
+import json, time
+import django
+django.setup()
+from django.db import connection
+from config.celery import app
+from workflows.services import workflows_reconcile
+
+# Warm, as in beat's long-running worker: the database connection and the broker connection
+# the re-queues are published on. Only the sweep itself is timed.
+connection.ensure_connection()
+with app.producer_or_acquire() as producer:
+    producer.connection.ensure_connection(max_retries=1)
+started = time.perf_counter()
+report = workflows_reconcile()
+seconds = time.perf_counter() - started
+
+def count(value):
+    return value if isinstance(value, int) else len(value)
+
+print(json.dumps({"seconds": seconds, "requeued": count(report.requeued),
+                  "failed": count(report.failed)}))
+"""
+
+
+def _sweep_rows(
+    *, rows: int, stale: int, stale_after: int, customer_id: str, now: dt.datetime
+) -> Iterator[str]:
+    """COPY text lines: `stale` pending rows untouched for longer than the sweep's threshold;
+    the rest mostly COMPLETED over the last 30 days, 1% FAILED, 1% recent pending ones, and
+    0.1% old REVIEW ones (which the sweep must leave to the operator)."""
+    recent = max(1, rows // 100)
+    review = max(1, rows // 1000)
+    failed = max(1, rows // 100)
+    completed = rows - stale - recent - review - failed
+    if completed < 0:
+        raise ValueError(f"{rows} rows cannot hold {stale} stale ones and the others")
+    kinds = (
+        [_STALE] * stale
+        + [_RECENT] * recent
+        + [_REVIEW] * review
+        + [_FAILED] * failed
+        + [_COMPLETED] * completed
+    )
+    rng = random.Random(20260101)
+    rng.shuffle(kinds)  # spread over the table's pages, as months of traffic would
+    tag = secrets.token_hex(6)
+    old = stale_after + 3600  # well past the threshold, however long the load takes
+    month = 30 * 86400
+    null = "\\N"
+    for index, kind in enumerate(kinds):
+        ids = [f"{index:08x}-{kind}00{n}-4000-8000-{tag}" for n in range(4)]
+        result = claim_id = claimed_until = search_id = null
+        reason = ""
+        attempts = 1
+        if kind == _STALE:
+            state = ("RECEIVED", "IN_PROGRESS", "REQUESTED")[index % 3]
+            created = updated = now - dt.timedelta(seconds=old + rng.randrange(86400))
+        elif kind == _RECENT:
+            state = ("RECEIVED", "IN_PROGRESS")[index % 2]
+            created = updated = now - dt.timedelta(seconds=rng.randrange(60))
+        else:
+            created = now - dt.timedelta(seconds=old + rng.randrange(month))
+            updated = created + dt.timedelta(seconds=1)
+            state = {_REVIEW: "REVIEW", _FAILED: "FAILED", _COMPLETED: "COMPLETED"}[kind]
+        if state == "RECEIVED":
+            attempts = 0
+        elif state == "IN_PROGRESS":
+            # A crashed worker's claim, long expired for the stale ones.
+            claim_id = ids[3]
+            claimed_until = (updated + dt.timedelta(seconds=120)).isoformat()
+        elif state == "REQUESTED":
+            search_id = f"bench-{tag}-{index}"
+        elif state == "COMPLETED":
+            result = ("LINKED", "LINKED", "LINKED", "NO_RESULTS")[index % 4]
+            reason = "no match" if result == "NO_RESULTS" else ""
+        elif state == "FAILED":
+            reason = "internal search: 400 invalid"
+        yield (
+            f"{ids[0]}\t{ids[1]}\t{customer_id}\t{ids[2]}\tLINK\t{state}\t{result}\t{reason}\t"
+            f"{attempts}\t0\t{claim_id}\t{claimed_until}\t\t{search_id}\t"
+            f"{created.isoformat()}\t{updated.isoformat()}\n"
+        )
+
+
+def sweep(stack: BenchStack, *, rows: int, stale: int) -> dict[str, Any]:
+    """One reconciliation sweep over `rows` workflows of which `stale` are stale, timed inside
+    its own process (start-up excluded); then checks it re-queued exactly the stale ones."""
+    stale_after = int(
+        stack.python(
+            "import django; django.setup(); from django.conf import settings; "
+            "print(settings.RECONCILE_STALE_AFTER_SECONDS)"
+        ).strip()
+    )
+    now = dt.datetime.now(dt.UTC)
+    started = time.monotonic()
+    with stack.db() as conn:
+        # The earlier stages' workflows (and everything hanging off them) go: the table holds
+        # exactly the rows described, so the count of re-queued rows can be checked exactly.
+        conn.execute("TRUNCATE workflows_workflow CASCADE")
+        copy_sql = f"COPY workflows_workflow ({_COLUMNS}) FROM STDIN"
+        with conn.cursor() as cursor, cursor.copy(copy_sql) as copy:
+            chunk: list[str] = []
+            for line in _sweep_rows(
+                rows=rows,
+                stale=stale,
+                stale_after=stale_after,
+                customer_id=stack.customer_id,
+                now=now,
+            ):
+                chunk.append(line)
+                if len(chunk) == 20_000:
+                    copy.write("".join(chunk))
+                    chunk.clear()
+            copy.write("".join(chunk))
+        loaded = time.monotonic() - started
+        # VACUUM as well as ANALYZE: a freshly loaded table would otherwise draw autovacuum
+        # (its insert threshold) into the timed sweep; and a table in use for months has its
+        # visibility map set.
+        conn.execute("VACUUM (ANALYZE) workflows_workflow")
+        size = conn.execute(
+            "SELECT pg_size_pretty(pg_total_relation_size('workflows_workflow'))"
+        ).fetchone()
+        outcome = json.loads(stack.python(_SWEEP_SNIPPET).strip().splitlines()[-1])
+        changed = conn.execute(_SWEEP_CHECK, {"stale": _STALE, "failed": _FAILED}).fetchone()
+    assert changed is not None
+    figures = {
+        "rows": rows,
+        "stale": stale,
+        "stale_after_seconds": stale_after,
+        "seconds": round(outcome["seconds"], 4),
+        "requeued": outcome["requeued"],
+        "failed": outcome["failed"],
+        "rows_requeued_in_db": int(changed[0]),
+        "stale_rows_requeued_in_db": int(changed[1]),
+        "rows_failed_by_the_sweep": int(changed[2]),
+        "load_seconds": round(loaded, 1),
+        "table_size": size[0] if size else None,
+    }
+    if (outcome["requeued"], outcome["failed"], *changed) != (stale, 0, stale, stale, 0):
+        raise StageFailed(f"the sweep did not re-queue exactly the {stale} stale rows: {figures}")
+    return figures
