@@ -1,7 +1,6 @@
 """The link API, and the internal system's search callback. Views parse and call services."""
 
 from collections.abc import Mapping
-from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
@@ -14,7 +13,7 @@ from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook, WebhookV
 
 from linking import services
 from linking.internal_search import InternalSearchError, parse_bundle
-from linking.selectors import workflow_get_for_customer
+from linking.selectors import link_status_for_customer
 from linking.serializers import (
     DelinkOutputSerializer,
     LinkAcceptedSerializer,
@@ -172,12 +171,9 @@ class LinkStatusApi(APIView):
         },
     )
     def get(self, request: Request, workflow_id: str) -> Response:
-        workflow = workflow_get_for_customer(
-            customer=request_customer(request), workflow_id=workflow_id
-        )
-        if workflow is None:
+        data = link_status_for_customer(customer=request_customer(request), workflow_id=workflow_id)
+        if data is None:
             raise Problem("not-found")
-        data: dict[str, Any] = LinkStatusOutputSerializer(workflow).data
         return Response(data)
 
 

@@ -4,6 +4,7 @@ import uuid
 
 import pytest
 
+from linking.serializers import LinkStatusOutputSerializer
 from tests.conftest import LinkClient, link_body, not_found_body
 from workflows.models import Workflow
 from workflows.services import workflow_transition
@@ -55,3 +56,25 @@ def test_foreign_unknown_and_malformed_ids_are_the_same_404(
     assert all(body == bodies[0] for body in bodies)
     assert bodies[0]["type"] == "/problems/not-found"
     assert other_api.status(foreign).status_code == 200
+
+
+def test_the_answer_is_what_the_schema_serializer_would_give(api: LinkClient) -> None:
+    # The view builds the document by hand (linking/selectors.py) for speed; the serializer that
+    # describes it in the OpenAPI document must stay its exact shape, in every state.
+    paths = {
+        "received": (),
+        "completed": ("start", "mark_linked", "complete"),
+        "no_results": ("start", "mark_no_results", "complete"),
+        "failed": ("fail",),
+        "searching": ("start",),
+    }
+    for state, steps in paths.items():
+        workflow_id = api.post_link(link_body(), key=state).json()["workflow-id"]
+        workflow = Workflow.objects.get(id=workflow_id)
+        for name in steps:
+            workflow = workflow_transition(
+                workflow=workflow, name=name, actor="test", reason="why it failed"
+            )
+        workflow.refresh_from_db()
+        expected = dict(LinkStatusOutputSerializer(workflow).data)
+        assert api.status(workflow_id).json() == expected
