@@ -7,7 +7,7 @@ UV_VERSION := 0.13.8
 BIN := $(VENV)/bin
 export DJANGO_SETTINGS_MODULE ?= config.settings
 
-.PHONY: install wrk run demo test chaos fuzz bench lint typecheck migrate clean
+.PHONY: install wrk browser run demo test chaos fuzz bench lint typecheck migrate clean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ wrk:
 		$(SUDO) apt-get update -qq >/dev/null && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 
+# Headless Chromium and its WebDriver (Debian's packages), for the ops dashboard's browser test
+# in `make test` (tests/workflows/test_dashboard_browser.py). Installed once when missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+		echo "installing chromium and chromium-driver (apt-get)"; \
+		$(SUDO) apt-get update -qq >/dev/null && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
 migrate: install
 	$(BIN)/python manage.py ensure_database
 	$(BIN)/python manage.py migrate --noinput
@@ -46,7 +54,7 @@ run: migrate
 demo: install
 	$(BIN)/python -m standin.demo
 
-test: install wrk
+test: install wrk browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .

@@ -6,9 +6,11 @@ from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
+from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
+from django.urls import URLPattern, path
 from django.utils import timezone
 
 from workflows.models import (
@@ -18,6 +20,7 @@ from workflows.models import (
     Workflow,
     WorkflowTransition,
 )
+from workflows.selectors import ops_dashboard
 from workflows.services import webhook_redeliver, workflow_mark_failed, workflow_requeue
 
 
@@ -136,6 +139,28 @@ class WorkflowAdmin(admin.ModelAdmin[Workflow]):
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
+    def get_urls(self) -> list[URLPattern]:
+        dashboard = path(
+            "dashboard/",
+            self.admin_site.admin_view(self.dashboard_view),
+            name="workflows_workflow_dashboard",
+        )
+        return [dashboard, *super().get_urls()]
+
+    def dashboard_view(self, request: HttpRequest) -> HttpResponse:
+        """The ops console's first page: every list links to the workflows (their timelines)
+        and to the filtered changelists where the actions (re-queue, mark FAILED, redeliver,
+        review) are."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Operations dashboard",
+            "opts": self.model._meta,
+            **ops_dashboard(),
+        }
+        return render(request, "admin/workflows/dashboard.html", context)
+
     @admin.action(description="Re-queue (FAILED -> RECEIVED; pending: publish again)")
     def requeue(self, request: HttpRequest, queryset: QuerySet[Workflow]) -> None:
         done = 0
@@ -225,3 +250,7 @@ class WebhookDeliveryAdmin(admin.ModelAdmin[WebhookDelivery]):
         workflow_ids = list(queryset.values_list("workflow_id", flat=True))
         count = webhook_redeliver(workflow_ids=workflow_ids)
         self.message_user(request, f"Re-queued {count} delivery(ies).", messages.SUCCESS)
+
+
+# The admin's home page starts with a link to the ops console's dashboard.
+admin.site.index_template = "admin/workflows/index.html"
