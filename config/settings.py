@@ -45,6 +45,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: every answer carries X-Request-ID (redirects and other middleware's errors too),
+    # and every log line of the request its id.
+    "config.request_id.request_id_middleware",
     "django.middleware.security.SecurityMiddleware",
     "config.middleware.no_store",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -333,6 +336,9 @@ SPECTACULAR_SETTINGS = {
 # Everything is https in production; a TLS-terminating proxy in front says so with
 # X-Forwarded-Proto, trusted only when TRUST_X_FORWARDED_PROTO is set (else anyone could claim it).
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", not DEBUG)
+# Load-balancer probes (config/health.py) often speak plain http to the instance itself: a 301
+# would hide a failing /readyz (many probes count a redirect as healthy).
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
 if env_bool("TRUST_X_FORWARDED_PROTO", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0 if DEBUG else 31_536_000, minimum=0)
@@ -365,11 +371,27 @@ STORAGES = {
 }
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
+# `json`: one JSON object per line (time, level, logger, message, and the request, workflow and
+# customer ids when known), for a log pipeline; `text`: a plain line, for local runs.
+LOG_FORMAT = env_str("LOG_FORMAT", "text" if DEBUG else "json")
+if LOG_FORMAT not in {"json", "text"}:
+    raise ImproperlyConfigured(f"LOG_FORMAT must be json or text, got {LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    # config/log_context.py: the ids come from context variables (request, customer, task).
+    "filters": {"context": {"()": "config.log_context.ContextFilter"}},
+    "formatters": {
+        "json": {"()": "config.log_context.json_formatter"},
+        "text": {"()": "config.log_context.text_formatter"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["context"],
+        }
+    },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         # Django logs the request line and, on errors, request details: keep it at WARNING so

@@ -3,6 +3,7 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from config import health
 from config.yardstick import YARDSTICK_PATH, YardstickApi
 from merchant.problems import problem_type_view
 
@@ -17,6 +18,12 @@ urlpatterns = [
 if settings.BENCH_YARDSTICK:
     # Benchmark-only (`make bench`): absent from the URLconf, not just refused, when off.
     urlpatterns.append(path(YARDSTICK_PATH, YardstickApi.as_view(), name="bench-yardstick"))
+
+# Load-balancer probes (config/health.py): no authentication, throttle or schema entry.
+urlpatterns += [
+    path("healthz", health.healthz, name="healthz"),
+    path("readyz", health.readyz, name="readyz"),
+]
 
 handler400 = "merchant.problems.handler400"
 handler403 = "merchant.problems.handler403"

@@ -135,6 +135,13 @@ PROBLEMS = _catalog(
         "A dependency is unavailable; nothing was recorded. Retry after `Retry-After` "
         "seconds with the same Idempotency-Key.",
     ),
+    ProblemType(
+        "not-ready",
+        "Not ready",
+        503,
+        "GET /readyz only: a dependency of this instance is unreachable, slow or not migrated; "
+        "`failed` names them and `checks` gives each dependency's state.",
+    ),
 )
 
 

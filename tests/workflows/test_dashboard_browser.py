@@ -46,9 +46,7 @@ def test_dashboard_loads_in_chromium_without_errors(
         workflow_id = api.post_link(link_body(), key=str(uuid.uuid4())).json()["workflow-id"]
         workflow = Workflow.objects.get(id=workflow_id)
         workflow_finish(workflow=workflow, name="fail", actor="test", reason=reason)
-    review = Workflow.objects.get(
-        id=api.post_link(link_body(), key="review").json()["workflow-id"]
-    )
+    review = Workflow.objects.get(id=api.post_link(link_body(), key="review").json()["workflow-id"])
     for name in ("start", "request_review"):
         review = workflow_transition(workflow=review, name=name, actor="test", reason="close call")
 
