@@ -7,7 +7,7 @@ UV_VERSION := 0.13.8
 BIN := $(VENV)/bin
 export DJANGO_SETTINGS_MODULE ?= config.settings
 
-.PHONY: install wrk browser run demo test chaos fuzz bench lint typecheck migrate clean
+.PHONY: install wrk browser compose run demo test chaos fuzz bench lint typecheck migrate clean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,16 @@ browser:
 		$(SUDO) apt-get update -qq >/dev/null && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
+# The compose CLI, for tests/test_docker.py (`docker compose config` on docker/compose.yaml needs
+# no engine): Debian's docker-compose, without the engine it recommends. Installed once when
+# neither `docker compose` nor `docker-compose` is there.
+compose:
+	@docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1 || { \
+		echo "installing docker-compose (apt-get)"; \
+		$(SUDO) apt-get update -qq >/dev/null && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			docker-compose >/dev/null; }
+
 migrate: install
 	$(BIN)/python manage.py ensure_database
 	$(BIN)/python manage.py migrate --noinput
@@ -54,7 +64,7 @@ run: migrate
 demo: install
 	$(BIN)/python -m standin.demo
 
-test: install wrk browser
+test: install wrk browser compose
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .

@@ -4,7 +4,7 @@ import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import task_postrun, task_prerun
+from celery.signals import task_postrun, task_prerun, worker_ready
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
@@ -27,3 +27,11 @@ def _database_hygiene(task: Any = None, **_: Any) -> None:
     from django.db import close_old_connections
 
     close_old_connections()
+
+
+@worker_ready.connect
+def _serve_metrics(**_: Any) -> None:
+    """Each worker serves its own metrics on METRICS_WORKER_PORT (config/metrics.py)."""
+    from config.metrics import worker_metrics_server_start
+
+    worker_metrics_server_start()

@@ -59,6 +59,9 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
+# Admin messages can carry a secret shown once (a rotated webhook secret): kept in the session
+# (the database), not in a signed but readable cookie as the default storage may do.
+MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
 ROOT_URLCONF = "config.urls"
 WSGI_APPLICATION = "config.wsgi.application"
 
@@ -108,6 +111,13 @@ CACHES = {
 
 # --- Celery ------------------------------------------------------------------------------------
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
+# Two brokers are supported, and some options mean something to one of them only (README
+# "Broker: RabbitMQ"). Anything else is refused rather than run with untested semantics.
+_BROKER_SCHEME = CELERY_BROKER_URL.partition("://")[0].lower()
+BROKER_IS_REDIS = _BROKER_SCHEME in {"redis", "rediss"}
+BROKER_IS_AMQP = _BROKER_SCHEME in {"amqp", "amqps", "pyamqp"}
+if not (BROKER_IS_REDIS or BROKER_IS_AMQP):
+    raise ImproperlyConfigured("CELERY_BROKER_URL must be redis://, rediss://, amqp:// or amqps://")
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_IGNORE_RESULT = True
@@ -116,18 +126,53 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# The queue every task goes to (a Redis list, or a RabbitMQ queue with a direct exchange of the
+# same name). Durable, and messages persistent: on RabbitMQ both survive a broker restart.
+# Another name lets two deployments (or test runs) share one broker without taking each
+# other's messages; web, workers and beat must agree on it.
+CELERY_TASK_DEFAULT_QUEUE = env_str("CELERY_TASK_DEFAULT_QUEUE", "celery")
+CELERY_TASK_DEFAULT_DELIVERY_MODE = "persistent"
 # The ack path must answer within a bounded time when the broker is down or stalled: a publish
 # that fails is logged and left to the reconciliation sweep (the workflow row is already committed).
 CELERY_BROKER_CONNECTION_TIMEOUT = 1
+CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 60, minimum=5)
+CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 90, minimum=10)
 # Redis hands an unacknowledged task to another worker after this long: it must exceed any
-# task's hard time limit by far, or a slow task would run twice at once.
+# task's hard time limit by far, or a slow task would run twice at once. (Redis only.)
 CELERY_VISIBILITY_TIMEOUT = env_int("CELERY_VISIBILITY_TIMEOUT", 3600, minimum=60)
-CELERY_BROKER_TRANSPORT_OPTIONS = {
-    "max_connections": 100,
-    "socket_connect_timeout": 1,
-    "socket_timeout": 2,
-    "visibility_timeout": CELERY_VISIBILITY_TIMEOUT,
-}
+# RabbitMQ's own clock for the same thing: its `consumer_timeout` (server setting, default
+# 30 min) closes the channel of a consumer that holds a message unacknowledged for longer, and
+# every message on it is redelivered. With acks_late a message stays unacknowledged while it
+# waits in the prefetch, runs, and for a retry's countdown: this must say what the server is
+# configured with, and it must exceed 4 x the hard time limit. (RabbitMQ only.)
+RABBITMQ_CONSUMER_TIMEOUT = env_int("RABBITMQ_CONSUMER_TIMEOUT", 1800, minimum=60)
+if BROKER_IS_REDIS:
+    if CELERY_TASK_TIME_LIMIT * 4 > CELERY_VISIBILITY_TIMEOUT:
+        raise ImproperlyConfigured(
+            "CELERY_VISIBILITY_TIMEOUT must be >= 4 x CELERY_TASK_TIME_LIMIT"
+        )
+    CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {
+        # redis-py's pool per kombu connection (Celery's producer pool is broker_pool_limit).
+        "max_connections": 100,
+        "socket_connect_timeout": 1,
+        "socket_timeout": 2,
+        "visibility_timeout": CELERY_VISIBILITY_TIMEOUT,
+    }
+else:
+    if CELERY_TASK_TIME_LIMIT * 4 > RABBITMQ_CONSUMER_TIMEOUT:
+        raise ImproperlyConfigured(
+            "RABBITMQ_CONSUMER_TIMEOUT must be >= 4 x CELERY_TASK_TIME_LIMIT "
+            "(and RabbitMQ's consumer_timeout set to at least that)"
+        )
+    # py-amqp's connection options. Publisher confirms: a publish returns only once RabbitMQ
+    # has taken the message (persisted, for a durable queue), else it raises and the sweep
+    # covers it, as for a Redis error. The socket timeouts bound a publish (and its confirm)
+    # on a stalled broker, as socket_timeout does for Redis.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "confirm_publish": True,
+        "read_timeout": 2,
+        "write_timeout": 2,
+    }
 CELERY_TASK_PUBLISH_RETRY_POLICY = {
     "max_retries": 1,
     "interval_start": 0,
@@ -145,16 +190,15 @@ CELERY_BEAT_SCHEDULE = {
     },
 }  # the processing entries are added below, next to their settings
 
-CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 60, minimum=5)
-CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 90, minimum=10)
-if CELERY_TASK_TIME_LIMIT * 4 > CELERY_VISIBILITY_TIMEOUT:
-    raise ImproperlyConfigured("CELERY_VISIBILITY_TIMEOUT must be >= 4 x CELERY_TASK_TIME_LIMIT")
 # Celery's Django fix-up closes the worker's database connection after every task unless this is
 # set (it reads it from the app's configuration, not from the environment): a new PostgreSQL
 # connection per task cost ~4x the worker throughput (notes/measured-baseline) and 3/4 of
 # PostgreSQL's CPU per workflow in `make bench`. Broken or expired connections are still
 # replaced between tasks (config/celery.py).
 CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", 1000, minimum=0)
+# Task events (three broker messages per task) are off for throughput. Flower lists workers,
+# queues and stats without them (remote-control inspect); for the live task stream an operator
+# turns them on for a while: `celery -A config control enable_events` (README "Flower").
 CELERY_WORKER_SEND_TASK_EVENTS = False
 CELERY_TASK_SEND_SENT_EVENT = False
 
@@ -298,6 +342,18 @@ JSON_MAX_ITEMS = 1000
 # ratio to. Off by default: it is not part of the API.
 BENCH_YARDSTICK = env_bool("BENCH_YARDSTICK", False)
 
+# --- Metrics (Prometheus: config/metrics.py, README "Metrics") ---------------------------------
+# Where every process writes its samples so that a scrape adds up all of gunicorn's workers
+# (prometheus_client reads the variable itself, at import). Empty: each process serves its own.
+# Emptied at each start (config/gunicorn.py for web); web and workers each need their own.
+PROMETHEUS_MULTIPROC_DIR = env_str("PROMETHEUS_MULTIPROC_DIR", "")
+# GET /metrics needs `Authorization: Bearer <METRICS_TOKEN>`; empty: only loopback and private
+# client addresses are served (a proxy in front must then refuse /metrics itself).
+METRICS_TOKEN = env_str("METRICS_TOKEN", "")
+# Each Celery worker serves its own metrics here (0: none); no token, so bind it privately.
+METRICS_WORKER_PORT = env_int("METRICS_WORKER_PORT", 0, minimum=0)
+METRICS_WORKER_ADDR = env_str("METRICS_WORKER_ADDR", "127.0.0.1")
+
 # --- REST API ----------------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["merchant.auth.CustomerTokenAuthentication"],
@@ -336,9 +392,10 @@ SPECTACULAR_SETTINGS = {
 # Everything is https in production; a TLS-terminating proxy in front says so with
 # X-Forwarded-Proto, trusted only when TRUST_X_FORWARDED_PROTO is set (else anyone could claim it).
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", not DEBUG)
-# Load-balancer probes (config/health.py) often speak plain http to the instance itself: a 301
-# would hide a failing /readyz (many probes count a redirect as healthy).
-SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
+# Load-balancer probes (config/health.py) and Prometheus' scrapes of /metrics often speak plain
+# http to the instance itself: a 301 would hide a failing /readyz (many probes count a redirect
+# as healthy).
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
 if env_bool("TRUST_X_FORWARDED_PROTO", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0 if DEBUG else 31_536_000, minimum=0)

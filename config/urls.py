@@ -4,6 +4,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from config import health
+from config.metrics import metrics_view
 from config.yardstick import YARDSTICK_PATH, YardstickApi
 from merchant.problems import problem_type_view
 
@@ -23,6 +24,7 @@ if settings.BENCH_YARDSTICK:
 urlpatterns += [
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
+    path("metrics", metrics_view, name="metrics"),  # config/metrics.py: token or private address
 ]
 
 handler400 = "merchant.problems.handler400"

@@ -11,6 +11,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook, WebhookVerificationError
 
+from config.metrics import AckMeteredApi
 from linking import services
 from linking.internal_search import InternalSearchError, parse_bundle
 from linking.selectors import link_status_for_customer
@@ -79,7 +80,7 @@ def _idempotency_key(request: Request) -> str:
     return key
 
 
-class LinkCreateApi(APIView):
+class LinkCreateApi(AckMeteredApi):  # counts and times every answer (config/metrics.py)
     throttle_scope = "link-create"  # merchant/throttling.py
 
     @extend_schema(

@@ -9,6 +9,8 @@ from urllib.parse import urlsplit
 import requests
 from django.conf import settings
 
+from config.metrics import internal_call_metered
+
 MATCH_GRADE_URL = "http://hl7.org/fhir/StructureDefinition/match-grade"
 MATCH_GRADES = {"certain", "probable", "possible", "certainly-not"}
 FHIR_JSON = "application/fhir+json"
@@ -101,6 +103,7 @@ def _timeouts() -> tuple[float, float]:
     return (settings.INTERNAL_SEARCH_CONNECT_TIMEOUT, settings.INTERNAL_SEARCH_READ_TIMEOUT)
 
 
+@internal_call_metered("read")
 def internal_patient_read(internal_patient_id: str) -> dict[str, Any] | None:
     """The internal system's Patient resource (contract section 3), or None if it is unknown."""
     if not FHIR_ID.fullmatch(internal_patient_id):
@@ -196,6 +199,7 @@ def _candidates(response: requests.Response, what: str) -> list[Candidate]:
         ) from exc
 
 
+@internal_call_metered("match")
 def internal_search_match(patient: dict[str, Any]) -> list[Candidate] | SearchRequested:
     """Search the internal index; candidates best first (certainly-not ones dropped), or, with
     INTERNAL_SEARCH_ASYNC, possibly the job the internal system made of it."""
@@ -217,6 +221,7 @@ def internal_search_match(patient: dict[str, Any]) -> list[Candidate] | SearchRe
     return _candidates(response, "internal search")
 
 
+@internal_call_metered("poll")
 def internal_search_poll(search_id: str) -> list[Candidate] | None:
     """The result of an asynchronous search: candidates when the job is done, None while it is
     pending. Raises SearchJobLost when the internal system no longer knows the job."""

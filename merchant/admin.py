@@ -1,8 +1,13 @@
+import datetime as dt
+
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.db import models
+from django.db.models import QuerySet
+from django.http import HttpRequest
 
 from merchant.models import Customer
+from merchant.services import WEBHOOK_SECRET_OVERLAP_DEFAULT, customer_webhook_secret_rotate
 from merchant.webhook_urls import WebhookURLError, webhook_url_check
 
 
@@ -32,13 +37,21 @@ class CustomerAdmin(admin.ModelAdmin[Customer]):
     # Webhook URLs are https unless a local setting says otherwise.
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
     search_fields = ["name", "id"]
-    readonly_fields = ["id", "webhook_secret", "token_version", "created_at", "updated_at"]
+    readonly_fields = [
+        "id",
+        "webhook_secret",
+        "webhook_secret_previous_until",
+        "token_version",
+        "created_at",
+        "updated_at",
+    ]
     fields = [
         "id",
         "name",
         "is_active",
         "webhook_url",
         "webhook_secret",
+        "webhook_secret_previous_until",
         "token_version",
         "auto_link_score",
         "auto_link_margin",
@@ -46,3 +59,26 @@ class CustomerAdmin(admin.ModelAdmin[Customer]):
         "created_at",
         "updated_at",
     ]
+    actions = ["rotate_webhook_secret"]
+
+    @admin.action(
+        description=(
+            "Rotate the webhook secret (the old one keeps signing for "
+            f"{WEBHOOK_SECRET_OVERLAP_DEFAULT / dt.timedelta(hours=1):g} h)"
+        ),
+        permissions=["change"],
+    )
+    def rotate_webhook_secret(self, request: HttpRequest, queryset: QuerySet[Customer]) -> None:
+        for customer in queryset:
+            secret = customer_webhook_secret_rotate(
+                customer=customer,
+                overlap=WEBHOOK_SECRET_OVERLAP_DEFAULT,
+                actor=f"operator:{request.user.get_username()}",
+            )
+            until = customer.webhook_secret_previous_until
+            self.message_user(
+                request,
+                f"New webhook secret of {customer}: {secret} (give it to the customer; the old "
+                f"one keeps signing until {until:%Y-%m-%d %H:%M %Z}).",
+                messages.WARNING,
+            )

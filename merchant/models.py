@@ -14,6 +14,10 @@ class Customer(models.Model):
     webhook_enabled = models.BooleanField(default=True)
     # Standard Webhooks secret: "whsec_" + base64 of 32 random bytes.
     webhook_secret = models.CharField(max_length=100)
+    # The secret before the last rotation, still signing (second signature) until the time
+    # below, so the customer can switch secrets without rejecting a webhook. Blank: none.
+    webhook_secret_previous = models.CharField(max_length=100, blank=True, default="")
+    webhook_secret_previous_until = models.DateTimeField(null=True, blank=True)
     # Bumped to revoke every token issued before; tokens carry the version they were issued at.
     token_version = models.PositiveIntegerField(default=1)
     # This customer's matching bands; NULL = the settings AUTO_LINK_SCORE, AUTO_LINK_MARGIN and
@@ -30,6 +34,17 @@ class Customer(models.Model):
             models.CheckConstraint(
                 condition=models.Q(webhook_secret__startswith="whsec_"),  # noqa: S106
                 name="customer_webhook_secret_format",
+            ),
+            # A previous secret always has an end, and an end always has a secret.
+            models.CheckConstraint(
+                condition=(
+                    models.Q(webhook_secret_previous="", webhook_secret_previous_until__isnull=True)
+                    | models.Q(
+                        webhook_secret_previous__startswith="whsec_",  # noqa: S106
+                        webhook_secret_previous_until__isnull=False,
+                    )
+                ),
+                name="customer_webhook_secret_previous_has_end",
             ),
             models.CheckConstraint(
                 condition=(

@@ -1,6 +1,8 @@
-"""Customer use cases: onboarding, tokens and their revocation."""
+"""Customer use cases: onboarding, tokens and their revocation, webhook secret rotation."""
 
 import base64
+import datetime as dt
+import logging
 import secrets
 import time
 import uuid
@@ -11,6 +13,7 @@ import jwt
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F
+from django.utils import timezone
 
 from merchant.models import Customer
 from merchant.webhook_urls import webhook_url_check
@@ -21,6 +24,20 @@ TOKEN_MAX_LENGTH = 4096
 # it does not know and honours some we never use (`crit: ["b64"]`, RFC 7797): a `kid`, `jku`,
 # `jwk`, `crit` or another `typ` means the token was not made by token_issue, whoever signed it.
 TOKEN_HEADER = {"alg": TOKEN_ALGORITHM, "typ": "JWT"}
+
+# How long the old webhook secret keeps signing after a rotation unless the operator says.
+WEBHOOK_SECRET_OVERLAP_DEFAULT = dt.timedelta(hours=24)
+# An old secret signing for longer than this is no longer a rotation.
+WEBHOOK_SECRET_OVERLAP_MAX = dt.timedelta(days=30)
+
+_ROTATED_FIELDS = [
+    "webhook_secret",
+    "webhook_secret_previous",
+    "webhook_secret_previous_until",
+    "updated_at",
+]
+
+logger = logging.getLogger(__name__)
 
 
 class InvalidToken(Exception):
@@ -42,6 +59,41 @@ class CustomerCredentials:
 
 def webhook_secret_generate() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+
+
+def customer_webhook_secret_rotate(*, customer: Customer, overlap: dt.timedelta, actor: str) -> str:
+    """Give the customer a new webhook secret and return it (to be shown once).
+
+    The current secret becomes the previous one and keeps signing, as a second signature, until
+    now + overlap: receivers verifying with either secret accept every webhook meanwhile. An
+    overlap of 0 drops the old secret at once (a leaked secret). Only one previous secret is
+    kept: rotating again within the window ends the older one's window too. `customer` is
+    updated in place.
+    """
+    if not dt.timedelta(0) <= overlap <= WEBHOOK_SECRET_OVERLAP_MAX:
+        raise ValueError(f"The overlap must be between 0 and {WEBHOOK_SECRET_OVERLAP_MAX}.")
+    secret = webhook_secret_generate()
+    with transaction.atomic():
+        # Locked: of two rotations at once, the second keeps the first's secret as previous.
+        locked = Customer.objects.select_for_update().get(id=customer.id)
+        if overlap:
+            locked.webhook_secret_previous = locked.webhook_secret
+            locked.webhook_secret_previous_until = timezone.now() + overlap
+        else:
+            locked.webhook_secret_previous = ""
+            locked.webhook_secret_previous_until = None
+        locked.webhook_secret = secret
+        # A save, not a queryset update: post_save drops this process's cached customer.
+        locked.save(update_fields=_ROTATED_FIELDS)
+    for field in _ROTATED_FIELDS:
+        setattr(customer, field, getattr(locked, field))
+    logger.info(
+        "webhook secret of customer %s rotated by %s; the old one signs until %s",
+        customer.id,
+        actor,
+        (customer.webhook_secret_previous_until or customer.updated_at).isoformat(),
+    )
+    return secret
 
 
 def customer_onboard(*, name: str, webhook_url: str) -> CustomerCredentials:

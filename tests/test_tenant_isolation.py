@@ -159,8 +159,13 @@ def their_state(customer: Customer) -> dict[str, Any]:
 
 def seen(response: Any, asked: str) -> tuple[int, bytes, dict[str, str]]:
     """What a client can tell from a response, with the id it asked for blanked out of the body
-    (`instance` echoes the path) and Content-Length dropped (it follows the id's length)."""
-    headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+    (`instance` echoes the path), Content-Length dropped (it follows the id's length) and
+    X-Request-ID (new on every request, whoever asks)."""
+    headers = {
+        k: v
+        for k, v in response.headers.items()
+        if k.lower() not in ("content-length", "x-request-id")
+    }
     return response.status_code, response.content.replace(asked.encode(), b"<id>"), headers
 
 

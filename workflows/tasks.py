@@ -8,6 +8,7 @@ from celery import Task, shared_task
 
 from workflows.selectors import workflows_stuck_report
 from workflows.services import webhook_delivery_attempt, webhook_dispatch_due, workflows_reconcile
+from workflows.services.webhooks import webhooks_sent_here
 
 logger = logging.getLogger(__name__)
 
@@ -17,9 +18,11 @@ def process_workflow(self: Task, message: dict[str, str], claim: str | None = No
     """Consume one workflow message (seed 3.3); the message carries ids only."""
     from linking.services import link_process
 
-    outcome = link_process(
-        workflow_id=message["workflow-id"], claim_id=uuid.UUID(claim) if claim else None
-    )
+    # The ending's webhook is sent by this task, right after the ending commits.
+    with webhooks_sent_here():
+        outcome = link_process(
+            workflow_id=message["workflow-id"], claim_id=uuid.UUID(claim) if claim else None
+        )
     if outcome.retry_in is not None:
         # The same claim rides along, so the retry resumes this work instead of waiting out
         # the claim's lease; attempts are counted in PostgreSQL, not by Celery.

@@ -10,6 +10,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
+from config import metrics
 from workflows.models import PENDING_STATES, SWEPT_STATES, Status, Workflow, WorkflowTransition
 from workflows.services.workflows import (
     workflow_finish,
@@ -97,6 +98,7 @@ def workflows_reconcile(
             break
     if report.requeued or report.failed:
         logger.info("reconcile: %d re-queued, %d failed", len(report.requeued), len(report.failed))
+    metrics.reconcile_ran(requeued=len(report.requeued), failed=len(report.failed))
     return report
 
 

@@ -11,6 +11,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from config import metrics
 from merchant.models import Customer
 from workflows.models import RequestType, Status, Workflow, WorkflowTransition
 from workflows.services.webhooks import webhook_delivery_create, webhook_delivery_send_later
@@ -88,10 +89,15 @@ def workflow_transition(
 def _transition(
     *, workflow: Workflow, name: str, actor: str, reason: str = "", **kwargs: Any
 ) -> WorkflowTransition:
-    with transaction.atomic():
-        source = workflow.status
-        getattr(workflow, name)(reason=reason, **kwargs)
-        workflow.updated_at = timezone.now()
+    source = workflow.status
+    # The state machine's own check first: a refused transition raises before anything is
+    # written, so no savepoint is needed to undo it.
+    getattr(workflow, name)(reason=reason, **kwargs)
+    workflow.updated_at = timezone.now()
+    # No savepoint inside a caller's transaction (two round trips per transition, three
+    # transitions per workflow): no caller recovers from a failed write here, the whole
+    # transaction rolls back.
+    with transaction.atomic(savepoint=False):
         workflow.save()
         return WorkflowTransition.objects.create(
             workflow=workflow,
@@ -266,8 +272,9 @@ def workflow_finish(*, workflow: Workflow, name: str, actor: str, reason: str = 
     `name` is "complete" or "fail". The delivery row commits with the terminal state, so the
     customer is told even if every process dies right after.
     """
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):  # as in _transition
         ending = _transition(workflow=workflow, name=name, actor=actor, reason=reason)
         delivery = webhook_delivery_create(workflow=workflow, transition=ending)
     webhook_delivery_send_later(delivery=delivery)
+    metrics.workflow_ended(status=workflow.status, created_at=workflow.created_at)
     return workflow
