@@ -2,9 +2,11 @@
 
 import base64
 import json
+import logging
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -129,3 +131,28 @@ def api(credentials: CustomerCredentials) -> LinkClient:
 @pytest.fixture
 def other_api(other_credentials: CustomerCredentials) -> LinkClient:
     return LinkClient(other_credentials.token)
+
+
+@contextmanager
+def every_logger_into(handler: logging.Handler) -> Iterator[None]:
+    """Every logger at DEBUG, enabled, with `handler` on the root and on each one that does not
+    propagate, whatever LOGGING says; all put back afterwards (the log-leak tests)."""
+    root = logging.getLogger()
+    loggers = [root] + [
+        logger
+        for logger in logging.Logger.manager.loggerDict.values()
+        if isinstance(logger, logging.Logger)
+    ]
+    saved = [(logger, logger.level, logger.disabled) for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.DEBUG)
+        logger.disabled = False
+        if logger is root or not logger.propagate:
+            logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger, level, disabled in saved:
+            logger.setLevel(level)
+            logger.disabled = disabled
+            logger.removeHandler(handler)

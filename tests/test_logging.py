@@ -22,7 +22,7 @@ from config import log_context
 from linking import services as linking_services
 from merchant.services import CustomerCredentials
 from tests import processes
-from tests.conftest import LinkClient
+from tests.conftest import LinkClient, every_logger_into
 from tests.test_phi_canary import CANARIES, canary, leaks
 from tests.test_settings import load_settings
 from workflows.tasks import deliver_webhook, process_workflow
@@ -91,25 +91,8 @@ def json_lines() -> Iterator[io.StringIO]:
     handler = logging.StreamHandler(stream)
     handler.setFormatter(configured("formatters", "json"))
     handler.addFilter(configured("filters", "context"))
-    root = logging.getLogger()
-    loggers = [root] + [
-        logger
-        for logger in logging.Logger.manager.loggerDict.values()
-        if isinstance(logger, logging.Logger)
-    ]
-    saved = [(logger, logger.level, logger.disabled) for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.DEBUG)
-        logger.disabled = False
-        if logger is root or not logger.propagate:
-            logger.addHandler(handler)
-    try:
+    with every_logger_into(handler):
         yield stream
-    finally:
-        for logger, level, disabled in saved:
-            logger.setLevel(level)
-            logger.disabled = disabled
-            logger.removeHandler(handler)
 
 
 def parsed(stream: io.StringIO) -> list[dict[str, Any]]:

@@ -40,6 +40,7 @@ from merchant.models import Customer
 from merchant.services import customer_onboard
 from standin.receiver import ReceiverServer, make_receiver
 from standin.server import make_server
+from tests.conftest import every_logger_into
 from tests.processes import serving
 from workflows.models import Result, Status, WebhookDelivery, Workflow
 from workflows.services import workflows_reconcile
@@ -181,25 +182,8 @@ def all_logs() -> Iterator[list[logging.LogRecord]]:
             records.append(record)
 
     handler = Keep(logging.DEBUG)
-    root = logging.getLogger()
-    loggers = [root] + [
-        logger
-        for logger in logging.Logger.manager.loggerDict.values()
-        if isinstance(logger, logging.Logger)
-    ]
-    saved = [(logger, logger.level, logger.disabled) for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.DEBUG)
-        logger.disabled = False
-        if logger is root or not logger.propagate:
-            logger.addHandler(handler)
-    try:
+    with every_logger_into(handler):
         yield records
-    finally:
-        for logger, level, disabled in saved:
-            logger.setLevel(level)
-            logger.disabled = disabled
-            logger.removeHandler(handler)
 
 
 def log_text(record: logging.LogRecord) -> str:
