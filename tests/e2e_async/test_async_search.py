@@ -46,6 +46,20 @@ SEARCH_ID = re.compile(r"[0-9a-f]{32}")
 # --- helpers ------------------------------------------------------------------------------------
 
 
+def applied_forwards(gate: Gate, search_id: str) -> list[Any]:
+    """The gate's record of the callbacks it forwarded, once one has come back applied. The
+    workflow's new state (what the test waited for) commits before gunicorn's answer reaches
+    the gate, so reading the record at once can miss that answer."""
+    return wait_until(
+        lambda: (
+            (found := gate.forwarded(search_id))
+            and any(f.status == 200 and f.json().get("applied") for f in found)
+            and found
+        ),
+        what="the gate to record an applied callback",
+    )
+
+
 def post_link(
     stack: AsyncStack, customer: CustomerCredentials, **patient: Any
 ) -> tuple[str, dict[str, Any]]:
@@ -212,7 +226,7 @@ def test_result_arrives_by_the_callback(
     assert candidate.internal_patient_id == JANE_INTERNAL_ID
 
     # The stand-in delivered it through the gate; gunicorn applied it.
-    [answer] = [f for f in gate.forwarded(search_id) if f.status == 200]
+    [answer] = [f for f in applied_forwards(gate, search_id) if f.status == 200]
     assert answer.json() == {"workflow-id": workflow_id, "applied": True, "status": "COMPLETED"}
     stats = standin_stats(standin)
     assert stats["match_calls"] == 1
@@ -352,7 +366,7 @@ def test_forged_callbacks_are_refused_and_change_nothing(
     workflow = reaches(workflow_id, Status.COMPLETED, Status.FAILED)
     assert_linked_jane(workflow, body)
     assert workflow.transitions.filter(target=Status.LINKED).get().actor == "search-callback"
-    [answer] = gate.forwarded(search_id)
+    [answer] = applied_forwards(gate, search_id)
     assert answer.status == 200 and answer.json()["applied"] is True
     assert_one_completed_webhook(customer, receiver, workflow_id, body)
 
@@ -378,7 +392,7 @@ def test_review_band_waits_for_an_operator_and_is_not_swept(
         "bef547d80bc951c0b70792b4248204e6",
         "c683023a29175d0a99f8ce671ef80f99",
     ]
-    [answer] = gate.forwarded(search_id)
+    [answer] = applied_forwards(gate, search_id)
     assert answer.json() == {"workflow-id": workflow_id, "applied": True, "status": "REVIEW"}
 
     # Stale for longer than the threshold, with several sweeps run meanwhile: untouched.
@@ -413,7 +427,7 @@ def test_callback_that_beats_the_commit_is_retried_and_applied(
     assert_linked_jane(workflow, body)
     assert workflow.transitions.filter(target=Status.LINKED).get().actor == "search-callback"
     assert workflow.search_id is not None
-    answers = gate.forwarded(workflow.search_id)
+    answers = applied_forwards(gate, workflow.search_id)
     *early, last = answers
     assert last.status == 200 and last.json()["applied"] is True
     for answer in early:
@@ -457,7 +471,9 @@ def test_callback_landing_during_the_workers_poll_wins_and_the_poll_is_dropped(
         ("REQUESTED", "LINKED", "search-callback"),
         ("LINKED", "COMPLETED", "search-callback"),
     ]
-    applied = [f for f in gate.forwarded(search_id) if f.status == 200 and f.json()["applied"]]
+    applied = [
+        f for f in applied_forwards(gate, search_id) if f.status == 200 and f.json()["applied"]
+    ]
     assert len(applied) == 1
     # The poll's answer came back after the callback had been applied: dropped, no effect.
     wait_until(lambda: job_polls(standin) >= 1, what="the worker's poll")
