@@ -1,9 +1,10 @@
 """The Celery application: the producer side (web) and the consumers (workers) share it."""
 
 import os
+import threading
 from typing import Any
 
-from celery import Celery
+from celery import Celery, bootsteps
 from celery.signals import task_postrun, task_prerun, worker_ready
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
@@ -35,3 +36,29 @@ def _serve_metrics(**_: Any) -> None:
     from config.metrics import worker_metrics_server_start
 
     worker_metrics_server_start()
+
+
+class _DispatcherStep(bootsteps.StartStopStep):
+    """Each worker runs a dispatcher on a thread (workflows/dispatcher.py): the queue messages of
+    accepted workflows are published wherever workers run, with nothing else to deploy, and a
+    lock keeps exactly one of them publishing."""
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.dispatcher: Any = None
+        self.thread: threading.Thread | None = None
+
+    def start(self, parent: Any) -> None:
+        from workflows.dispatcher import Dispatcher
+
+        self.dispatcher = Dispatcher()
+        self.thread = threading.Thread(target=self.dispatcher.run, name="dispatcher", daemon=True)
+        self.thread.start()
+
+    def stop(self, parent: Any) -> None:
+        if self.dispatcher is not None and self.thread is not None:
+            self.dispatcher.stop()
+            self.thread.join(timeout=self.dispatcher.poll_seconds + 5)
+
+
+app.steps["worker"].add(_DispatcherStep)

@@ -3,6 +3,7 @@
 import base64
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from django.conf import settings
 from rest_framework.test import APIClient
 
 from merchant.services import CustomerCredentials, customer_onboard
+from workflows.dispatcher import Dispatcher
 
 
 @pytest.fixture(autouse=True)
@@ -56,14 +58,39 @@ def broker_messages(client: redis.Redis, queue: str = "celery") -> list[dict[str
 def wait_broker_messages(
     client: redis.Redis, count: int, *, timeout: float = 5, queue: str = "celery"
 ) -> list[dict[str, Any]]:
-    """The queue's messages once there are `count` of them (the ack path publishes from a
-    background thread, just after the commit)."""
+    """The queue's messages once there are `count` of them (the dispatcher publishes the ack
+    path's, just after the commit)."""
     deadline = time.monotonic() + timeout
     while True:
         messages = broker_messages(client, queue)
         if len(messages) >= count or time.monotonic() > deadline:
             return messages
         time.sleep(0.02)
+
+
+@contextmanager
+def dispatching(*, lead: bool = True) -> Iterator[Dispatcher]:
+    """The real dispatcher (workflows/dispatcher.py) on a thread; leading before the block runs
+    unless `lead` is false; stopped afterwards."""
+    running = Dispatcher(poll_seconds=0.05)
+    thread = threading.Thread(target=running.run, name="test-dispatcher", daemon=True)
+    thread.start()
+    try:
+        if lead:
+            assert running.leading.wait(10), "the dispatcher never took the lead"
+        yield running
+    finally:
+        running.stop()
+        thread.join(timeout=5)
+    assert not thread.is_alive()
+
+
+@pytest.fixture
+def dispatcher(transactional_db: None) -> Iterator[Dispatcher]:
+    """A leading dispatcher for the test: the ack path's messages reach the broker only through
+    it, and only from committed rows."""
+    with dispatching() as running:
+        yield running
 
 
 def new_customer(name: str = "Acme Health") -> CustomerCredentials:

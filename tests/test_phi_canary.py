@@ -42,6 +42,7 @@ from standin.receiver import ReceiverServer, make_receiver
 from standin.server import make_server
 from tests.conftest import every_logger_into
 from tests.processes import serving
+from workflows.dispatcher import Dispatcher
 from workflows.models import Result, Status, WebhookDelivery, Workflow
 from workflows.services import workflows_reconcile
 from workflows.tasks import process_workflow
@@ -307,6 +308,7 @@ def workflow_of(response: Any) -> Workflow:
 
 
 def test_a_canary_patient_leaves_no_trace(
+    dispatcher: Dispatcher,
     customer: RecordingClient,
     standin: Any,
     receiver: ReceiverServer,

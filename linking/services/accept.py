@@ -19,7 +19,7 @@ from linking.models import IdempotencyRecord, LinkRequest, MappingStatus, Patien
 from linking.quality import demographics_quality
 from merchant.models import Customer
 from workflows.models import PENDING_STATES, Status, Workflow, WorkflowTransition
-from workflows.services import workflow_new, workflow_publish_soon
+from workflows.services import workflow_announce, workflow_announcement, workflow_new
 
 # What a client is told to wait before polling the status (or retrying an in-flight request).
 STATUS_RETRY_AFTER_SECONDS = 5
@@ -76,8 +76,9 @@ def link_accept(
     """Accept a link request durably, or replay/refuse it (seed 3.2).
 
     The workflow, the request data and the idempotency record are written in one transaction
-    (usually one statement: _accept_new); the queue message is published only after it
-    commits. `body` is the parsed body as sent
+    (usually one statement: _accept_new) that also announces the workflow to the dispatcher
+    (workflows/dispatcher.py), which publishes its queue message once the transaction has
+    committed. Nothing here waits on the broker. `body` is the parsed body as sent
     (for the fingerprint), `request_data` its validated, canonical form (what is stored).
     """
     refusal = demographics_quality(request_data["patient"]).refusal(settings.MIN_DEMOGRAPHICS_SCORE)
@@ -103,9 +104,6 @@ def link_accept(
         if isinstance(otherwise, LinkAcceptance):
             return otherwise
         workflow = otherwise
-    # Sent after the commit (a message never names a workflow that does not exist) and off the
-    # request thread. If the process dies first, the reconciliation sweep publishes it.
-    workflow_publish_soon(workflow=workflow)
     return _accepted_response(workflow)
 
 
@@ -135,6 +133,7 @@ def _accept_otherwise(
                 patient_id=patient_id,
                 request_data=request_data,
             )
+            workflow_announce(workflow=workflow)
     except IntegrityError as exc:
         # Lost a race that the checks above could not see: the constraint decides.
         constraint = getattr(getattr(exc.__cause__, "diag", None), "constraint_name", None)
@@ -178,7 +177,8 @@ def _accept_new(
     """The common case in one statement, so one round trip to PostgreSQL: a new key for a
     patient with no link and nothing pending. The request data, the workflow, its first
     timeline line and the idempotency record are inserted together (one statement is one
-    transaction), under the same key lock as _accept_otherwise, or not at all. None when any
+    transaction), under the same key lock as _accept_otherwise, or not at all; the workflow is
+    announced (pg_notify, delivered at commit) only when they are. None when any
     condition fails, or a concurrent request wins a unique constraint: _accept_otherwise then
     says why, one query at a time."""
     link_request, workflow, first, record = _new_rows(
@@ -221,7 +221,10 @@ def _accept_new(
         insert_sql, insert_params = _insert_select(instance)
         sql += f", {name} AS ({insert_sql} FROM {source} RETURNING 1)"
         params += insert_params
-    sql += " SELECT count(*) FROM record"
+    # pg_notify runs once per inserted record row, so never for a request that inserted nothing
+    # (a volatile call in a subquery's output is always evaluated, never optimised away).
+    sql += " SELECT count(*) FROM (SELECT pg_notify(%s, %s) FROM record) AS announced"
+    params += workflow_announcement(workflow=workflow)
     try:
         # A savepoint only inside an outer transaction (tests, callers holding one); in
         # autocommit the statement is its own transaction and needs no BEGIN/COMMIT.

@@ -141,7 +141,8 @@ def render(results: dict[str, Any]) -> str:
     ]
     header = (
         f"{'stage':<24}{'2xx/s':>9}{'x A':>7}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
-        f"{'CPU s web':>11}{'wrk':>7}{'pg':>7}{'redis':>7}{'box %':>7}{'web ms/req':>12}"
+        f"{'CPU s web':>11}{'wrk':>7}{'pg':>7}{'redis':>7}{'disp':>7}{'box %':>7}"
+        f"{'web ms/req':>12}"
         f"{'web MiB':>9}"
     )
     lines += [header, "-" * len(header)]
@@ -157,7 +158,7 @@ def render(results: dict[str, Any]) -> str:
             f"{(f'{share:.2f}' if share is not None else '-'):>7}"
             f"{stage['latency_ms']['p50']:>9.1f}{stage['latency_ms']['p99']:>9.1f}"
             f"{_errors(stage):>8}{cpu['web']:>11.1f}{cpu['wrk']:>7.1f}"
-            f"{cpu['postgres']:>7.1f}{cpu['redis']:>7.1f}"
+            f"{cpu['postgres']:>7.1f}{cpu['redis']:>7.1f}{cpu.get('dispatcher', 0.0):>7.1f}"
             f"{_busy_percent(stage['machine_cpu_seconds']):>7}"
             f"{stage['server_cpu_ms_per_request'] or 0:>12.2f}"
             f"{max(stage['web_peak_rss_mib'], default=0):>9.0f}"

@@ -116,7 +116,8 @@ class Process:
 @dataclass
 class BenchStack:
     """`with BenchStack(...) as stack:` starts redis, the database, the stand-in, the receiver
-    and gunicorn; `start_consumers()` / `stop_consumers()` the Celery workers and beat."""
+    and gunicorn; `start_consumers()` / `stop_consumers()` the Celery workers and beat,
+    `start_dispatcher()` / `stop_dispatcher()` a dispatcher on its own."""
 
     web_workers: int = 2 * CORES + 1
     celery_workers: int = CORES
@@ -137,6 +138,7 @@ class BenchStack:
         self._stack = ExitStack()
         self._web = ExitStack()
         self._consumers = ExitStack()
+        self._dispatcher = ExitStack()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -162,6 +164,7 @@ class BenchStack:
                 )
             everything.push(self._stack)
             everything.push(self._web)
+            everything.push(self._dispatcher)
             everything.push(self._consumers)
 
     def _start(self) -> None:
@@ -207,7 +210,7 @@ class BenchStack:
 
     def manage(self, *args: str) -> str:
         done = subprocess.run(
-            [str(BIN / "python"), "manage.py", *args],
+            self.manage_args(*args),
             cwd=ROOT,
             env=self.env(),
             capture_output=True,
@@ -315,6 +318,20 @@ class BenchStack:
 
     def stop_consumers(self) -> None:
         self._consumers.close()
+
+    def start_dispatcher(self) -> Process:
+        """The dispatcher on its own (`manage.py dispatch`), for the stages without Celery
+        workers (each worker runs one): the ack path's messages are published by it."""
+        dispatcher = self._spawn(self._dispatcher, "dispatcher", self.manage_args("dispatch"))
+        self._wait(dispatcher, "dispatcher leading", timeout=30)
+        return dispatcher
+
+    def stop_dispatcher(self) -> None:
+        self._dispatcher.close()
+        self.processes.pop("dispatcher", None)
+
+    def manage_args(self, *args: str) -> list[str]:
+        return [str(BIN / "python"), "manage.py", *args]
 
     def web_group(self) -> int:
         return self.processes["web"].pid

@@ -54,11 +54,15 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def _server_sources(stack: BenchStack) -> dict[str, Selector]:
-    return {
+    sources = {
         "web": in_group(stack.web_group()),
         "postgres": named("postgres"),
         "redis": in_group(stack.redis_pid()),
     }
+    if "dispatcher" in stack.processes:
+        # The web stages' own dispatcher (in the end-to-end stage, the workers' is theirs).
+        sources["dispatcher"] = in_group(stack.processes["dispatcher"].pid)
+    return sources
 
 
 # --- A, the ack path, the status read: wrk against gunicorn ------------------------------------
@@ -137,9 +141,9 @@ def ack(stack: BenchStack, load: Load) -> dict[str, Any]:
 
 
 def _settle_queue(client: redis.Redis, *, timeout: float = 15) -> int:
-    """Wait until the ack stage's messages are all published (gunicorn publishes them on a
-    background thread, after the answer; no consumer runs during the web stages); the number
-    waiting in Celery's default queue then."""
+    """Wait until the ack stage's messages are all published (the dispatcher publishes them
+    after each commit; no consumer runs during the web stages); the number waiting in Celery's
+    default queue then."""
     deadline = time.monotonic() + timeout
     last, steady_since = -1, time.monotonic()
     while time.monotonic() < deadline:

@@ -287,11 +287,16 @@ def test_webhook_410_disables_the_endpoint(
     assert deliveries_for(receiver, second_id) == []
 
 
+def _unheard(*, workflow: Workflow) -> list[str]:
+    """An announcement on a channel no dispatcher listens on."""
+    return ["nobody_listens", "{}"]
+
+
 def test_unpublished_workflow_is_requeued_by_the_sweep(
     client: LinkClient, receiver: ReceiverServer, monkeypatch: pytest.MonkeyPatch
 ):
-    # The process dies between the commit and the publish: nothing reaches the broker.
-    monkeypatch.setattr("linking.services.accept.workflow_publish_soon", lambda **_: None)
+    # No dispatcher hears of it (none was listening then): nothing reaches the broker.
+    monkeypatch.setattr("linking.services.accept.workflow_announcement", _unheard)
     workflow_id, _ = post(client)
     assert Workflow.objects.get(id=workflow_id).status == Status.RECEIVED
     workflow = terminal(workflow_id, timeout=30)  # beat's sweep: stale after 5 s, every 1 s
@@ -304,7 +309,7 @@ def test_unpublished_workflow_is_requeued_by_the_sweep(
 def test_task_delivered_twice_has_one_effect(
     client: LinkClient, standin: Any, receiver: ReceiverServer, monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.setattr("linking.services.accept.workflow_publish_soon", lambda **_: None)
+    monkeypatch.setattr("linking.services.accept.workflow_announcement", _unheard)
     workflow_id, _ = post(client)
     workflow = Workflow.objects.get(id=workflow_id)
     with transaction.atomic():

@@ -12,8 +12,8 @@ import requests
 
 from linking.models import IdempotencyRecord, LinkRequest
 from merchant.services import CustomerCredentials
-from tests.conftest import link_body
-from tests.processes import child_env, free_port, gunicorn
+from tests.conftest import dispatching, link_body, wait_broker_messages
+from tests.processes import BIN, child_env, free_port, gunicorn, running
 from workflows.models import Status, Workflow
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -51,24 +51,39 @@ def post_link(base: str, token: str, body: dict, key: str) -> tuple[requests.Res
 
 @pytest.mark.parametrize("broker", ["refused", "stalled"])
 def test_broker_down_still_answers_202_in_bounded_time(
-    credentials: CustomerCredentials, broker: str
+    credentials: CustomerCredentials, broker: str, redis_db: Any
 ) -> None:
-    with black_hole() as stalled_port, tempfile.TemporaryFile() as log:
+    with (
+        black_hole() as stalled_port,
+        tempfile.TemporaryFile() as log,
+        tempfile.TemporaryFile() as dispatch_log,
+    ):
         port = free_port() if broker == "refused" else stalled_port
         env = child_env(CELERY_BROKER_URL=f"redis://127.0.0.1:{port}/0", LOG_LEVEL="INFO")
         body = link_body(full_name="Canary Broker-Down")
-        with gunicorn(env, log) as base:
+        with (
+            gunicorn(env, log) as base,
+            running([str(BIN / "python"), "manage.py", "dispatch"], env=env, log=dispatch_log),
+        ):
+            _wait_for_log(dispatch_log, "dispatcher: leading")
             response, elapsed = post_link(base, credentials.token, body, "k1")
-            output = _wait_for_log(log, "publish failed for workflow")
+            dispatched = _wait_for_log(dispatch_log, "publish failed for workflow")
+        log.seek(0)
+        output = log.read().decode()
 
     assert response.status_code == 202, output
-    assert elapsed < 2, elapsed  # the publish runs off the request thread
+    assert elapsed < 2, elapsed  # the web process never talks to the broker
     workflow = Workflow.objects.get(id=response.json()["workflow-id"])
     assert workflow.status == Status.RECEIVED
     assert LinkRequest.objects.filter(request_id=workflow.request_id).exists()
     assert IdempotencyRecord.objects.filter(workflow=workflow).exists()
-    assert f"publish failed for workflow {workflow.id}" in output
-    assert "Canary" not in output and "1980-04-02" not in output
+    assert f"publish failed for workflow {workflow.id}" in dispatched  # and kept retrying
+    for text in (output, dispatched):
+        assert "Canary" not in text and "1980-04-02" not in text
+    # The broker is back (the real one): the next dispatcher to lead publishes it.
+    with dispatching():
+        messages = wait_broker_messages(redis_db, 1)
+    assert [m["args"][0]["workflow-id"] for m in messages] == [str(workflow.id)]
 
 
 @pytest.mark.parametrize("database", ["refused", "stalled"])

@@ -1,4 +1,5 @@
-"""The ack path of POST /link: durable, published after commit, ids only in the message."""
+"""The ack path of POST /link: durable, published (by the dispatcher) after commit, ids only in
+the message."""
 
 import json
 import time
@@ -45,7 +46,7 @@ def test_accepted_body_headers_and_rows(api: LinkClient, redis_db) -> None:
     assert [(t.source, t.target) for t in timeline] == [("", "RECEIVED")]
 
 
-def test_message_carries_ids_only(api: LinkClient, redis_db) -> None:
+def test_message_carries_ids_only(api: LinkClient, redis_db, dispatcher) -> None:
     body = link_body(full_name="Canary Zyxwvut", dob="1977-07-07")
     response = api.post_link(body)
     workflow = Workflow.objects.get(id=response.json()["workflow-id"])
@@ -68,7 +69,7 @@ def test_message_carries_ids_only(api: LinkClient, redis_db) -> None:
         assert secret not in message["raw"]
 
 
-def test_message_published_only_after_commit(credentials, redis_db) -> None:
+def test_message_published_only_after_commit(credentials, redis_db, dispatcher) -> None:
     body = link_body()
     data = json.loads(json.dumps(body))
     with transaction.atomic():
@@ -85,7 +86,7 @@ def test_message_published_only_after_commit(credentials, redis_db) -> None:
     assert [m["args"][0]["workflow-id"] for m in messages] == [accepted.body["workflow-id"]]
 
 
-def test_rolled_back_request_publishes_nothing(credentials, redis_db) -> None:
+def test_rolled_back_request_publishes_nothing(credentials, redis_db, dispatcher) -> None:
     body = link_body()
 
     class Boom(Exception):

@@ -2,15 +2,14 @@
 
 import datetime as dt
 import functools
+import json
 import logging
-import queue
-import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from config import metrics
@@ -122,59 +121,26 @@ def workflow_message(*, workflow: Workflow) -> dict[str, str]:
     }
 
 
-# Background publishing of the ack path: bounded, so a stalled broker cannot pile up work.
-_PUBLISH_BACKLOG_LIMIT = 10_000
-# Messages sent in one Redis round trip (kombu's publish batch) when acks arrive faster than
-# one publish takes.
-_PUBLISH_BATCH_SIZE = 100
-_publisher: threading.Thread | None = None
-_publisher_lock = threading.Lock()
-_pending: queue.SimpleQueue[Workflow] = queue.SimpleQueue()
-_backlog = threading.BoundedSemaphore(_PUBLISH_BACKLOG_LIMIT)
+# Where an accepted workflow is announced to the dispatcher (workflows/dispatcher.py).
+WORKFLOW_CHANNEL = "workflows_received"
 
 
-def _publisher_started() -> None:
-    # Started on first use, in the process that publishes (a thread does not survive a fork).
-    global _publisher
-    with _publisher_lock:
-        if _publisher is None or not _publisher.is_alive():
-            _publisher = threading.Thread(target=_publish_forever, name="publish", daemon=True)
-            _publisher.start()
+def workflow_announcement(*, workflow: Workflow) -> list[str]:
+    """pg_notify's arguments for this workflow: the channel, and the queue message as JSON
+    (ids only, ~250 bytes of PostgreSQL's 8,000)."""
+    return [WORKFLOW_CHANNEL, json.dumps(workflow_message(workflow=workflow))]
 
 
-def _publish_forever() -> None:
-    """One thread publishes for the whole process: whatever queued up while it was sending
-    goes out together, so under load one producer and one Redis round trip serve many acks."""
-    while True:
-        batch = [_pending.get()]
-        while len(batch) < _PUBLISH_BATCH_SIZE:
-            try:
-                batch.append(_pending.get_nowait())
-            except queue.Empty:
-                break
-        try:
-            workflows_publish(workflows=batch)
-        finally:
-            for _ in batch:
-                _backlog.release()
+def workflow_announce(*, workflow: Workflow) -> None:
+    """Tell the dispatcher about a new workflow, inside the caller's transaction.
 
-
-def workflow_publish_soon(*, workflow: Workflow) -> None:
-    """Publish once the current transaction commits, on a background thread.
-
-    The answer to the customer never waits on the broker: a stalled or dead Redis costs the
-    ack nothing. A publish that fails, or that never runs because the process dies first, is
-    covered by the reconciliation sweep (the workflow row is committed either way).
+    PostgreSQL delivers a NOTIFY when, and only if, its transaction commits: the message is sent
+    after the commit, never for a rolled-back row, and the request path touches only PostgreSQL
+    (design decision 2's outbox). A notification nobody was listening for (the dispatcher was
+    down) is published by the next dispatcher's catch-up or, older, by the reconciliation sweep.
     """
-
-    def submit() -> None:
-        if not _backlog.acquire(blocking=False):
-            logger.warning("publish backlog full; workflow %s left to the sweep", workflow.id)
-            return
-        _publisher_started()
-        _pending.put(workflow)
-
-    transaction.on_commit(submit)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_notify(%s, %s)", workflow_announcement(workflow=workflow))
 
 
 def workflow_publish(*, workflow: Workflow) -> bool:
@@ -187,7 +153,14 @@ def workflow_publish(*, workflow: Workflow) -> bool:
 
 
 def workflows_publish(*, workflows: list[Workflow]) -> int:
-    """Send these workflows' messages in one batch (one Redis round trip); how many were sent.
+    """Send these workflows' messages in one batch (one Redis round trip); how many were sent."""
+    return workflow_messages_publish(
+        messages=[workflow_message(workflow=workflow) for workflow in workflows]
+    )
+
+
+def workflow_messages_publish(*, messages: list[dict[str, str]]) -> int:
+    """Send these queue messages (workflow_message's) in one batch; how many were sent.
 
     A failure is logged and swallowed, as in workflow_publish, and counts as none sent: part of
     the batch may have reached the broker, and a duplicate message is harmless (consumers claim
@@ -196,8 +169,8 @@ def workflows_publish(*, workflows: list[Workflow]) -> int:
     The messages are Celery's own (protocol 2, built by `app.amqp.as_task_v2`, what
     `apply_async` sends) but published straight through the pooled kombu producer: apply_async's
     per-message routing, option merging and queue declaration were 70% of a 1,000-row sweep and
-    most of the web's publishing thread in `make bench`'s profiles. The queue is declared once
-    per batch instead.
+    most of the web's former publishing thread in `make bench`'s profiles. The queue is
+    declared once per batch instead.
     """
     from kombu.common import maybe_declare
 
@@ -209,15 +182,15 @@ def workflows_publish(*, workflows: list[Workflow]) -> int:
             target = _publish_target(app)
             maybe_declare(target.queue, producer.channel, retry=True, **target.retry_policy)
             with producer.batch():
-                for workflow in workflows:
+                for body in messages:
                     task_id = str(uuid.uuid4())
                     message = app.amqp.as_task_v2(
                         task_id,
                         process_workflow.name,
-                        args=(workflow_message(workflow=workflow),),
+                        args=(body,),
                         kwargs={},
                         # The id says it all; Celery would format the arguments with saferepr.
-                        argsrepr=f"(workflow {workflow.id})",
+                        argsrepr=f"(workflow {body['workflow-id']})",
                         kwargsrepr="{}",
                         ignore_result=True,
                         origin=target.origin,
@@ -235,13 +208,13 @@ def workflows_publish(*, workflows: list[Workflow]) -> int:
                     )
     except Exception as exc:
         logger.warning(
-            "publish failed for workflow %s%s (%s); the sweep will re-queue it",
-            workflows[0].id if workflows else None,
-            f" and {len(workflows) - 1} others" if len(workflows) > 1 else "",
+            "publish failed for workflow %s%s (%s)",
+            messages[0]["workflow-id"] if messages else None,
+            f" and {len(messages) - 1} others" if len(messages) > 1 else "",
             type(exc).__name__,
         )
         return 0
-    return len(workflows)
+    return len(messages)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,168 @@
+"""The dispatcher (workflows/dispatcher.py): the ack path's queue messages, published from
+PostgreSQL's notifications by exactly one leader, in batches, with a catch-up after a takeover."""
+
+import datetime as dt
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+import pytest
+from django.db import connection, transaction
+from django.utils import timezone
+
+import workflows.dispatcher as dispatcher_module
+from linking.services import link_accept
+from merchant.services import CustomerCredentials
+from tests.conftest import (
+    broker_messages,
+    dispatching,
+    every_logger_into,
+    link_body,
+    wait_broker_messages,
+)
+from workflows.models import Status, Workflow
+from workflows.services import workflow_announce, workflow_create
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def accept(credentials: CustomerCredentials, key: str) -> str:
+    body = link_body(id=str(uuid.uuid4()))
+    accepted = link_accept(
+        customer=credentials.customer,
+        idempotency_key=key,
+        body=body,
+        request_data=json.loads(json.dumps(body)),
+    )
+    assert accepted.status == 202
+    return str(accepted.body["workflow-id"])
+
+
+def published_ids(redis_db: Any) -> list[str]:
+    return [m["args"][0]["workflow-id"] for m in broker_messages(redis_db)]
+
+
+def unannounced(credentials: CustomerCredentials, *, age: dt.timedelta | None = None) -> Workflow:
+    """A RECEIVED workflow whose announcement nobody heard (written without one)."""
+    workflow = workflow_create(
+        customer=credentials.customer, patient_id=uuid.uuid4(), request_id=uuid.uuid4()
+    )
+    if age is not None:
+        Workflow.objects.filter(id=workflow.id).update(updated_at=timezone.now() - age)
+    return workflow
+
+
+class _Keep(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def text(self) -> str:
+        return "\n".join(record.getMessage() for record in self.records)
+
+
+def test_one_dispatcher_leads_and_another_takes_over_with_a_catch_up(
+    credentials: CustomerCredentials, redis_db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dispatcher_module, "LEADER_RETRY_SECONDS", 0.05)
+    with dispatching() as first, dispatching(lead=False) as second:
+        time.sleep(0.3)
+        assert not second.leading.is_set()  # the lock is the first one's
+        one = accept(credentials, "one")
+        wait_broker_messages(redis_db, 1)
+        assert published_ids(redis_db) == [one]
+        time.sleep(0.2)
+        assert (first.published, second.published) == (1, 0)
+
+        first.stop()  # its session ends, the lock with it
+        assert second.leading.wait(5)
+        two = accept(credentials, "two")
+        wait_broker_messages(redis_db, 3)
+    # The new leader republished what was still RECEIVED (it cannot know what the first had
+    # sent: a duplicate, which a consumer's claim makes harmless), then the new one.
+    assert sorted(published_ids(redis_db)) == sorted([one, one, two])
+    assert second.published == 2
+
+
+def test_catch_up_takes_recent_received_workflows_only(
+    credentials: CustomerCredentials, redis_db: Any, settings: Any
+) -> None:
+    settings.RECONCILE_STALE_AFTER_SECONDS = 600
+    recent = unannounced(credentials)
+    stale = unannounced(credentials, age=dt.timedelta(seconds=700))  # the sweep's
+    started = unannounced(credentials)
+    Workflow.objects.filter(id=started.id).update(status=Status.IN_PROGRESS)
+    with dispatching() as running:
+        wait_broker_messages(redis_db, 1)
+        time.sleep(0.2)
+    assert published_ids(redis_db) == [str(recent.id)]
+    assert running.published == 1
+    assert stale.id != recent.id
+
+
+def test_a_burst_is_published_in_few_batches(
+    credentials: CustomerCredentials, redis_db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches: list[int] = []
+    publish = dispatcher_module.workflow_messages_publish
+
+    def counting(*, messages: list[dict[str, str]]) -> int:
+        batches.append(len(messages))
+        return publish(messages=messages)
+
+    monkeypatch.setattr(dispatcher_module, "workflow_messages_publish", counting)
+    with dispatching():
+        with transaction.atomic():  # 200 announcements delivered together at the commit
+            workflows = [unannounced(credentials) for _ in range(200)]
+            for workflow in workflows:
+                workflow_announce(workflow=workflow)
+            time.sleep(0.2)
+            assert broker_messages(redis_db) == []  # nothing before the commit
+        wait_broker_messages(redis_db, 200)
+    assert sorted(published_ids(redis_db)) == sorted(str(w.id) for w in workflows)
+    assert sum(batches) == 200
+    assert len(batches) <= 5, batches
+
+
+def test_a_foreign_notification_is_ignored_without_logging_it(
+    credentials: CustomerCredentials, redis_db: Any
+) -> None:
+    kept = _Keep()
+    with every_logger_into(kept), dispatching():
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_notify(%s, %s)", ["workflows_received", "Jane Canary 1980-04-02"]
+            )
+        one = accept(credentials, "after")
+        wait_broker_messages(redis_db, 1)
+    assert published_ids(redis_db) == [one]
+    text = kept.text()
+    assert "ignored a notification that is not a workflow message" in text
+    assert "Canary" not in text and "1980" not in text
+
+
+def test_a_lost_database_session_is_opened_again(
+    credentials: CustomerCredentials, redis_db: Any
+) -> None:
+    kept = _Keep()
+    with every_logger_into(kept), dispatching() as running:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks"
+                " WHERE locktype = 'advisory' AND database ="
+                " (SELECT oid FROM pg_database WHERE datname = current_database())"
+            )
+            assert cursor.fetchone() is not None
+        deadline = time.monotonic() + 10
+        while "reconnecting" not in kept.text() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "dispatcher: AdminShutdown; reconnecting in 1 s" in kept.text()
+        assert running.leading.wait(10)  # reconnected, leading again
+        one = accept(credentials, "after-restart")
+        wait_broker_messages(redis_db, 1)
+    assert published_ids(redis_db) == [one]
