@@ -40,7 +40,7 @@ from merchant.models import Customer
 from merchant.services import customer_onboard
 from standin.receiver import ReceiverServer, make_receiver
 from standin.server import make_server
-from tests.conftest import every_logger_into
+from tests.conftest import broker_messages, every_logger_into
 from tests.processes import serving
 from workflows.dispatcher import Dispatcher
 from workflows.models import Result, Status, WebhookDelivery, Workflow
@@ -237,9 +237,16 @@ class Worker:
         self.results: list[Any] = []
         self.tasks_run: list[tuple[str, list[Any], dict[str, Any]]] = []
 
-    def wait(self, count: int = 1) -> None:
+    def wait(self, workflow: Workflow) -> None:
+        """Until the workflow's own message is queued (the dispatcher publishes it just after
+        the commit; another message, e.g. a webhook's, may be there first)."""
         deadline = time.monotonic() + 5
-        while self.client.llen("celery") < count:
+        while not any(
+            m["args"]
+            and isinstance(m["args"][0], dict)
+            and m["args"][0].get("workflow-id") == str(workflow.id)
+            for m in broker_messages(self.client)
+        ):
             assert time.monotonic() < deadline, "the ack path published nothing"
             time.sleep(0.02)
 
@@ -325,7 +332,7 @@ def test_a_canary_patient_leaves_no_trace(
     # 1. Success: Jane's name and birth date (what the match needs), canary everything else.
     body = canary(**JANE)
     linked = workflow_of(customer.post(body, "success"))
-    worker.wait()
+    worker.wait(linked)
     worker.run_all()
     ended["success"] = linked
     patient_id = body["patient"]["id"]
@@ -335,24 +342,24 @@ def test_a_canary_patient_leaves_no_trace(
 
     # 2. No match.
     ended["no match"] = workflow_of(customer.post(canary(), "no-match"))
-    worker.wait()
+    worker.wait(ended["no match"])
     worker.run_all()
 
     # 3. Permanent failure of the internal search.
     ended["permanent failure"] = workflow_of(customer.post(canary(), "permanent"))
-    worker.wait()
+    worker.wait(ended["permanent failure"])
     script(standin, {"status": 400})
     worker.run_all()
 
     # 4. Transient failure: the task retries through the broker, then ends.
     ended["retry"] = workflow_of(customer.post(canary(), "transient"))
-    worker.wait()
+    worker.wait(ended["retry"])
     script(standin, {"status": 500})
     worker.run_all()
 
     # 5. A crash in the consumer: the worker logs it; the sweep re-queues after the lease.
     crashed = workflow_of(customer.post(canary(), "crash"))
-    worker.wait()
+    worker.wait(crashed)
 
     def explode(patient: Any) -> Any:
         raise RuntimeError("internal search client crashed")
@@ -369,7 +376,7 @@ def test_a_canary_patient_leaves_no_trace(
     # 6. The review band: an operator reads both sides (audited) and links.
     body = canary(**RIVERA)
     review = workflow_of(customer.post(body, "review"))
-    worker.wait()
+    worker.wait(review)
     worker.run_all()
     assert Workflow.objects.get(id=review.id).status == Status.REVIEW
     assert customer.post(body, "review-again").status_code == 409  # in progress
@@ -387,7 +394,7 @@ def test_a_canary_patient_leaves_no_trace(
     # 7. An asynchronous search: the job is accepted (REQUESTED), then polled by the sweep's run.
     settings.INTERNAL_SEARCH_ASYNC = True
     polled = workflow_of(customer.post(canary(), "async"))
-    worker.wait()
+    worker.wait(polled)
     worker.run_all()
     assert Workflow.objects.get(id=polled.id).status == Status.REQUESTED
     control(standin, "complete-jobs")
