@@ -43,6 +43,7 @@ from prometheus_client import (  # noqa: E402
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     disable_created_metrics,
     start_http_server,
@@ -106,6 +107,16 @@ WEBHOOK_ATTEMPTS = Counter(
     "Webhook delivery attempts, by the delivery's state after it (delivered, retrying, "
     "exhausted, disabled).",
     ["outcome"],
+)
+DISPATCHER_LEADING = Gauge(
+    "merchant_dispatcher_leading",
+    "1 while this process's dispatcher holds the lead (publishes accepted workflows), else 0.",
+    # Across processes sharing PROMETHEUS_MULTIPROC_DIR: how many of the live ones lead.
+    multiprocess_mode="livesum",
+)
+DISPATCHER_PUBLISHED = Counter(
+    "merchant_dispatcher_published",
+    "Queue messages of accepted workflows the dispatcher published (catch-ups included).",
 )
 RECONCILE_RUNS = Counter("merchant_reconcile_runs", "Reconciliation sweeps run.")
 RECONCILE_REQUEUED = Counter(
@@ -232,6 +243,14 @@ _WEBHOOK_OUTCOMES = {"PENDING": "retrying"}
 
 def webhook_attempt_settled(status: str) -> None:
     WEBHOOK_ATTEMPTS.labels(_WEBHOOK_OUTCOMES.get(status, str(status).lower())).inc()
+
+
+def dispatcher_leading(leading: bool) -> None:
+    DISPATCHER_LEADING.set(1 if leading else 0)
+
+
+def dispatcher_published(count: int) -> None:
+    DISPATCHER_PUBLISHED.inc(count)
 
 
 def reconcile_ran(*, requeued: int, failed: int) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connections
 
+from config import metrics
 from workflows.models import Status, Workflow
 from workflows.services.workflows import (
     WORKFLOW_CHANNEL,
@@ -77,7 +78,9 @@ class Dispatcher:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
             finally:
-                self.leading.clear()
+                if self.leading.is_set():
+                    self.leading.clear()
+                    metrics.dispatcher_leading(False)
 
     def _session(self) -> None:
         # A connection of its own, outside Django's per-thread handler, configured as Django's
@@ -90,6 +93,7 @@ class Dispatcher:
                 return
             conn.execute(f"LISTEN {WORKFLOW_CHANNEL}")
             self.leading.set()
+            metrics.dispatcher_leading(True)
             logger.info("dispatcher: leading")
             self._catch_up(conn)
             while not self._stop.is_set():
@@ -167,6 +171,7 @@ class Dispatcher:
         while not self._stop.is_set():
             if workflow_messages_publish(messages=batch) == len(batch):
                 self.published += len(batch)
+                metrics.dispatcher_published(len(batch))
                 return
             self._stop.wait(backoff)
             backoff = min(backoff * 2, _PUBLISH_BACKOFF_MAX)

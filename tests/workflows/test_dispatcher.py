@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from django.db import connection, transaction
 from django.utils import timezone
+from prometheus_client import REGISTRY
 
 import workflows.dispatcher as dispatcher_module
 from linking.services import link_accept
@@ -88,6 +89,26 @@ def test_one_dispatcher_leads_and_another_takes_over_with_a_catch_up(
     # sent: a duplicate, which a consumer's claim makes harmless), then the new one.
     assert sorted(published_ids(redis_db)) == sorted([one, one, two])
     assert second.published == 2
+
+
+def test_leading_and_publishing_are_in_the_metrics(
+    credentials: CustomerCredentials, redis_db: Any
+) -> None:
+    def sample(name: str) -> float:
+        return REGISTRY.get_sample_value(name) or 0.0
+
+    published = sample("merchant_dispatcher_published_total")
+    assert sample("merchant_dispatcher_leading") == 0
+    with dispatching():
+        assert sample("merchant_dispatcher_leading") == 1
+        accept(credentials, "metered")
+        wait_broker_messages(redis_db, 1)
+        deadline = time.monotonic() + 5
+        while sample("merchant_dispatcher_published_total") == published:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    assert sample("merchant_dispatcher_published_total") == published + 1
+    assert sample("merchant_dispatcher_leading") == 0
 
 
 def test_catch_up_takes_recent_received_workflows_only(
