@@ -37,8 +37,8 @@ logger = logging.getLogger(__name__)
 BATCH_SIZE = 500
 # How often a follower tries to become the leader.
 LEADER_RETRY_SECONDS = 5.0
-# Longest wait between two publish attempts of a batch the broker refused.
-_PUBLISH_BACKOFF_MAX = 30.0
+# Longest wait between two attempts, to reconnect to PostgreSQL or to publish a refused batch.
+_BACKOFF_MAX = 30.0
 _LOCK = "workflows.dispatcher"
 _MESSAGE_KEYS = frozenset(workflow_message(workflow=Workflow()))
 
@@ -76,7 +76,7 @@ class Dispatcher:
                     "dispatcher: %s; reconnecting in %.0f s", type(exc).__name__, backoff
                 )
                 self._stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
+                backoff = min(backoff * 2, _BACKOFF_MAX)
             finally:
                 if self.leading.is_set():
                     self.leading.clear()
@@ -174,7 +174,7 @@ class Dispatcher:
                 metrics.dispatcher_published(len(batch))
                 return
             self._stop.wait(backoff)
-            backoff = min(backoff * 2, _PUBLISH_BACKOFF_MAX)
+            backoff = min(backoff * 2, _BACKOFF_MAX)
 
 
 def _message(payload: str) -> dict[str, str] | None:
