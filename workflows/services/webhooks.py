@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
-from django.db.models import F, Q
+from django.db import connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from config import metrics
@@ -20,7 +20,6 @@ from merchant.models import Customer
 from workflows.models import (
     DeliveryStatus,
     Status,
-    WebhookAttempt,
     WebhookDelivery,
     Workflow,
     WorkflowTransition,
@@ -76,7 +75,7 @@ def webhook_event_create(
     have none.
     """
     now = timezone.now()
-    return WebhookDelivery.objects.create(
+    delivery = WebhookDelivery.objects.create(
         webhook_id=f"msg_{uuid.uuid4().hex}",
         workflow=workflow,
         transition=transition,
@@ -88,10 +87,16 @@ def webhook_event_create(
         created_at=now,
         updated_at=now,
     )
+    if Workflow.customer.is_cached(workflow):
+        # Sent right after the commit by the same task (webhooks_sent_here): no reading back.
+        delivery.customer = workflow.customer
+    return delivery
 
 
 # Deliveries committed inside `webhooks_sent_here()`, which sends them itself.
-_sent_here: ContextVar[list[int] | None] = ContextVar("webhooks_sent_here", default=None)
+_sent_here: ContextVar[list[WebhookDelivery] | None] = ContextVar(
+    "webhooks_sent_here", default=None
+)
 
 
 @contextmanager
@@ -101,19 +106,19 @@ def webhooks_sent_here() -> Iterator[None]:
     per workflow (`make bench`, README "Performance"). The rows are committed and due either
     way, so if the task dies first beat's dispatch sends them. Nothing is sent if the block
     raised: beat does."""
-    sent_here: list[int] = []
+    sent_here: list[WebhookDelivery] = []
     token = _sent_here.set(sent_here)
     try:
         yield
     finally:
         _sent_here.reset(token)
-    for delivery_id in sent_here:
+    for delivery in sent_here:
         try:
-            webhook_delivery_attempt(delivery_id=delivery_id)
+            webhook_delivery_attempt(delivery_id=delivery.id, delivery=delivery)
         except Exception as exc:
             logger.warning(
                 "webhook delivery %s failed in the task (%s); beat will send it",
-                delivery_id,
+                delivery.id,
                 type(exc).__name__,
             )
 
@@ -126,7 +131,7 @@ def webhook_delivery_send_later(*, delivery: WebhookDelivery) -> None:
     def enqueue() -> None:
         sent_here = _sent_here.get()
         if sent_here is not None:
-            sent_here.append(delivery.id)
+            sent_here.append(delivery)
             return
         try:
             deliver_webhook.apply_async(args=(delivery.id,))
@@ -164,17 +169,36 @@ class AttemptOutcome:
     error: str = ""
 
 
-def webhook_delivery_attempt(*, delivery_id: int) -> AttemptOutcome | None:
-    """Make one attempt if the delivery is due; None when it is not (sent, or someone else's)."""
+# The conditional claim: of two workers handed the same delivery, only one sends it.
+_CLAIM = """
+UPDATE workflows_webhookdelivery
+   SET next_attempt_at = %(lease)s, attempts = attempts + 1, updated_at = %(now)s
+ WHERE id = %(id)s AND status = %(pending)s AND next_attempt_at <= %(now)s
+RETURNING attempts
+"""
+
+
+def webhook_delivery_attempt(
+    *, delivery_id: int, delivery: WebhookDelivery | None = None
+) -> AttemptOutcome | None:
+    """Make one attempt if the delivery is due; None when it is not (sent, or someone else's).
+
+    `delivery`, with its customer loaded, is the row as its creator just committed it
+    (webhooks_sent_here): it is claimed without being read back. A delivery's payload, URL and
+    webhook-id never change, and the customer is the one read in the ending's transaction."""
     now = timezone.now()
     lease = now + dt.timedelta(seconds=settings.WEBHOOK_TIMEOUT_SECONDS + SENDING_LEASE_SECONDS)
-    # Conditional claim: of two workers handed the same delivery, only one sends it.
-    claimed = WebhookDelivery.objects.filter(
-        id=delivery_id, status=DeliveryStatus.PENDING, next_attempt_at__lte=now
-    ).update(next_attempt_at=lease, attempts=F("attempts") + 1, updated_at=now)
-    if not claimed:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _CLAIM,
+            {"lease": lease, "now": now, "id": delivery_id, "pending": DeliveryStatus.PENDING},
+        )
+        claimed = cursor.fetchone()
+    if claimed is None:
         return None
-    delivery = WebhookDelivery.objects.select_related("customer").get(id=delivery_id)
+    if delivery is None or not WebhookDelivery.customer.is_cached(delivery):
+        delivery = WebhookDelivery.objects.select_related("customer").get(id=delivery_id)
+    delivery.attempts = claimed[0]
     customer = delivery.customer
     if not customer.webhook_enabled:
         return _settle(delivery, AttemptOutcome(DeliveryStatus.DISABLED, error="endpoint disabled"))
@@ -215,29 +239,41 @@ def _retry_or_exhaust(
     return AttemptOutcome(DeliveryStatus.PENDING, status_code=status_code, error=error)
 
 
+# The attempt's log line and the delivery's new state: one statement, so one transaction.
+_SETTLE = """
+WITH logged AS (
+  INSERT INTO workflows_webhookattempt (delivery_id, at, status_code, latency_ms, error)
+  VALUES (%(id)s, %(now)s, %(code)s, %(latency_ms)s, %(error)s)
+)
+UPDATE workflows_webhookdelivery
+   SET status = %(status)s, next_attempt_at = %(next_attempt_at)s,
+       last_status_code = %(code)s, last_error = %(error)s, updated_at = %(now)s,
+       delivered_at = %(delivered_at)s
+ WHERE id = %(id)s
+"""
+
+
 def _settle(
     delivery: WebhookDelivery, outcome: AttemptOutcome, *, latency_ms: int = 0
 ) -> AttemptOutcome:
     now = timezone.now()
-    with transaction.atomic():
-        WebhookAttempt.objects.create(
-            delivery=delivery,
-            at=now,
-            status_code=outcome.status_code,
-            latency_ms=latency_ms,
-            error=outcome.error,
-        )
-        next_attempt_at = None
-        if outcome.status == DeliveryStatus.PENDING:
-            wait = settings.WEBHOOK_RETRY_SCHEDULE[delivery.attempts - 1]
-            next_attempt_at = now + dt.timedelta(seconds=wait)
-        WebhookDelivery.objects.filter(id=delivery.id).update(
-            status=outcome.status,
-            next_attempt_at=next_attempt_at,
-            last_status_code=outcome.status_code,
-            last_error=outcome.error,
-            updated_at=now,
-            delivered_at=now if outcome.status == DeliveryStatus.DELIVERED else None,
+    next_attempt_at = None
+    if outcome.status == DeliveryStatus.PENDING:
+        wait = settings.WEBHOOK_RETRY_SCHEDULE[delivery.attempts - 1]
+        next_attempt_at = now + dt.timedelta(seconds=wait)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _SETTLE,
+            {
+                "id": delivery.id,
+                "now": now,
+                "code": outcome.status_code,
+                "latency_ms": latency_ms,
+                "error": outcome.error,
+                "status": outcome.status,
+                "next_attempt_at": next_attempt_at,
+                "delivered_at": now if outcome.status == DeliveryStatus.DELIVERED else None,
+            },
         )
     metrics.webhook_attempt_settled(outcome.status)
     return outcome

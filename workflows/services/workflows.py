@@ -1,5 +1,6 @@
 """Workflow use cases shared by every request type: creation, transitions, publishing."""
 
+import contextlib
 import datetime as dt
 import functools
 import json
@@ -255,6 +256,44 @@ CLAIMABLE_STATES = (
 )
 
 
+def _started_by(name: str) -> tuple[str, str]:
+    """The (source, target) of a one-source transition, as the state machine declares it."""
+    field = Workflow._meta.get_field("status")
+    (found,) = (t for t in field.get_all_transitions(Workflow) if t.name == name)
+    return str(found.source), str(found.target)
+
+
+# The claim's own transition: RECEIVED -> IN_PROGRESS (Workflow.start).
+_START_SOURCE, _START_TARGET = _started_by("start")
+_WORKFLOW_COLUMNS = ", ".join(f"w.{f.column}" for f in Workflow._meta.concrete_fields)
+_CLAIMABLE_SQL = ", ".join(f"'{state}'" for state in CLAIMABLE_STATES)  # constants of the code
+# One statement (so one round trip, and its own transaction): lock the row if it is free for
+# this consumer, take the claim, count the attempt, start a RECEIVED workflow and record it.
+# The lock is taken before the conditions are final: a row a concurrent consumer has just
+# claimed is read again once it commits, and then skipped.
+_CLAIM = f"""
+WITH target AS (
+  SELECT id, status FROM workflows_workflow
+   WHERE id = %(id)s AND status IN ({_CLAIMABLE_SQL})
+     AND (claimed_until IS NULL OR claimed_until <= %(now)s OR claim_id = %(renew)s)
+   FOR UPDATE
+), claimed AS (
+  UPDATE workflows_workflow AS w
+     SET claim_id = %(claim)s, claimed_until = %(until)s, attempts = w.attempts + 1,
+         status = CASE WHEN target.status = %(source)s THEN %(target)s ELSE target.status END,
+         updated_at = %(now)s
+    FROM target
+   WHERE w.id = target.id
+  RETURNING {_WORKFLOW_COLUMNS}, target.status AS claimed_from
+), started AS (
+  INSERT INTO workflows_workflowtransition (workflow_id, source, target, reason, actor, at)
+  SELECT id, %(source)s, %(target)s, '', %(actor)s, %(now)s FROM claimed
+   WHERE claimed_from = %(source)s
+)
+SELECT * FROM claimed
+"""  # noqa: S608 -- built from model metadata and constants; every value is a parameter
+
+
 def workflow_claim(
     *, workflow_id: uuid.UUID | str, claim_id: uuid.UUID | None = None, actor: str
 ) -> Workflow | None:
@@ -263,28 +302,24 @@ def workflow_claim(
     Nothing to do: unknown, terminal, waiting for an operator (REVIEW), or claimed by another
     consumer whose claim has not expired. `claim_id` renews our own claim (a Celery
     retry of the same work). The claim is committed before any work, so a worker that dies
-    mid-task still used up an attempt.
+    mid-task still used up an attempt. A RECEIVED workflow is started (IN_PROGRESS) by the claim.
     """
     now = timezone.now()
-    with transaction.atomic():
-        workflow = Workflow.objects.select_for_update().filter(id=workflow_id).first()
-        if workflow is None or workflow.status not in CLAIMABLE_STATES:
-            return None
-        held_by_other = (
-            workflow.claimed_until is not None
-            and workflow.claimed_until > now
-            and (claim_id is None or workflow.claim_id != claim_id)
-        )
-        if held_by_other:
-            return None
-        workflow.claim_id = claim_id or uuid.uuid4()
-        workflow.claimed_until = now + dt.timedelta(seconds=settings.WORKFLOW_CLAIM_LEASE_SECONDS)
-        workflow.attempts += 1
-        if workflow.status == Status.RECEIVED:
-            return workflow_transition(workflow=workflow, name="start", actor=actor)
-        workflow.updated_at = now
-        workflow.save()
-    return workflow
+    params = {
+        "id": workflow_id,
+        "now": now,
+        "renew": claim_id,
+        "claim": claim_id or uuid.uuid4(),
+        "until": now + dt.timedelta(seconds=settings.WORKFLOW_CLAIM_LEASE_SECONDS),
+        "source": _START_SOURCE,
+        "target": _START_TARGET,
+        "actor": actor,
+    }
+    # A savepoint only inside an outer transaction (tests, the admin); otherwise the statement
+    # is its own transaction.
+    with transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext():
+        claimed = list(Workflow.objects.raw(_CLAIM, params))
+    return claimed[0] if claimed else None
 
 
 def workflow_release(*, workflow: Workflow) -> None:
