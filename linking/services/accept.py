@@ -2,7 +2,6 @@
 
 import contextlib
 import datetime as dt
-import functools
 import hashlib
 import json
 import uuid
@@ -11,10 +10,9 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Field, Model
-from django.db.models.fields import AutoFieldMixin
 from django.utils import timezone
 
+from config.sql import insert_select
 from linking.models import IdempotencyRecord, LinkRequest, MappingStatus, PatientMapping
 from linking.quality import demographics_quality
 from merchant.models import Customer
@@ -188,43 +186,46 @@ def _accept_new(
         patient_id=patient_id,
         request_data=request_data,
     )
-    request_sql, request_params = _insert_select(link_request)
+    request_sql, params = insert_select(link_request, name="request")
     # Built from model metadata only; every value is a parameter.
     sql = (
         f"WITH request AS ({request_sql} "  # noqa: S608
-        "WHERE pg_try_advisory_xact_lock(hashtextextended(%s, 0))"
+        "WHERE pg_try_advisory_xact_lock(hashtextextended(%(lock)s, 0))"
         " AND NOT EXISTS (SELECT 1 FROM linking_idempotencyrecord"
-        " WHERE customer_id = %s AND key = %s)"
+        " WHERE customer_id = %(customer)s AND key = %(key)s)"
         " AND NOT EXISTS (SELECT 1 FROM linking_patientmapping"
-        " WHERE customer_id = %s AND customer_patient_id = %s AND status = %s)"
+        " WHERE customer_id = %(customer)s AND customer_patient_id = %(patient)s"
+        " AND status = %(linked)s)"
         " AND NOT EXISTS (SELECT 1 FROM workflows_workflow"
-        f" WHERE customer_id = %s AND patient_id = %s AND status IN ({_PENDING_SQL}))"
+        " WHERE customer_id = %(customer)s AND patient_id = %(patient)s"
+        f" AND status IN ({_PENDING_SQL}))"
         " RETURNING 1)"
     )
-    params: list[Any] = [
-        *request_params,
-        _lock_name(customer_id=customer.id, key=key),
-        customer.id,
-        key,
-        customer.id,
-        patient_id,
-        MappingStatus.LINKED.value,
-        customer.id,
-        patient_id,
-    ]
+    channel, message = workflow_announcement(workflow=workflow)
+    params |= {
+        "lock": _lock_name(customer_id=customer.id, key=key),
+        "customer": customer.id,
+        "key": key,
+        "patient": patient_id,
+        "linked": MappingStatus.LINKED.value,
+        "channel": channel,
+        "message": message,
+    }
     # Each later row is inserted once per row of the one before: all of them or none.
     for name, instance, source in (
         ("workflow", workflow, "request"),
         ("timeline", first, "workflow"),
         ("record", record, "workflow"),
     ):
-        insert_sql, insert_params = _insert_select(instance)
+        insert_sql, insert_params = insert_select(instance, name=name)
         sql += f", {name} AS ({insert_sql} FROM {source} RETURNING 1)"
-        params += insert_params
+        params |= insert_params
     # pg_notify runs once per inserted record row, so never for a request that inserted nothing
     # (a volatile call in a subquery's output is always evaluated, never optimised away).
-    sql += " SELECT count(*) FROM (SELECT pg_notify(%s, %s) FROM record) AS announced"
-    params += workflow_announcement(workflow=workflow)
+    sql += (
+        " SELECT count(*) FROM (SELECT pg_notify(%(channel)s, %(message)s) FROM record)"
+        " AS announced"
+    )
     try:
         # A savepoint only inside an outer transaction (tests, callers holding one); in
         # autocommit the statement is its own transaction and needs no BEGIN/COMMIT.
@@ -269,26 +270,6 @@ def _new_rows(
         expires_at=workflow.created_at + dt.timedelta(seconds=settings.IDEMPOTENCY_TTL_SECONDS),
     )
     return link_request, workflow, first, record
-
-
-def _insert_select(instance: Model) -> tuple[str, list[Any]]:
-    """`INSERT INTO <table> (<columns>) SELECT <values>` for an unsaved instance, each value
-    prepared by its field as save() would (encryption included) and cast to its column's type
-    (a bare parameter in a SELECT list would be text). Auto-incremented keys are left to the
-    database."""
-    sql, fields = _insert_select_sql(type(instance))
-    return sql, [f.get_db_prep_save(f.pre_save(instance, True), connection) for f in fields]
-
-
-@functools.cache
-def _insert_select_sql(model: type[Model]) -> tuple[str, tuple[Field[Any, Any], ...]]:
-    # The same for every row of a model: built once per process.
-    meta = model._meta
-    fields = tuple(f for f in meta.concrete_fields if not isinstance(f, AutoFieldMixin))
-    quote = connection.ops.quote_name
-    columns = ", ".join(quote(f.column) for f in fields)
-    values = ", ".join(f"CAST(%s AS {f.db_type(connection)})" for f in fields)
-    return f"INSERT INTO {quote(meta.db_table)} ({columns}) SELECT {values}", fields
 
 
 def _replay(*, customer: Customer, key: str, fingerprint: str) -> LinkAcceptance | None:

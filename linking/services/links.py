@@ -1,5 +1,6 @@
 """The life of a link after it is made: its history, and de-linking."""
 
+import datetime as dt
 import uuid
 from dataclasses import dataclass
 
@@ -15,7 +16,21 @@ from workflows.services.webhooks import webhook_delivery_send_later
 def link_history_record(
     *, mapping: PatientMapping, event: str, actor: str, reason: str = ""
 ) -> LinkHistory:
-    return LinkHistory.objects.create(
+    history = link_history_new(mapping=mapping, event=event, actor=actor, reason=reason)
+    history.save(force_insert=True)
+    return history
+
+
+def link_history_new(
+    *,
+    mapping: PatientMapping,
+    event: str,
+    actor: str,
+    reason: str = "",
+    at: dt.datetime | None = None,
+) -> LinkHistory:
+    """A history line about `mapping`, not saved yet (link_record inserts it with the mapping)."""
+    return LinkHistory(
         customer_id=mapping.customer_id,
         customer_patient_id=mapping.customer_patient_id,
         event=event,
@@ -25,17 +40,8 @@ def link_history_record(
         score=mapping.score,
         actor=actor,
         reason=reason,
+        at=at or timezone.now(),
     )
-
-
-def link_created_event(*, mapping: PatientMapping) -> str:
-    """`relinked` when this customer patient was linked before and de-linked since."""
-    earlier = PatientMapping.objects.filter(
-        customer_id=mapping.customer_id,
-        customer_patient_id=mapping.customer_patient_id,
-        status=MappingStatus.DELINKED,
-    ).exists()
-    return LinkEvent.RELINKED if earlier else LinkEvent.LINKED
 
 
 class LinkNotFound(Exception):

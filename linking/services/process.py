@@ -6,9 +6,10 @@ import uuid
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
+from config.sql import insert_select
 from linking.internal_search import (
     Candidate,
     InternalSearchError,
@@ -17,11 +18,18 @@ from linking.internal_search import (
     internal_search_match,
     internal_search_poll,
 )
-from linking.models import LinkRequest, MappingStatus, PatientMapping, SearchCandidate
+from linking.models import (
+    LinkEvent,
+    LinkRequest,
+    MappingStatus,
+    PatientMapping,
+    SearchCandidate,
+)
 from linking.policy import Bands, Outcome, link_decide
-from linking.services.links import link_created_event, link_history_record
+from linking.services.links import link_history_new
 from workflows.models import Status, Workflow
 from workflows.services import (
+    Step,
     workflow_claim,
     workflow_finish,
     workflow_release,
@@ -126,23 +134,35 @@ def _search(workflow: Workflow) -> list[Candidate] | SearchRequested | None:
             return internal_search_poll(workflow.search_id)
         except SearchJobLost:
             logger.info("workflow %s: search job lost; searching again", workflow.id)
-    request = LinkRequest.objects.filter(request_id=workflow.request_id).first()
+    request = (
+        LinkRequest.objects.select_related("customer")
+        .filter(request_id=workflow.request_id)
+        .first()
+    )
     if request is None:
         raise _RequestMissing()
+    # The ending needs the customer (its bands, its webhook): read here, in the same query.
+    workflow.customer = request.customer
     return internal_search_match(request.data["patient"])
+
+
+# The row as it is now, locked: raw, because this is every workflow's hot path and the ORM's
+# select_for_update() costs more to build than the statement costs to run.
+_LOCK = "SELECT * FROM workflows_workflow WHERE id = %s FOR UPDATE"
 
 
 def _still_ours(workflow: Workflow) -> Workflow | None:
     """Re-read under lock; None if another consumer (or a search callback) took the workflow
-    over meanwhile."""
-    current = (
-        Workflow.objects.select_for_update(of=("self",))
-        .select_related("customer")
-        .get(id=workflow.id)
-    )
-    if current.status != workflow.status or current.claim_id != workflow.claim_id:
+    over meanwhile, or it is gone."""
+    current = next(iter(Workflow.objects.raw(_LOCK, [workflow.id])), None)
+    if current is None or (current.status, current.claim_id) != (
+        workflow.status,
+        workflow.claim_id,
+    ):
         logger.info("workflow %s was taken over; dropping this attempt", workflow.id)
         return None
+    if Workflow.customer.is_cached(workflow):
+        current.customer = workflow.customer
     return current
 
 
@@ -151,14 +171,6 @@ def _finish(workflow: Workflow, *, name: str, reason: str = "") -> None:
         current = _still_ours(workflow)
         if current is not None:
             workflow_finish(workflow=current, name=name, actor=ACTOR, reason=reason)
-
-
-def linked_elsewhere(workflow: Workflow) -> bool:
-    return PatientMapping.objects.filter(
-        customer_id=workflow.customer_id,
-        customer_patient_id=workflow.patient_id,
-        status=MappingStatus.LINKED,
-    ).exists()
 
 
 def link_search_apply(*, workflow: Workflow, candidates: list[Candidate], actor: str) -> Workflow:
@@ -184,32 +196,46 @@ def link_search_apply(*, workflow: Workflow, candidates: list[Candidate], actor:
         workflow_release(workflow=workflow)
         return workflow
     if decision.candidate is None:
-        workflow = workflow_transition(
-            workflow=workflow, name="mark_no_results", actor=actor, reason=decision.reason
-        )
+        outcome = Step("mark_no_results", decision.reason)
     else:
-        workflow = link_record(
+        outcome = link_record(
             workflow=workflow,
             candidate=decision.candidate,
             actor=actor,
             reason=decision.reason,
         )
-    return workflow_finish(workflow=workflow, name="complete", actor=actor)
+    return workflow_finish(workflow=workflow, name="complete", actor=actor, first=[outcome])
 
 
-def link_record(*, workflow: Workflow, candidate: Candidate, actor: str, reason: str) -> Workflow:
-    """The mapping, its history row and LINKED (caller holds the transaction and the row lock).
+# The mapping and its history line in one statement: not when the patient is linked already,
+# and `relinked` when it was linked before and de-linked since.
+_LINK = """
+WITH earlier AS (
+  SELECT status FROM linking_patientmapping
+   WHERE customer_id = %(customer)s AND customer_patient_id = %(patient)s
+     AND status IN (%(linked)s, %(delinked)s)
+), mapping AS (
+  {mapping} WHERE NOT EXISTS (SELECT 1 FROM earlier WHERE status = %(linked)s) RETURNING id
+), history AS (
+  {history} FROM mapping
+)
+SELECT count(*) FROM mapping
+"""
+_HISTORY_COMPUTED = {
+    "mapping_id": "mapping.id",
+    "event": "CASE WHEN EXISTS (SELECT 1 FROM earlier WHERE status = %(delinked)s)"
+    " THEN %(relinked)s ELSE %(linked_event)s END",
+}
+
+
+def link_record(*, workflow: Workflow, candidate: Candidate, actor: str, reason: str) -> Step:
+    """The mapping and its history line; the step the caller applies with the ending (it holds
+    the transaction and the row lock): LINKED.
 
     A patient linked meanwhile by another workflow (possible only through an operator's actions
-    on old workflows) is not linked twice: the workflow ends NO_RESULTS and says why."""
-    if linked_elsewhere(workflow):
-        return workflow_transition(
-            workflow=workflow,
-            name="mark_no_results",
-            actor=actor,
-            reason="patient already linked by another workflow",
-        )
-    mapping = PatientMapping.objects.create(
+    on old workflows) is not linked twice: the step is NO_RESULTS and says why."""
+    now = timezone.now()
+    mapping = PatientMapping(
         customer_id=workflow.customer_id,
         customer_patient_id=workflow.patient_id,
         internal_patient_id=candidate.internal_patient_id,
@@ -217,9 +243,25 @@ def link_record(*, workflow: Workflow, candidate: Candidate, actor: str, reason:
         workflow=workflow,
         score=candidate.score,
         match_grade=candidate.grade,
-        updated_at=timezone.now(),
+        created_at=now,
+        updated_at=now,
     )
-    link_history_record(
-        mapping=mapping, event=link_created_event(mapping=mapping), actor=actor, reason=reason
+    history = link_history_new(
+        mapping=mapping, event=LinkEvent.LINKED, actor=actor, reason=reason, at=now
     )
-    return workflow_transition(workflow=workflow, name="mark_linked", actor=actor, reason=reason)
+    mapping_sql, params = insert_select(mapping, name="mapping")
+    history_sql, history_params = insert_select(history, name="history", computed=_HISTORY_COMPUTED)
+    params |= history_params | {
+        "customer": workflow.customer_id,
+        "patient": workflow.patient_id,
+        "linked": MappingStatus.LINKED.value,
+        "delinked": MappingStatus.DELINKED.value,
+        "relinked": LinkEvent.RELINKED.value,
+        "linked_event": LinkEvent.LINKED.value,
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(_LINK.format(mapping=mapping_sql, history=history_sql), params)
+        row = cursor.fetchone()
+    if not row or row[0] != 1:
+        return Step("mark_no_results", "patient already linked by another workflow")
+    return Step("mark_linked", reason)

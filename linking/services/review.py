@@ -11,7 +11,7 @@ from linking.models import AuditEvent, LinkEvent, LinkHistory, LinkRequest, Sear
 from linking.services.patients import patient_details
 from linking.services.process import link_record
 from workflows.models import Status, Workflow
-from workflows.services import workflow_finish, workflow_transition
+from workflows.services import Step, workflow_finish
 
 # What the customer reads when an operator rejects every candidate: the operator's own note
 # stays internal (timeline and link history).
@@ -110,12 +110,10 @@ def link_review_resolve(
         if workflow.status != Status.REVIEW:
             raise ReviewError(f"workflow {workflow_id} is {workflow.status}, not awaiting review")
         if internal_patient_id is None:
-            workflow = workflow_transition(
-                workflow=workflow,
-                name="mark_no_results",
-                actor=actor,
-                reason=f"review rejected: {reason}",
-                public_reason=REJECTED_PUBLIC_REASON,
+            outcome = Step(
+                "mark_no_results",
+                f"review rejected: {reason}",
+                {"public_reason": REJECTED_PUBLIC_REASON},
             )
             LinkHistory.objects.create(
                 customer_id=workflow.customer_id,
@@ -136,10 +134,10 @@ def link_review_resolve(
             )
             if chosen is None:
                 raise ReviewError(f"{internal_patient_id} is not a candidate of this review")
-            workflow = link_record(
+            outcome = link_record(
                 workflow=workflow,
                 candidate=Candidate(chosen.internal_patient_id, chosen.score, chosen.match_grade),
                 actor=actor,
                 reason=f"review: {reason}",
             )
-        return workflow_finish(workflow=workflow, name="complete", actor=actor)
+        return workflow_finish(workflow=workflow, name="complete", actor=actor, first=[outcome])

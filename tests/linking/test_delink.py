@@ -9,7 +9,7 @@ import pytest
 from django.contrib.auth.models import User
 from django.test import Client
 
-from linking.models import LinkHistory, MappingStatus, PatientMapping
+from linking.models import LinkHistory, LinkRequest, MappingStatus, PatientMapping
 from linking.services import link_process
 from merchant.services import CustomerCredentials
 from standin.server import make_server
@@ -136,3 +136,36 @@ def test_operator_delinks_in_the_admin(api: LinkClient, standin):
     assert LinkHistory.objects.filter(event="delinked", actor="operator:ops").exists()
     assert WebhookDelivery.objects.filter(event_type="link.delinked").count() == 1
     assert operator.get("/admin/linking/linkhistory/").status_code == 200
+
+
+def test_a_patient_linked_meanwhile_is_not_linked_twice(api: LinkClient, standin):
+    """An operator's re-queue of an old workflow can reach a patient linked since by another
+    one: the second ends NO_RESULTS, saying why, and writes no mapping and no history."""
+    body = link_body()
+    first = linked(api, body, "first")
+    request = LinkRequest.objects.get(request_id=first.request_id)
+    again = LinkRequest.objects.create(
+        request_id=uuid.uuid4(), customer_id=request.customer_id, data=request.data
+    )
+    old = Workflow.objects.create(
+        customer_id=first.customer_id, patient_id=first.patient_id, request_id=again.request_id
+    )
+
+    link_process(workflow_id=old.id)
+
+    old.refresh_from_db()
+    assert (old.status, old.result, old.reason) == (
+        "COMPLETED",
+        "NO_RESULTS",
+        "patient already linked by another workflow",
+    )
+    assert list(old.transitions.values_list("source", "target")) == [
+        ("RECEIVED", "IN_PROGRESS"),
+        ("IN_PROGRESS", "NO_RESULTS"),
+        ("NO_RESULTS", "COMPLETED"),
+    ]
+    assert PatientMapping.objects.filter(customer_patient_id=first.patient_id).count() == 1
+    assert LinkHistory.objects.filter(workflow=old).count() == 0
+    assert json.loads(WebhookDelivery.objects.get(workflow=old).payload)["data"]["result"] == (
+        "NO_RESULTS"
+    )

@@ -14,6 +14,7 @@ from workflows.services.webhooks import (
     webhook_redeliver,
 )
 from workflows.services.workflows import (
+    Step,
     workflow_announce,
     workflow_announcement,
     workflow_claim,
@@ -29,6 +30,7 @@ from workflows.services.workflows import (
 
 __all__ = [
     "ReconcileReport",
+    "Step",
     "webhook_delivery_attempt",
     "webhook_delivery_create",
     "webhook_dispatch_due",

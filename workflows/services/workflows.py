@@ -6,7 +6,8 @@ import functools
 import json
 import logging
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
@@ -76,6 +77,16 @@ def workflow_new(
     return workflow, first
 
 
+@dataclass(frozen=True)
+class Step:
+    """One transition to apply: the state machine's method, the timeline's reason, and the
+    method's other keyword arguments."""
+
+    name: str
+    reason: str = ""
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
 def workflow_transition(
     *, workflow: Workflow, name: str, actor: str, reason: str = "", **kwargs: Any
 ) -> Workflow:
@@ -84,31 +95,39 @@ def workflow_transition(
     The save is guarded by the status the row had when loaded (ConcurrentTransitionMixin), so
     a racing transition raises ConcurrentTransition and this one rolls back.
     """
-    _transition(workflow=workflow, name=name, actor=actor, reason=reason, **kwargs)
+    _transitions(workflow=workflow, steps=[Step(name, reason, kwargs)], actor=actor)
     return workflow
 
 
-def _transition(
-    *, workflow: Workflow, name: str, actor: str, reason: str = "", **kwargs: Any
-) -> WorkflowTransition:
-    source = workflow.status
-    # The state machine's own check first: a refused transition raises before anything is
+def _transitions(
+    *, workflow: Workflow, steps: Sequence[Step], actor: str
+) -> list[WorkflowTransition]:
+    """Apply `steps` in order, then save the workflow once and record every step, in one
+    transaction: two statements however many steps (a worker's LINKED then COMPLETED)."""
+    # The state machine's own checks first: a refused transition raises before anything is
     # written, so no savepoint is needed to undo it.
-    getattr(workflow, name)(reason=reason, **kwargs)
-    workflow.updated_at = timezone.now()
-    # No savepoint inside a caller's transaction (two round trips per transition, three
-    # transitions per workflow): no caller recovers from a failed write here, the whole
-    # transaction rolls back.
+    now = timezone.now()
+    timeline = []
+    for step in steps:
+        source = workflow.status
+        getattr(workflow, step.name)(reason=step.reason, **step.kwargs)
+        timeline.append(
+            WorkflowTransition(
+                workflow=workflow,
+                source=source,
+                target=workflow.status,
+                actor=actor,
+                reason=step.reason,
+                at=now,
+            )
+        )
+    workflow.updated_at = now
+    # No savepoint inside a caller's transaction: no caller recovers from a failed write here,
+    # the whole transaction rolls back.
     with transaction.atomic(savepoint=False):
         workflow.save()
-        return WorkflowTransition.objects.create(
-            workflow=workflow,
-            source=source,
-            target=workflow.status,
-            actor=actor,
-            reason=reason,
-            at=workflow.updated_at,
-        )
+        # Ordered by (at, id): steps of one call share `at` and keep their order in `id`.
+        return WorkflowTransition.objects.bulk_create(timeline)
 
 
 def workflow_message(*, workflow: Workflow) -> dict[str, str]:
@@ -329,14 +348,24 @@ def workflow_release(*, workflow: Workflow) -> None:
     workflow.save(update_fields=["claim_id", "claimed_until"])
 
 
-def workflow_finish(*, workflow: Workflow, name: str, actor: str, reason: str = "") -> Workflow:
+def workflow_finish(
+    *,
+    workflow: Workflow,
+    name: str,
+    actor: str,
+    reason: str = "",
+    first: Sequence[Step] = (),
+) -> Workflow:
     """Move to a terminal state and queue the customer's webhook, in one transaction.
 
-    `name` is "complete" or "fail". The delivery row commits with the terminal state, so the
+    `name` is "complete" or "fail"; `first` the transitions that lead there (a worker's
+    decision), saved with it. The delivery row commits with the terminal state, so the
     customer is told even if every process dies right after.
     """
-    with transaction.atomic(savepoint=False):  # as in _transition
-        ending = _transition(workflow=workflow, name=name, actor=actor, reason=reason)
+    with transaction.atomic(savepoint=False):  # as in _transitions
+        *_, ending = _transitions(
+            workflow=workflow, steps=[*first, Step(name, reason)], actor=actor
+        )
         delivery = webhook_delivery_create(workflow=workflow, transition=ending)
     webhook_delivery_send_later(delivery=delivery)
     metrics.workflow_ended(status=workflow.status, created_at=workflow.created_at)
