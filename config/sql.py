@@ -51,3 +51,47 @@ def _insert_select_sql(
     parameters = tuple(f for f in columns if f.attname not in expressions)
     names = ", ".join(quote(f.column) for f in columns)
     return f"INSERT INTO {quote(meta.db_table)} ({names}) SELECT {values}", parameters
+
+
+def update_guarded(
+    instance: Model, *, name: str, guard: Mapping[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """`UPDATE <table> SET <every column but the key> WHERE <key> AND <guard>`, and its
+    parameters: save()'s update of a loaded instance, with each value prepared by its field,
+    that touches the row only while the `guard` columns (attname -> value) still hold those
+    values, as ConcurrentTransitionMixin guards a save on the status it loaded.
+
+    The caller appends `RETURNING` to learn whether it did."""
+    sql, fields, key, guarded = _update_guarded_sql(type(instance), name, tuple(sorted(guard)))
+    params = {
+        f"{name}__{f.attname}": f.get_db_prep_save(f.pre_save(instance, False), connection)
+        for f in fields
+    }
+    params[f"{name}__{key.attname}"] = key.get_db_prep_save(instance.pk, connection)
+    for field in guarded:
+        params[f"{name}__guard__{field.attname}"] = field.get_db_prep_save(
+            guard[field.attname], connection
+        )
+    return sql, params
+
+
+@functools.cache
+def _update_guarded_sql(
+    model: type[Model], name: str, guard: tuple[str, ...]
+) -> tuple[str, tuple[Field[Any, Any], ...], Field[Any, Any], tuple[Field[Any, Any], ...]]:
+    meta = model._meta
+    quote = connection.ops.quote_name
+    (key,) = (f for f in meta.concrete_fields if f.primary_key)
+    fields = tuple(f for f in meta.concrete_fields if not f.primary_key)
+    by_attname = {f.attname: f for f in meta.concrete_fields}
+    guarded = tuple(by_attname[attname] for attname in guard)
+    assignments = ", ".join(
+        f"{quote(f.column)} = CAST(%({name}__{f.attname})s AS {f.db_type(connection)})"
+        for f in fields
+    )
+    conditions = [f"{quote(key.column)} = %({name}__{key.attname})s"] + [
+        f"{quote(f.column)} = %({name}__guard__{f.attname})s" for f in guarded
+    ]
+    where = " AND ".join(conditions)
+    sql = f"UPDATE {quote(meta.db_table)} SET {assignments} WHERE {where}"  # noqa: S608 -- metadata only
+    return sql, fields, key, guarded

@@ -9,8 +9,14 @@ from django_fsm import ConcurrentTransition, TransitionNotAllowed
 
 from merchant.models import Customer
 from tests.conftest import new_customer
-from workflows.models import PENDING_STATES, Status, Workflow, WorkflowTransition
-from workflows.services import workflow_transition
+from workflows.models import (
+    PENDING_STATES,
+    Status,
+    WebhookDelivery,
+    Workflow,
+    WorkflowTransition,
+)
+from workflows.services import Step, workflow_finish, workflow_transition
 
 pytestmark = pytest.mark.django_db
 
@@ -140,3 +146,50 @@ def test_database_refuses_two_pending_workflows_for_one_patient(customer: Custom
     with pytest.raises(IntegrityError), transaction.atomic():
         Workflow.objects.create(customer=customer, patient_id=first.patient_id)
     Workflow.objects.create(customer=customer, patient_id=first.patient_id, status=S.COMPLETED)
+
+
+def test_an_ending_saves_its_steps_in_order_and_ties_the_webhook_to_the_last(
+    customer: Customer,
+) -> None:
+    workflow = workflow_in(customer, S.IN_PROGRESS)
+
+    workflow_finish(
+        workflow=workflow,
+        name="complete",
+        actor="worker",
+        first=[Step("mark_no_results", "no match")],
+    )
+
+    stored = Workflow.objects.get(id=workflow.id)
+    assert (stored.status, stored.result, stored.reason) == (S.COMPLETED, "NO_RESULTS", "no match")
+    timeline = list(stored.transitions.all())
+    assert [(t.source, t.target, t.reason) for t in timeline] == [
+        (S.IN_PROGRESS, S.NO_RESULTS, "no match"),
+        (S.NO_RESULTS, S.COMPLETED, ""),
+    ]
+    delivery = WebhookDelivery.objects.get(workflow=workflow)
+    assert delivery.transition_id == timeline[-1].id
+    assert delivery.event_type == "link.completed"
+    # The instance agrees with the row: the ORM's own save is now guarded on COMPLETED.
+    workflow.reason = "edited"
+    workflow.save()
+    assert Workflow.objects.get(id=workflow.id).reason == "edited"
+
+
+def test_an_ending_that_lost_a_race_writes_nothing(customer: Customer) -> None:
+    workflow = workflow_in(customer, S.IN_PROGRESS)
+    stale = Workflow.objects.get(id=workflow.id)
+    workflow_transition(workflow=workflow, name="request_review", actor="worker-1")
+
+    with pytest.raises(ConcurrentTransition), transaction.atomic():
+        workflow_finish(
+            workflow=stale,
+            name="complete",
+            actor="worker-2",
+            first=[Step("mark_linked", "late")],
+        )
+
+    stored = Workflow.objects.get(id=workflow.id)
+    assert (stored.status, stored.result) == (S.REVIEW, None)
+    assert [t.target for t in stored.transitions.all()] == [S.REVIEW]
+    assert not WebhookDelivery.objects.filter(workflow=workflow).exists()

@@ -8,7 +8,7 @@ from workflows.services.reconcile import (
 )
 from workflows.services.webhooks import (
     webhook_delivery_attempt,
-    webhook_delivery_create,
+    webhook_delivery_new,
     webhook_dispatch_due,
     webhook_event_create,
     webhook_redeliver,
@@ -32,7 +32,7 @@ __all__ = [
     "ReconcileReport",
     "Step",
     "webhook_delivery_attempt",
-    "webhook_delivery_create",
+    "webhook_delivery_new",
     "webhook_dispatch_due",
     "webhook_event_create",
     "webhook_redeliver",

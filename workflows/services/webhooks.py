@@ -22,7 +22,6 @@ from workflows.models import (
     Status,
     WebhookDelivery,
     Workflow,
-    WorkflowTransition,
 )
 from workflows.webhook_client import WebhookSendError, webhook_post, webhook_signature_headers
 
@@ -44,13 +43,11 @@ def webhook_payload(*, event_type: str, at: dt.datetime, data: dict[str, Any]) -
     return json.dumps(body, separators=(",", ":"))
 
 
-def webhook_delivery_create(
-    *, workflow: Workflow, transition: WorkflowTransition
-) -> WebhookDelivery:
-    """The webhook announcing a terminal transition (call inside that transition's transaction)."""
-    return webhook_event_create(
+def webhook_delivery_new(*, workflow: Workflow) -> WebhookDelivery:
+    """The webhook announcing the workflow's ending, not saved yet: workflow_finish inserts it
+    in the ending's own statement, tied to the ending's transition."""
+    return webhook_event_new(
         workflow=workflow,
-        transition=transition,
         event_type=webhook_event_type(workflow),
         data={
             "workflow-id": str(workflow.id),
@@ -63,22 +60,23 @@ def webhook_delivery_create(
 
 
 def webhook_event_create(
-    *,
-    workflow: Workflow,
-    event_type: str,
-    data: dict[str, Any],
-    transition: WorkflowTransition | None = None,
+    *, workflow: Workflow, event_type: str, data: dict[str, Any]
 ) -> WebhookDelivery:
-    """A webhook about `workflow` for its customer, due now (call inside the event's transaction).
+    """A webhook about `workflow` for its customer, due now (call inside the event's
+    transaction): a de-link, say. Endings are announced by workflow_finish."""
+    delivery = webhook_event_new(workflow=workflow, event_type=event_type, data=data)
+    delivery.save(force_insert=True)
+    return delivery
 
-    `transition` ties a terminal workflow's announcement to its ending; other events (a de-link)
-    have none.
-    """
+
+def webhook_event_new(
+    *, workflow: Workflow, event_type: str, data: dict[str, Any]
+) -> WebhookDelivery:
+    """A webhook about `workflow` for its customer, due now, not saved yet."""
     now = timezone.now()
-    delivery = WebhookDelivery.objects.create(
+    delivery = WebhookDelivery(
         webhook_id=f"msg_{uuid.uuid4().hex}",
         workflow=workflow,
-        transition=transition,
         customer_id=workflow.customer_id,
         event_type=event_type,
         url=workflow.webhook_url or workflow.customer.webhook_url,

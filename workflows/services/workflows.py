@@ -13,11 +13,13 @@ from typing import Any
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
+from django_fsm import ConcurrentTransition
 
 from config import metrics
+from config.sql import insert_select, update_guarded
 from merchant.models import Customer
-from workflows.models import RequestType, Status, Workflow, WorkflowTransition
-from workflows.services.webhooks import webhook_delivery_create, webhook_delivery_send_later
+from workflows.models import RequestType, Status, WebhookDelivery, Workflow, WorkflowTransition
+from workflows.services.webhooks import webhook_delivery_new, webhook_delivery_send_later
 
 logger = logging.getLogger(__name__)
 
@@ -100,12 +102,18 @@ def workflow_transition(
 
 
 def _transitions(
-    *, workflow: Workflow, steps: Sequence[Step], actor: str
-) -> list[WorkflowTransition]:
-    """Apply `steps` in order, then save the workflow once and record every step, in one
-    transaction: two statements however many steps (a worker's LINKED then COMPLETED)."""
+    *, workflow: Workflow, steps: Sequence[Step], actor: str, ending: bool = False
+) -> WebhookDelivery | None:
+    """Apply `steps` in order, then in one statement (so one round trip, and atomic): save the
+    workflow, record every step in its timeline and, for an `ending`, insert the customer's
+    webhook delivery, tied to the last step, which is returned.
+
+    The save is guarded by the status the row had when loaded (as ConcurrentTransitionMixin's
+    own save is): a racing transition makes it raise ConcurrentTransition, having written
+    nothing, and the caller's transaction rolls back."""
+    loaded = workflow.status
     # The state machine's own checks first: a refused transition raises before anything is
-    # written, so no savepoint is needed to undo it.
+    # written.
     now = timezone.now()
     timeline = []
     for step in steps:
@@ -122,12 +130,37 @@ def _transitions(
             )
         )
     workflow.updated_at = now
-    # No savepoint inside a caller's transaction: no caller recovers from a failed write here,
-    # the whole transaction rolls back.
-    with transaction.atomic(savepoint=False):
-        workflow.save()
-        # Ordered by (at, id): steps of one call share `at` and keep their order in `id`.
-        return WorkflowTransition.objects.bulk_create(timeline)
+    saved_sql, params = update_guarded(workflow, name="workflow", guard={"status": loaded})
+    sql = f"WITH saved AS ({saved_sql} RETURNING 1)"
+    # Each line is inserted from the one before: in order, so the timeline's (at, id) order is
+    # the steps' order, and only if the save happened.
+    previous = "saved"
+    for index, line in enumerate(timeline):
+        line_sql, line_params = insert_select(line, name=f"line{index}")
+        sql += f", line{index} AS ({line_sql} FROM {previous} RETURNING id)"
+        params |= line_params
+        previous = f"line{index}"
+    delivery = None
+    if ending:
+        delivery = webhook_delivery_new(workflow=workflow)
+        delivery_sql, delivery_params = insert_select(
+            delivery, name="delivery", computed={"transition_id": f"{previous}.id"}
+        )
+        sql += f", delivery AS ({delivery_sql} FROM {previous} RETURNING id)"
+        params |= delivery_params
+        previous = "delivery"
+    sql += f" SELECT id FROM {previous}"  # noqa: S608 -- CTE names of this function
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    if row is None:
+        raise ConcurrentTransition(f"workflow {workflow.id} is no longer {loaded}")
+    # What ConcurrentTransitionMixin.save does after saving: later saves are guarded on the new
+    # status.
+    workflow._update_initial_state()
+    if delivery is not None:
+        delivery.id = row[0]
+    return delivery
 
 
 def workflow_message(*, workflow: Workflow) -> dict[str, str]:
@@ -362,11 +395,10 @@ def workflow_finish(
     decision), saved with it. The delivery row commits with the terminal state, so the
     customer is told even if every process dies right after.
     """
-    with transaction.atomic(savepoint=False):  # as in _transitions
-        *_, ending = _transitions(
-            workflow=workflow, steps=[*first, Step(name, reason)], actor=actor
-        )
-        delivery = webhook_delivery_create(workflow=workflow, transition=ending)
+    delivery = _transitions(
+        workflow=workflow, steps=[*first, Step(name, reason)], actor=actor, ending=True
+    )
+    assert delivery is not None
     webhook_delivery_send_later(delivery=delivery)
     metrics.workflow_ended(status=workflow.status, created_at=workflow.created_at)
     return workflow
