@@ -75,7 +75,7 @@ class EncryptedJSONDocumentField(EncryptedFieldMixin, models.TextField):
         return self.encrypt_text(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
 
     def from_db_value(
-        self, value: Any, expression: Expression, connection: BaseDatabaseWrapper
+        self, value: Any, expression: Expression | None, connection: BaseDatabaseWrapper
     ) -> Any:
         if value is None:
             return None
