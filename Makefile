@@ -72,7 +72,7 @@ test: install wrk browser compose
 
 # The whole fault-injection suite (tests/chaos): prints the table, fails on any violation.
 chaos: install
-	$(BIN)/python -m tests.chaos --json chaos-results.json
+	DJANGO_SETTINGS_MODULE=config.settings_test $(BIN)/python -m tests.chaos --json chaos-results.json
 
 # schemathesis against gunicorn on a fresh database (tests/fuzz): every operation, every check,
 # positive and negative data, a real customer token; prints the summary, fails on any failure.
