@@ -141,8 +141,9 @@ def _request_data(workflow: Workflow) -> dict[str, Any] | None:
     if customer is None:
         return None
     workflow.customer = customer
-    # The extra column is an attribute of the raw query's instance, still as stored.
-    stored = vars(customer)["request_data"]
+    # The extra column is an attribute of the raw query's instance, still as stored (encrypted):
+    # taken off it, so that the customer, which stays on the workflow, carries no request data.
+    stored = vars(customer).pop("request_data")
     data: dict[str, Any] = _REQUEST_DATA.from_db_value(stored, None, connection)
     return data
 

@@ -160,6 +160,7 @@ def _transitions(
     workflow._update_initial_state()
     if delivery is not None:
         delivery.id = row[0]
+        delivery._state.adding = False  # as save() leaves it: the row exists
     return delivery
 
 
