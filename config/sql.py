@@ -26,8 +26,8 @@ def insert_select(
     The caller appends what follows the SELECT list (`FROM`, `WHERE`, `RETURNING`)."""
     sql, fields = _insert_select_sql(type(instance), name, tuple(sorted((computed or {}).items())))
     params = {
-        f"{name}__{f.attname}": f.get_db_prep_save(f.pre_save(instance, True), connection)
-        for f in fields
+        parameter: f.get_db_prep_save(f.pre_save(instance, True), connection)
+        for parameter, f in fields
     }
     return sql, params
 
@@ -35,8 +35,9 @@ def insert_select(
 @functools.cache
 def _insert_select_sql(
     model: type[Model], name: str, computed: tuple[tuple[str, str], ...]
-) -> tuple[str, tuple[Field[Any, Any], ...]]:
-    # The same for every row of a model: built once per process.
+) -> tuple[str, tuple[tuple[str, Field[Any, Any]], ...]]:
+    # The same for every row of a model: built once per process, parameter names included (the
+    # ack builds ~40 per request).
     expressions = dict(computed)
     meta = model._meta
     columns = tuple(f for f in meta.concrete_fields if not isinstance(f, AutoFieldMixin))
@@ -48,7 +49,7 @@ def _insert_select_sql(
         expressions.get(f.attname) or f"CAST(%({name}__{f.attname})s AS {f.db_type(connection)})"
         for f in columns
     )
-    parameters = tuple(f for f in columns if f.attname not in expressions)
+    parameters = tuple((f"{name}__{f.attname}", f) for f in columns if f.attname not in expressions)
     names = ", ".join(quote(f.column) for f in columns)
     return f"INSERT INTO {quote(meta.db_table)} ({names}) SELECT {values}", parameters
 
