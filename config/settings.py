@@ -151,6 +151,10 @@ if BROKER_IS_REDIS:
         raise ImproperlyConfigured(
             "CELERY_VISIBILITY_TIMEOUT must be >= 4 x CELERY_TASK_TIME_LIMIT"
         )
+    if _BROKER_SCHEME == "redis":
+        # kombu's Redis transport, reusing one client per channel instead of building one per
+        # command (config/broker.py).
+        CELERY_BROKER_TRANSPORT = "config.broker:RedisTransport"
     CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {
         # redis-py's pool per kombu connection (Celery's producer pool is broker_pool_limit).
         "max_connections": 100,
