@@ -29,8 +29,12 @@ class LinkRequest(models.Model):
 class IdempotencyRecord(models.Model):
     """The first response given for (customer, Idempotency-Key), replayed on a retry."""
 
+    # Indexed by idempotency_customer_key, which starts with it.
     customer = models.ForeignKey(
-        "merchant.Customer", on_delete=models.CASCADE, related_name="idempotency_records"
+        "merchant.Customer",
+        on_delete=models.CASCADE,
+        related_name="idempotency_records",
+        db_index=False,
     )
     key = models.CharField(max_length=255)
     # SHA-256 of the canonical JSON body: the same key with another body is refused (422).
@@ -62,8 +66,12 @@ class MappingStatus(models.TextChoices):
 class PatientMapping(models.Model):
     """Customer patient id -> internal patient id (seed section 2.3.1, table patient-mapping)."""
 
+    # Indexed by mapping_patient, which starts with it.
     customer = models.ForeignKey(
-        "merchant.Customer", on_delete=models.PROTECT, related_name="patient_mappings"
+        "merchant.Customer",
+        on_delete=models.PROTECT,
+        related_name="patient_mappings",
+        db_index=False,
     )
     customer_patient_id = models.UUIDField()
     internal_patient_id = models.CharField(max_length=64)
@@ -91,6 +99,11 @@ class PatientMapping(models.Model):
             models.CheckConstraint(
                 condition=Q(status__in=MappingStatus.values), name="mapping_status_valid"
             ),
+        ]
+        indexes = [
+            # A patient's mappings whatever their status (link_record reads the linked and the
+            # de-linked ones): without it PostgreSQL read every mapping of the customer.
+            models.Index(fields=["customer", "customer_patient_id"], name="mapping_patient"),
         ]
 
     def __str__(self) -> str:
@@ -130,8 +143,9 @@ class LinkEvent(models.TextChoices):
 class LinkHistory(models.Model):
     """Append-only history of a customer patient's link: every change, who made it and why."""
 
+    # Indexed by history_patient, which starts with it.
     customer = models.ForeignKey(
-        "merchant.Customer", on_delete=models.PROTECT, related_name="link_history"
+        "merchant.Customer", on_delete=models.PROTECT, related_name="link_history", db_index=False
     )
     customer_patient_id = models.UUIDField()
     event = models.CharField(max_length=16, choices=LinkEvent.choices)

@@ -1,0 +1,156 @@
+"""A link request's statements read one patient's rows, never a customer's.
+
+The ack and the worker's whole path (accept, claim, search, link, end, webhook) run for a new
+patient of a customer who already has hundreds of workflows (pending and ended), mappings
+(linked and de-linked), idempotency records and history lines; every statement is first run
+under EXPLAIN ANALYZE (in a savepoint, rolled back) and the rows its scans read are counted.
+
+`make bench` found two ways to read a whole customer: a query with no index that fits (a
+patient's linked and de-linked mappings: 1,500 rows read per workflow), and an index on
+customer_id alone beside the composite one meant for the query, which the planner took when its
+statistics were stale (every pending workflow, every idempotency record of the customer).
+"""
+
+import datetime as dt
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from linking.models import (
+    IdempotencyRecord,
+    LinkEvent,
+    LinkHistory,
+    LinkRequest,
+    MappingStatus,
+    PatientMapping,
+)
+from linking.services import link_process
+from merchant.services import CustomerCredentials
+from standin.server import make_server
+from tests.conftest import LinkClient, link_body
+from tests.processes import serving
+from workflows.models import Status, Workflow
+
+pytestmark = pytest.mark.django_db
+
+EXISTING = 300  # of each kind, for the same customer
+MAX_ROWS_READ = 20  # by any one statement; reading the customer's rows would be >= EXISTING
+
+
+@pytest.fixture
+def standin(settings: Any) -> Iterator[Any]:
+    server = make_server("127.0.0.1", 0)
+    settings.INTERNAL_SEARCH_URL = server.base_url
+    with serving(server):
+        yield server
+
+
+def _existing_rows(credentials: CustomerCredentials) -> None:
+    customer = credentials.customer
+    now = timezone.now()
+    workflows = [
+        Workflow(
+            customer=customer,
+            patient_id=uuid.uuid4(),
+            request_id=uuid.uuid4(),
+            status=Status.RECEIVED if index % 2 else Status.COMPLETED,
+            created_at=now,
+            updated_at=now,
+        )
+        for index in range(EXISTING)
+    ]
+    Workflow.objects.bulk_create(workflows)
+    LinkRequest.objects.bulk_create(
+        LinkRequest(request_id=w.request_id, customer=customer, data={"patient": {}})
+        for w in workflows
+    )
+    IdempotencyRecord.objects.bulk_create(
+        IdempotencyRecord(
+            customer=customer,
+            key=f"earlier-{index}",
+            fingerprint="0" * 64,
+            workflow=workflow,
+            response_status=202,
+            response_body="{}",
+            expires_at=now + dt.timedelta(days=1),
+        )
+        for index, workflow in enumerate(workflows)
+    )
+    ended = [w for w in workflows if w.status == Status.COMPLETED]
+    mappings = PatientMapping.objects.bulk_create(
+        PatientMapping(
+            customer=customer,
+            customer_patient_id=w.patient_id,
+            internal_patient_id=f"p{index}",
+            status=MappingStatus.LINKED if index % 3 else MappingStatus.DELINKED,
+            workflow=w,
+        )
+        for index, w in enumerate(ended)
+    )
+    LinkHistory.objects.bulk_create(
+        LinkHistory(
+            customer=customer,
+            customer_patient_id=m.customer_patient_id,
+            event=LinkEvent.LINKED,
+            mapping=m,
+            workflow=m.workflow,
+            actor="worker",
+        )
+        for m in mappings
+    )
+
+
+def _rows_read(node: dict[str, Any]) -> int:
+    """Rows the scans under a plan node read: returned, or read and then filtered out."""
+    rows = 0
+    if "Scan" in node["Node Type"] and node.get("Relation Name"):
+        loops = node.get("Actual Loops", 1)
+        rows += (node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0)) * loops
+        rows += node.get("Rows Removed by Index Recheck", 0)
+    return rows + sum(_rows_read(child) for child in node.get("Plans", []))
+
+
+def _explaining(reads: list[tuple[int, str]]) -> Callable[..., Any]:
+    def wrapper(
+        execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any
+    ) -> Any:
+        if not many and sql.lstrip().split(None, 1)[0].upper() in {
+            "SELECT",
+            "INSERT",
+            "UPDATE",
+            "DELETE",
+            "WITH",
+        }:
+            raw = context["cursor"].cursor  # psycopg's own: not through this wrapper again
+            raw.execute("SAVEPOINT query_scale")
+            raw.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", params)
+            plan = raw.fetchone()[0]
+            raw.execute("ROLLBACK TO SAVEPOINT query_scale")
+            plan = json.loads(plan) if isinstance(plan, str) else plan
+            reads.append((_rows_read(plan[0]["Plan"]), " ".join(sql.split())))
+        return execute(sql, params, many, context)
+
+    return wrapper
+
+
+def test_a_link_request_reads_one_patients_rows(
+    standin: Any, credentials: CustomerCredentials, api: LinkClient
+) -> None:
+    _existing_rows(credentials)
+    reads: list[tuple[int, str]] = []
+    with connection.execute_wrapper(_explaining(reads)):
+        response = api.post_link(link_body(), key="new-patient")
+        assert response.status_code == 202, response.content
+        link_process(workflow_id=response.json()["workflow-id"])
+    workflow = Workflow.objects.get(id=response.json()["workflow-id"])
+    assert workflow.status == Status.COMPLETED and workflow.result == "LINKED"
+    statements = [sql for _, sql in reads]
+    assert any("linking_idempotencyrecord" in sql for sql in statements)  # the ack's
+    assert any("WITH earlier AS" in sql for sql in statements)  # the link's
+    heavy = [(rows, sql[:200]) for rows, sql in reads if rows > MAX_ROWS_READ]
+    assert heavy == [], heavy
