@@ -29,8 +29,10 @@ from merchant.models import Customer
 from merchant.services import (
     TOKEN_MAX_LENGTH,
     CustomerCredentials,
+    _HMACKeyCheckedOnce,
     customer_revoke_tokens,
     token_issue,
+    token_verify,
 )
 from standin.server import make_server
 from tests.conftest import link_body, new_customer
@@ -496,3 +498,25 @@ def test_controls_the_other_customer_token_works_on_its_own(ctx: Ctx) -> None:
     """The `both headers` case is refused for disagreeing, not because the other token is bad."""
     response = call("get", f"/link/status/{uuid.uuid4()}", {"customer-token": ctx.other.token})
     assert response.status_code == 404
+
+
+# --- the HMAC key is checked once per key (merchant/services.py) ----------------------------------
+
+
+def test_hs256_is_the_key_caching_algorithm_and_tokens_still_verify() -> None:
+    assert isinstance(jwt.get_algorithm_by_name("HS256"), _HMACKeyCheckedOnce)
+    customer = new_customer().customer
+    assert token_verify(token=token_issue(customer=customer)).id == customer.id
+    # Another key's signature is still refused: the cache holds keys, not verdicts.
+    other = jwt.encode(
+        {"sub": str(customer.id)}, "another-key-of-enough-length-32b", algorithm="HS256"
+    )
+    with pytest.raises(jwt.InvalidSignatureError):
+        jwt.decode(other, settings.TOKEN_SIGNING_KEY, algorithms=["HS256"])
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 3])
+def test_a_key_pyjwt_refuses_is_refused_every_time(attempt: int) -> None:
+    # lru_cache keeps results only: the public key PEM is refused at every call.
+    with pytest.raises(jwt.InvalidKeyError):
+        jwt.encode({"sub": "x"}, RSA_PUBLIC_PEM, algorithm="HS256")
