@@ -41,6 +41,7 @@ class Posted:
     workflow_id: str | None = None
     replayed: bool = False
     error: str = ""
+    body: dict[str, Any] | None = None  # what was sent, for a retry with the same key
 
     @property
     def expected_result(self) -> str:
@@ -76,7 +77,13 @@ def post_link(
         )
     except requests.RequestException as exc:
         return Posted(
-            key, kind, 0, time.monotonic() - started, time.time(), error=type(exc).__name__
+            key,
+            kind,
+            0,
+            time.monotonic() - started,
+            time.time(),
+            error=type(exc).__name__,
+            body=body,
         )
     elapsed = time.monotonic() - started
     workflow_id = None
@@ -90,6 +97,7 @@ def post_link(
         time.time(),
         workflow_id,
         replayed=response.headers.get("Idempotent-Replayed") == "true",
+        body=body,
     )
 
 

@@ -171,14 +171,38 @@ def _ack_bounds(stack: Stack, verdict: Verdict, posted: list[Posted], *, bound: 
         )
     if wrong:
         verdict.note(f"answers other than 202/503: {dict(answers(wrong))}")
-    refused_keys = [p.key for p in posted if p.status == 503]
+    refused = {p.key: p for p in posted if p.status == 503}
     with stack.db() as conn:
-        (written,) = conn.execute(
-            "SELECT count(*) FROM linking_idempotencyrecord WHERE key = ANY(%s)", [refused_keys]
-        ).fetchone() or (0,)
+        written = [
+            (key, str(workflow_id))
+            for key, workflow_id in conn.execute(
+                "SELECT key, workflow_id FROM linking_idempotencyrecord WHERE key = ANY(%s)",
+                [list(refused)],
+            )
+        ]
+    # A 503 with rows behind it: PostgreSQL, killed with -m immediate, had made the commit
+    # durable but the answer never left (no service can tell its client about a commit it could
+    # not report). The client's documented recovery must converge: the same request with the
+    # same key replays that workflow's 202, and the workflow ends like the others.
+    diverged = 0
+    for key, workflow_id in written:
+        original = refused[key]
+        assert original.body is not None
+        retry = post_link(stack, original.body, key, original.kind)
+        converged = retry.status == 202 and retry.replayed and retry.workflow_id == workflow_id
+        if converged:
+            review = frozenset([workflow_id] if original.expected_result == REVIEW else [])
+            deadline = time.monotonic() + 60
+            statuses = wait_terminal(stack, [workflow_id], deadline=deadline, review=review)
+            converged = settled(workflow_id, statuses.get(workflow_id), review)
+        diverged += not converged
+    verdict.unexpected += diverged
     if written:
-        verdict.unexpected += written
-        verdict.note(f"{written} requests answered 503 left rows behind")
+        verdict.note(
+            f"{len(written)} requests answered 503 had committed (the answer was lost with the "
+            f"server); retried with the same key, {len(written) - diverged} replayed their 202 "
+            "and ended"
+        )
     verdict.note(f"answers {dict(answers(posted))}, slowest {max(p.elapsed for p in posted):.2f}s")
 
 
