@@ -16,6 +16,8 @@ from django.conf import settings
 from rest_framework.test import APIClient
 
 from merchant.services import CustomerCredentials, customer_onboard
+from standin.server import make_server
+from tests.processes import serving
 from workflows.dispatcher import Dispatcher
 
 
@@ -95,6 +97,16 @@ def dispatcher(transactional_db: None) -> Iterator[Dispatcher]:
 
 def new_customer(name: str = "Acme Health") -> CustomerCredentials:
     return customer_onboard(name=name, webhook_url="https://hooks.acme.example/merchant")
+
+
+@pytest.fixture
+def standin(settings: Any) -> Iterator[Any]:
+    """The FHIR stand-in in this process on a free port, as the internal system (tests that
+    need another kind of stand-in define their own)."""
+    server = make_server("127.0.0.1", 0)
+    settings.INTERNAL_SEARCH_URL = server.base_url
+    with serving(server):
+        yield server
 
 
 @pytest.fixture

@@ -39,7 +39,6 @@ from linking.services.review import review_candidates, review_case_read
 from merchant.models import Customer
 from merchant.services import customer_onboard
 from standin.receiver import ReceiverServer, make_receiver
-from standin.server import make_server
 from tests.conftest import broker_messages, every_logger_into
 from tests.processes import serving
 from workflows.dispatcher import Dispatcher
@@ -273,14 +272,6 @@ class Worker:
             }
             self.results.append(tracer(headers["id"], args, kwargs, request))
         raise AssertionError("the queue never drained")
-
-
-@pytest.fixture
-def standin(settings: Any) -> Iterator[Any]:
-    server = make_server("127.0.0.1", 0)
-    settings.INTERNAL_SEARCH_URL = server.base_url
-    with serving(server):
-        yield server
 
 
 def control(server: Any, action: str, body: dict[str, Any] | None = None) -> None:

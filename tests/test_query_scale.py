@@ -14,7 +14,7 @@ statistics were stale (every pending workflow, every idempotency record of the c
 import datetime as dt
 import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -31,23 +31,13 @@ from linking.models import (
 )
 from linking.services import link_process
 from merchant.services import CustomerCredentials
-from standin.server import make_server
 from tests.conftest import LinkClient, link_body
-from tests.processes import serving
 from workflows.models import Status, Workflow
 
 pytestmark = pytest.mark.django_db
 
 EXISTING = 300  # of each kind, for the same customer
 MAX_ROWS_READ = 20  # by any one statement; reading the customer's rows would be >= EXISTING
-
-
-@pytest.fixture
-def standin(settings: Any) -> Iterator[Any]:
-    server = make_server("127.0.0.1", 0)
-    settings.INTERNAL_SEARCH_URL = server.base_url
-    with serving(server):
-        yield server
 
 
 def _existing_rows(credentials: CustomerCredentials) -> None:

@@ -26,23 +26,13 @@ from linking.models import AuditEvent, LinkHistory, MappingStatus, PatientMappin
 from linking.services import link_process
 from merchant.auth import CustomerTokenAuthentication
 from merchant.models import Customer
-from standin.server import make_server
 from tests.conftest import LinkClient, link_body
-from tests.processes import serving
 from workflows.models import WebhookDelivery, Workflow
 
 pytestmark = pytest.mark.django_db
 
 JANE = "0c8eca2a00d55380a788b6f950b8c635"
 SAM = "1a0d7d313f8b5bbd8de5d41790ad55b8"  # another stand-in patient (Sam Lindqvist)
-
-
-@pytest.fixture
-def standin(settings: Any) -> Iterator[Any]:
-    server = make_server("127.0.0.1", 0)
-    settings.INTERNAL_SEARCH_URL = server.base_url
-    with serving(server):
-        yield server
 
 
 def linked(client: LinkClient, body: dict[str, Any], key: str) -> Workflow:

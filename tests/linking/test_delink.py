@@ -2,7 +2,6 @@
 
 import json
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,20 +11,10 @@ from django.test import Client
 from linking.models import LinkHistory, LinkRequest, MappingStatus, PatientMapping
 from linking.services import link_process
 from merchant.services import CustomerCredentials
-from standin.server import make_server
 from tests.conftest import LinkClient, link_body, not_found_body
-from tests.processes import serving
 from workflows.models import WebhookDelivery, Workflow
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def standin(settings: Any) -> Iterator[Any]:
-    server = make_server("127.0.0.1", 0)
-    settings.INTERNAL_SEARCH_URL = server.base_url
-    with serving(server):
-        yield server
 
 
 def linked(api: LinkClient, body: dict[str, Any], key: str) -> Workflow:

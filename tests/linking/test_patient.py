@@ -1,29 +1,19 @@
 """GET /patient/<patient-id>: the linked internal patient, read from the FHIR stand-in, audited."""
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from linking.models import AuditEvent, MappingStatus, PatientMapping
 from merchant.services import CustomerCredentials
-from standin.server import make_server
 from tests.conftest import LinkClient, link_body, not_found_body
-from tests.processes import free_port, serving
+from tests.processes import free_port
 from workflows.models import Workflow
 
 pytestmark = pytest.mark.django_db
 
 JANE = "0c8eca2a00d55380a788b6f950b8c635"
-
-
-@pytest.fixture
-def standin(settings: Any) -> Iterator[Any]:
-    server = make_server("127.0.0.1", 0)
-    settings.INTERNAL_SEARCH_URL = server.base_url
-    with serving(server):
-        yield server
 
 
 def link(api: LinkClient, credentials: CustomerCredentials, internal_id: str = JANE) -> str:

@@ -2,7 +2,6 @@
 reject final, per-customer bands, and the admin page operators resolve it in."""
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,9 +18,7 @@ from linking.models import (
 )
 from linking.services import ReviewError, link_process, link_review_resolve
 from merchant.services import CustomerCredentials
-from standin.server import make_server
 from tests.conftest import LinkClient, broker_messages, link_body
-from tests.processes import serving
 from workflows.models import Status, WebhookDelivery, Workflow, WorkflowTransition
 from workflows.services import workflow_requeue, workflows_reconcile
 
@@ -30,14 +27,6 @@ pytestmark = pytest.mark.django_db
 # The stand-in's index: two `certain` 0.97 candidates, and a single `probable` 0.82 one.
 RIVERA = {"full_name": "Alex Rivera", "dob": "1975-09-14", "contact": {}}
 ELLIS = {"full_name": "Morgan Ellis", "dob": "1988-07-03", "contact": {}}
-
-
-@pytest.fixture
-def standin(settings: Any) -> Iterator[Any]:
-    server = make_server("127.0.0.1", 0)
-    settings.INTERNAL_SEARCH_URL = server.base_url
-    with serving(server):
-        yield server
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +34,7 @@ from merchant.services import (
     token_issue,
     token_verify,
 )
-from standin.server import make_server
 from tests.conftest import link_body, new_customer
-from tests.processes import serving
 from workflows.models import WebhookDelivery, Workflow
 
 pytestmark = pytest.mark.django_db
@@ -318,14 +316,6 @@ HEADER_CASES: dict[str, Case] = {
 
 
 # --- the victim, its resources, and the reference answers ---------------------------------------
-
-
-@pytest.fixture
-def standin(settings: Any) -> Iterator[Any]:
-    server = make_server("127.0.0.1", 0)
-    settings.INTERNAL_SEARCH_URL = server.base_url
-    with serving(server):
-        yield server
 
 
 @pytest.fixture
