@@ -8,6 +8,7 @@ import dj_database_url
 import django_stubs_ext
 from django.core.exceptions import ImproperlyConfigured
 
+from config import setting_rules
 from config.env import env_bool, env_float, env_int, env_int_list, env_list, env_str
 
 # Lets the typed generics used in annotations (ModelAdmin[Model], ...) work at run time.
@@ -147,10 +148,6 @@ CELERY_VISIBILITY_TIMEOUT = env_int("CELERY_VISIBILITY_TIMEOUT", 3600, minimum=6
 # configured with, and it must exceed 4 x the hard time limit. (RabbitMQ only.)
 RABBITMQ_CONSUMER_TIMEOUT = env_int("RABBITMQ_CONSUMER_TIMEOUT", 1800, minimum=60)
 if BROKER_IS_REDIS:
-    if CELERY_TASK_TIME_LIMIT * 4 > CELERY_VISIBILITY_TIMEOUT:
-        raise ImproperlyConfigured(
-            "CELERY_VISIBILITY_TIMEOUT must be >= 4 x CELERY_TASK_TIME_LIMIT"
-        )
     if _BROKER_SCHEME == "redis":
         # kombu's Redis transport, reusing one client per channel instead of building one per
         # command (config/broker.py).
@@ -163,11 +160,6 @@ if BROKER_IS_REDIS:
         "visibility_timeout": CELERY_VISIBILITY_TIMEOUT,
     }
 else:
-    if CELERY_TASK_TIME_LIMIT * 4 > RABBITMQ_CONSUMER_TIMEOUT:
-        raise ImproperlyConfigured(
-            "RABBITMQ_CONSUMER_TIMEOUT must be >= 4 x CELERY_TASK_TIME_LIMIT "
-            "(and RabbitMQ's consumer_timeout set to at least that)"
-        )
     # py-amqp's connection options. Publisher confirms: a publish returns only once RabbitMQ
     # has taken the message (persisted, for a durable queue), else it raises and the sweep
     # covers it, as for a Redis error. The socket timeouts bound a publish (and its confirm)
@@ -221,8 +213,6 @@ REVIEW_MIN_SCORE = env_float("REVIEW_MIN_SCORE", 0.5)
 for _name in ("AUTO_LINK_SCORE", "AUTO_LINK_MARGIN", "REVIEW_MIN_SCORE"):
     if not 0 <= globals()[_name] <= 1:
         raise ImproperlyConfigured(f"{_name} must be between 0 and 1")
-if REVIEW_MIN_SCORE > AUTO_LINK_SCORE:
-    raise ImproperlyConfigured("REVIEW_MIN_SCORE must not exceed AUTO_LINK_SCORE")
 # Requests whose demographics weigh less than this are refused (linking/quality.py).
 MIN_DEMOGRAPHICS_SCORE = env_int("MIN_DEMOGRAPHICS_SCORE", 6)
 # Asynchronous internal search (contract section 2): send `Prefer: respond-async`; results come
@@ -244,9 +234,12 @@ if INTERNAL_CALLBACK_SECRET or INTERNAL_SEARCH_ASYNC:
 WORKFLOW_MAX_ATTEMPTS = env_int("WORKFLOW_MAX_ATTEMPTS", 5, minimum=1)
 RETRY_BACKOFF_BASE_SECONDS = env_float("RETRY_BACKOFF_BASE_SECONDS", 2.0)
 RETRY_BACKOFF_MAX_SECONDS = env_float("RETRY_BACKOFF_MAX_SECONDS", 60.0)
-# A consumer's claim on a workflow expires after this long (a crashed worker's claim frees up).
+# A consumer's claim on a workflow expires after this long (a crashed worker's claim frees up):
+# by default the longest an attempt and the wait before its retry can take, and 30 s more.
 WORKFLOW_CLAIM_LEASE_SECONDS = env_int(
-    "WORKFLOW_CLAIM_LEASE_SECONDS", CELERY_TASK_TIME_LIMIT + 30, minimum=1
+    "WORKFLOW_CLAIM_LEASE_SECONDS",
+    int(CELERY_TASK_TIME_LIMIT + RETRY_BACKOFF_MAX_SECONDS) + 30,
+    minimum=1,
 )
 RECONCILE_INTERVAL_SECONDS = env_int("RECONCILE_INTERVAL_SECONDS", 300, minimum=1)
 RECONCILE_STALE_AFTER_SECONDS = env_int("RECONCILE_STALE_AFTER_SECONDS", 420, minimum=1)
@@ -460,3 +453,6 @@ LOGGING = {
         "django.request": {"level": "ERROR"},
     },
 }
+
+# --- Relations between the settings above (config/setting_rules.py, README "Guarantees") ------
+setting_rules.check(globals())

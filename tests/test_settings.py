@@ -28,7 +28,7 @@ def load_settings(**env: str) -> subprocess.CompletedProcess[str]:
         ({"INTERNAL_SEARCH_ASYNC": "true", "INTERNAL_CALLBACK_SECRET": "whsec_"}, "16 bytes"),
         ({"INTERNAL_CALLBACK_SECRET": "not-a-secret"}, "whsec_"),
         ({"INTERNAL_CALLBACK_SECRET": "whsec_%%%"}, "whsec_"),
-        ({"REVIEW_MIN_SCORE": "0.95"}, "must not exceed AUTO_LINK_SCORE"),
+        ({"REVIEW_MIN_SCORE": "0.95"}, "REVIEW_MIN_SCORE <= AUTO_LINK_SCORE"),
         ({"AUTO_LINK_MARGIN": "1.5"}, "between 0 and 1"),
     ],
 )

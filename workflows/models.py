@@ -68,7 +68,8 @@ class Workflow(ConcurrentTransitionMixin, models.Model):
     # Consumer claims so far (each Celery try counts): bounds a poison message that crashes
     # workers, which Celery alone would redeliver forever.
     attempts = models.PositiveIntegerField(default=0)
-    # Re-dispatches by the reconciliation sweep: bounds a workflow whose messages keep vanishing.
+    # Re-dispatches by the reconciliation sweep, for operators; not capped: a re-queue whose
+    # message finds nothing to do costs nothing, and one that re-runs the work is an attempt.
     requeues = models.PositiveIntegerField(default=0)
     # The consumer currently working on it; a claim expires at claimed_until (crashed worker).
     claim_id = models.UUIDField(null=True, blank=True)

@@ -298,11 +298,11 @@ def test_transport_options_follow_the_broker(url: str, options: dict[str, Any]) 
     [
         (
             {"CELERY_BROKER_URL": AMQP_URL, "CELERY_TASK_TIME_LIMIT": "600"},
-            "RABBITMQ_CONSUMER_TIMEOUT must be >= 4 x CELERY_TASK_TIME_LIMIT",
+            "RABBITMQ_CONSUMER_TIMEOUT >= 4 x CELERY_TASK_TIME_LIMIT",
         ),
         (
             {"CELERY_BROKER_URL": "redis://127.0.0.1:6379/0", "CELERY_TASK_TIME_LIMIT": "1000"},
-            "CELERY_VISIBILITY_TIMEOUT must be >= 4 x CELERY_TASK_TIME_LIMIT",
+            "CELERY_VISIBILITY_TIMEOUT >= 4 x CELERY_TASK_TIME_LIMIT",
         ),
         ({"CELERY_BROKER_URL": "sqs://"}, "CELERY_BROKER_URL must be"),
     ],

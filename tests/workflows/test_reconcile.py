@@ -207,7 +207,7 @@ def test_dry_run_changes_nothing_and_publishes_nothing(
 
 @pytest.mark.parametrize(
     ("attempts", "requeues"),
-    [(MAX_ATTEMPTS, 0), (0, MAX_ATTEMPTS), (MAX_ATTEMPTS + 2, 1)],
+    [(MAX_ATTEMPTS, 0), (MAX_ATTEMPTS, MAX_ATTEMPTS), (MAX_ATTEMPTS + 2, 1)],
 )
 def test_out_of_attempts_fails_and_tells_the_customer(
     customer, redis_db, django_capture_on_commit_callbacks, attempts, requeues
@@ -244,8 +244,44 @@ def test_one_below_the_limit_is_still_requeued(customer):
 
 def test_attempt_limit_is_a_setting(customer, settings):
     settings.WORKFLOW_MAX_ATTEMPTS = 2
-    workflow = make(customer, age=STALE, requeues=2)
+    workflow = make(customer, Status.IN_PROGRESS, age=STALE, attempts=2)
     assert workflows_reconcile().failed == [workflow.id]
+
+
+def test_requeues_that_found_nothing_to_do_cost_no_attempt(customer):
+    # Re-queued many times (its messages found it claimed, or vanished), never attempted: only
+    # processing attempts approach the cap, so it is re-queued again, not failed.
+    workflow = make(customer, age=STALE, attempts=0, requeues=MAX_ATTEMPTS * 3)
+    report = workflows_reconcile()
+    assert (report.requeued, report.failed) == ([workflow.id], [])
+    assert Workflow.objects.get(id=workflow.id).status == Status.RECEIVED
+
+
+def claimed(workflow: Workflow, *, lease_ends_in: dt.timedelta) -> None:
+    Workflow.objects.filter(id=workflow.id).update(
+        claim_id=uuid.uuid4(), claimed_until=timezone.now() + lease_ends_in
+    )
+
+
+def test_a_claim_whose_lease_holds_is_neither_requeued_nor_counted(customer):
+    # A worker that died mid-search left its claim: updated long ago, but the lease still runs.
+    workflow = make(customer, Status.IN_PROGRESS, age=STALE, attempts=MAX_ATTEMPTS - 1)
+    claimed(workflow, lease_ends_in=dt.timedelta(seconds=30))
+    before = snapshot(workflow)
+    for _ in range(MAX_ATTEMPTS + 1):
+        assert workflows_reconcile() == ReconcileReport()
+    assert snapshot(workflow) == before
+
+
+def test_a_claimed_workflow_is_stale_only_that_long_after_its_lease_ended(customer):
+    workflow = make(customer, Status.IN_PROGRESS, age=STALE * 3, attempts=1)
+    # The lease ended a little while ago, less than the stale threshold.
+    claimed(workflow, lease_ends_in=-dt.timedelta(seconds=STALE_AFTER - 30))
+    assert workflows_reconcile() == ReconcileReport()
+    claimed(workflow, lease_ends_in=-dt.timedelta(seconds=STALE_AFTER + 30))
+    assert workflows_reconcile().requeued == [workflow.id]
+    row = Workflow.objects.get(id=workflow.id)
+    assert (row.status, row.attempts, row.requeues) == (Status.IN_PROGRESS, 1, 1)
 
 
 def test_terminal_workflows_are_never_touched(customer, redis_db):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from config import metrics
@@ -46,6 +46,11 @@ def workflows_reconcile(
 ) -> ReconcileReport:
     """Re-queue pending workflows untouched for too long; fail those out of attempts.
 
+    A claimed workflow is stale only `stale_after` past the end of its claim's lease: while a
+    consumer may still be working on it (or waiting for its retry) the sweep neither re-queues
+    it nor counts anything against it. Only processing attempts (the consumers' claims) count
+    towards WORKFLOW_MAX_ATTEMPTS: a re-queue costs an attempt only if it re-runs the work.
+
     A REQUESTED workflow's re-queue makes the consumer poll its search job. REVIEW ones are
     left to the operator (the stuck report counts them).
 
@@ -69,7 +74,7 @@ def workflows_reconcile(
                 # holding one workflow would hide all its customer's workflows from the sweep.
                 Workflow.objects.select_for_update(skip_locked=True, of=("self",))
                 .select_related("customer")
-                .filter(status__in=SWEPT_STATES, updated_at__lt=cutoff)
+                .filter(_stale(cutoff), status__in=SWEPT_STATES)
                 .order_by("updated_at")[: settings.RECONCILE_BATCH_SIZE]
             )
             requeued = []
@@ -102,18 +107,24 @@ def workflows_reconcile(
     return report
 
 
+def _stale(cutoff: dt.datetime) -> Q:
+    """Untouched since `cutoff`, and any claim's lease ended before it. (claimed_until is at or
+    after the claim's updated_at, so the partial index on updated_at still finds the rows.)"""
+    return Q(updated_at__lt=cutoff) & (Q(claimed_until__isnull=True) | Q(claimed_until__lt=cutoff))
+
+
 def _out_of_attempts(workflow: Workflow) -> bool:
-    limit = settings.WORKFLOW_MAX_ATTEMPTS
-    return workflow.attempts >= limit or workflow.requeues >= limit
+    # The last attempt died (it is stale): another would be one too many.
+    return workflow.attempts >= settings.WORKFLOW_MAX_ATTEMPTS
 
 
 def _reconcile_preview(cutoff: dt.datetime) -> ReconcileReport:
     """What a sweep would do now, changing nothing (bounded like a real run)."""
     report = ReconcileReport()
-    stale = Workflow.objects.filter(status__in=SWEPT_STATES, updated_at__lt=cutoff).order_by(
-        "updated_at"
-    )[: settings.RECONCILE_BATCH_SIZE * MAX_BATCHES_PER_RUN]
-    for workflow in stale.only("id", "attempts", "requeues"):
+    stale = Workflow.objects.filter(_stale(cutoff), status__in=SWEPT_STATES).order_by("updated_at")[
+        : settings.RECONCILE_BATCH_SIZE * MAX_BATCHES_PER_RUN
+    ]
+    for workflow in stale.only("id", "attempts"):
         (report.failed if _out_of_attempts(workflow) else report.requeued).append(workflow.id)
     return report
 

@@ -1,0 +1,131 @@
+"""The relations between settings that the Guarantees rely on, checked when the settings load.
+
+One list: `config/settings.py` calls `check()` on itself, and the README's "What the deployment
+must provide" shows `render()` of the same list (tests/test_setting_rules.py keeps the two equal
+and proves each rule refuses a settings file that breaks it). A broken relation stops every
+process at start-up with an ImproperlyConfigured that names the settings and what to change,
+instead of a workflow failing days later.
+
+Run `python -m config.setting_rules` to print the README's list.
+"""
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+
+Settings = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Rule:
+    rule: str  # the relation, in the settings' own names
+    why: str  # what breaks when it does not hold
+    holds: Callable[[Settings], bool]
+    applies: Callable[[Settings], bool] = lambda s: True
+
+
+def _redis(s: Settings) -> bool:
+    return bool(s["BROKER_IS_REDIS"])
+
+
+def _amqp(s: Settings) -> bool:
+    return bool(s["BROKER_IS_AMQP"])
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "CELERY_TASK_SOFT_TIME_LIMIT < CELERY_TASK_TIME_LIMIT",
+        "a task is asked to stop, and records why, before it is killed",
+        lambda s: s["CELERY_TASK_SOFT_TIME_LIMIT"] < s["CELERY_TASK_TIME_LIMIT"],
+    ),
+    Rule(
+        "INTERNAL_SEARCH_CONNECT_TIMEOUT + INTERNAL_SEARCH_READ_TIMEOUT"
+        " < CELERY_TASK_SOFT_TIME_LIMIT",
+        "a slow internal search ends as a transient error that is retried, not as a task killed"
+        " at its time limit that wastes an attempt each time",
+        lambda s: (
+            s["INTERNAL_SEARCH_CONNECT_TIMEOUT"] + s["INTERNAL_SEARCH_READ_TIMEOUT"]
+            < s["CELERY_TASK_SOFT_TIME_LIMIT"]
+        ),
+    ),
+    Rule(
+        "WORKFLOW_CLAIM_LEASE_SECONDS >= CELERY_TASK_TIME_LIMIT + RETRY_BACKOFF_MAX_SECONDS",
+        "a consumer's claim outlives its attempt and the wait before its retry, so nobody else"
+        " takes over work that is still being done",
+        lambda s: (
+            s["WORKFLOW_CLAIM_LEASE_SECONDS"]
+            >= s["CELERY_TASK_TIME_LIMIT"] + s["RETRY_BACKOFF_MAX_SECONDS"]
+        ),
+    ),
+    Rule(
+        "RETRY_BACKOFF_BASE_SECONDS <= RETRY_BACKOFF_MAX_SECONDS",
+        "the first retry wait is not already above the longest one",
+        lambda s: s["RETRY_BACKOFF_BASE_SECONDS"] <= s["RETRY_BACKOFF_MAX_SECONDS"],
+    ),
+    Rule(
+        "CELERY_VISIBILITY_TIMEOUT >= 4 x CELERY_TASK_TIME_LIMIT (Redis broker)",
+        "Redis hands a still-running task to a second worker only after this long",
+        lambda s: s["CELERY_VISIBILITY_TIMEOUT"] >= 4 * s["CELERY_TASK_TIME_LIMIT"],
+        _redis,
+    ),
+    Rule(
+        "CELERY_VISIBILITY_TIMEOUT > RETRY_BACKOFF_MAX_SECONDS + CELERY_TASK_TIME_LIMIT"
+        " (Redis broker)",
+        "a retry's message is held unacknowledged until its countdown ends and then runs:"
+        " Redis must not deliver it twice meanwhile",
+        lambda s: (
+            s["CELERY_VISIBILITY_TIMEOUT"]
+            > s["RETRY_BACKOFF_MAX_SECONDS"] + s["CELERY_TASK_TIME_LIMIT"]
+        ),
+        _redis,
+    ),
+    Rule(
+        "RABBITMQ_CONSUMER_TIMEOUT >= 4 x CELERY_TASK_TIME_LIMIT (RabbitMQ broker)",
+        "RabbitMQ closes the channel of a consumer that holds a message longer, and redelivers"
+        " everything on it (set the server's consumer_timeout to at least this)",
+        lambda s: s["RABBITMQ_CONSUMER_TIMEOUT"] >= 4 * s["CELERY_TASK_TIME_LIMIT"],
+        _amqp,
+    ),
+    Rule(
+        "RABBITMQ_CONSUMER_TIMEOUT > RETRY_BACKOFF_MAX_SECONDS + CELERY_TASK_TIME_LIMIT"
+        " (RabbitMQ broker)",
+        "a retry's message is held unacknowledged until its countdown ends and then runs",
+        lambda s: (
+            s["RABBITMQ_CONSUMER_TIMEOUT"]
+            > s["RETRY_BACKOFF_MAX_SECONDS"] + s["CELERY_TASK_TIME_LIMIT"]
+        ),
+        _amqp,
+    ),
+    Rule(
+        "REVIEW_MIN_SCORE <= AUTO_LINK_SCORE",
+        "the review band lies below the automatic link band",
+        lambda s: s["REVIEW_MIN_SCORE"] <= s["AUTO_LINK_SCORE"],
+    ),
+)
+
+
+def check(settings: Settings) -> None:
+    """Raise ImproperlyConfigured for the first rule these settings break."""
+    for rule in RULES:
+        if rule.applies(settings) and not rule.holds(settings):
+            now = ", ".join(
+                f"{name}={settings[name]}"
+                for name in dict.fromkeys(re.findall(r"[A-Z][A-Z_]+[A-Z]", rule.rule))
+                if name in settings
+            )
+            raise ImproperlyConfigured(
+                f"{rule.rule} must hold, and it does not ({now}): change one of these settings."
+                f" Why: {rule.why}."
+            )
+
+
+def render() -> str:
+    """The README's list (between its `setting-rules` markers)."""
+    return "\n".join(f"- `{rule.rule}`: {rule.why}." for rule in RULES)
+
+
+if __name__ == "__main__":
+    print(render())

@@ -1,0 +1,79 @@
+"""Every relation the Guarantees rely on refuses a settings file that breaks it, and the README
+lists exactly the relations that are checked (config/setting_rules.py)."""
+
+import re
+
+import pytest
+
+from config.setting_rules import RULES, render
+from tests.processes import ROOT
+from tests.test_settings import load_settings
+
+AMQP = "amqp://guest:guest@127.0.0.1:5672//"
+
+# One settings file per rule that breaks it and only it (every other setting at its default):
+# written out here, not derived from the rule, so that a rule that stopped checking fails.
+BREAKING: dict[str, dict[str, str]] = {
+    "CELERY_TASK_SOFT_TIME_LIMIT < CELERY_TASK_TIME_LIMIT": {"CELERY_TASK_SOFT_TIME_LIMIT": "90"},
+    "INTERNAL_SEARCH_CONNECT_TIMEOUT + INTERNAL_SEARCH_READ_TIMEOUT"
+    " < CELERY_TASK_SOFT_TIME_LIMIT": {"INTERNAL_SEARCH_READ_TIMEOUT": "58"},
+    # The lease of issue 17's reproduction: shorter than an attempt and its retry's wait.
+    "WORKFLOW_CLAIM_LEASE_SECONDS >= CELERY_TASK_TIME_LIMIT + RETRY_BACKOFF_MAX_SECONDS": {
+        "WORKFLOW_CLAIM_LEASE_SECONDS": "120"
+    },
+    "RETRY_BACKOFF_BASE_SECONDS <= RETRY_BACKOFF_MAX_SECONDS": {"RETRY_BACKOFF_BASE_SECONDS": "90"},
+    "CELERY_VISIBILITY_TIMEOUT >= 4 x CELERY_TASK_TIME_LIMIT (Redis broker)": {
+        "CELERY_VISIBILITY_TIMEOUT": "300"
+    },
+    "CELERY_VISIBILITY_TIMEOUT > RETRY_BACKOFF_MAX_SECONDS + CELERY_TASK_TIME_LIMIT"
+    " (Redis broker)": {
+        "CELERY_TASK_TIME_LIMIT": "20",
+        "CELERY_TASK_SOFT_TIME_LIMIT": "15",
+        "RETRY_BACKOFF_MAX_SECONDS": "100",
+        "CELERY_VISIBILITY_TIMEOUT": "100",
+    },
+    "RABBITMQ_CONSUMER_TIMEOUT >= 4 x CELERY_TASK_TIME_LIMIT (RabbitMQ broker)": {
+        "CELERY_BROKER_URL": AMQP,
+        "RABBITMQ_CONSUMER_TIMEOUT": "300",
+    },
+    "RABBITMQ_CONSUMER_TIMEOUT > RETRY_BACKOFF_MAX_SECONDS + CELERY_TASK_TIME_LIMIT"
+    " (RabbitMQ broker)": {
+        "CELERY_BROKER_URL": AMQP,
+        "CELERY_TASK_TIME_LIMIT": "20",
+        "CELERY_TASK_SOFT_TIME_LIMIT": "15",
+        "RETRY_BACKOFF_MAX_SECONDS": "100",
+        "RABBITMQ_CONSUMER_TIMEOUT": "100",
+    },
+    "REVIEW_MIN_SCORE <= AUTO_LINK_SCORE": {"REVIEW_MIN_SCORE": "0.95"},
+}
+
+
+def test_every_rule_has_its_breaking_settings_file() -> None:
+    assert sorted(BREAKING) == sorted(rule.rule for rule in RULES)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda rule: rule.rule.split()[0])
+def test_a_settings_file_that_breaks_the_rule_refuses_to_start(rule) -> None:
+    result = load_settings(**BREAKING[rule.rule])
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr
+    # It says which relation, with the values it found, and what to do.
+    message = result.stderr.strip().splitlines()[-1]
+    assert rule.rule in message and "change one of these settings" in message
+    for name, value in BREAKING[rule.rule].items():
+        if name in rule.rule:
+            assert re.search(rf"{name}={re.escape(value)}(\.0)?\b", message), message
+
+
+def test_the_defaults_keep_every_rule() -> None:
+    assert load_settings().returncode == 0
+    assert load_settings(CELERY_BROKER_URL=AMQP).returncode == 0
+
+
+def test_the_readme_lists_exactly_the_checked_rules() -> None:
+    readme = (ROOT / "README.md").read_text()
+    found = re.search(
+        r"<!-- setting-rules:start -->\n(.*?)\n<!-- setting-rules:end -->", readme, re.S
+    )
+    assert found, "README.md has no setting-rules block"
+    assert found.group(1) == render(), "run `python -m config.setting_rules` into the README"
