@@ -66,7 +66,8 @@ def text_formatter() -> logging.Formatter:
 
 # --- Celery ------------------------------------------------------------------------------------
 
-_PROCESS_WORKFLOW = "workflows.process_workflow"
+_PROCESS_WORKFLOW = "workflows.process_workflow"  # the one-workflow message of before
+_PROCESS_WORKFLOWS = "workflows.process_workflows"
 
 
 @setup_logging.connect
@@ -100,8 +101,14 @@ def _task_context_end(**_: Any) -> None:
 def _workflow_of(
     task: Any, args: tuple[Any, ...] | list[Any] | None, kwargs: dict[str, Any] | None
 ) -> str | None:
-    if getattr(task, "name", None) != _PROCESS_WORKFLOW:
+    name = getattr(task, "name", None)
+    if name == _PROCESS_WORKFLOWS:
+        # A batch's lines name their workflows themselves; a batch of one gets the context.
+        ids = args[0] if args else (kwargs or {}).get("workflow_ids")
+        value = ids[0] if isinstance(ids, list) and len(ids) == 1 else None
+    elif name == _PROCESS_WORKFLOW:
+        message = args[0] if args else (kwargs or {}).get("message")
+        value = message.get("workflow-id") if isinstance(message, dict) else None
+    else:
         return None
-    message = args[0] if args else (kwargs or {}).get("message")
-    value = message.get("workflow-id") if isinstance(message, dict) else None
     return value if isinstance(value, str) else None

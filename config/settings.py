@@ -232,6 +232,10 @@ if INTERNAL_CALLBACK_SECRET or INTERNAL_SEARCH_ASYNC:
             "INTERNAL_SEARCH_ASYNC needs it"
         )
 WORKFLOW_MAX_ATTEMPTS = env_int("WORKFLOW_MAX_ATTEMPTS", 5, minimum=1)
+# Workflows per queue message: the dispatcher and the sweep publish this many ids in one
+# message, and a worker claims, searches, ends and notifies them together (README
+# "How a request travels"). 1 works too: one message per workflow.
+WORKER_BATCH_SIZE = env_int("WORKER_BATCH_SIZE", 50, minimum=1)
 RETRY_BACKOFF_BASE_SECONDS = env_float("RETRY_BACKOFF_BASE_SECONDS", 2.0)
 RETRY_BACKOFF_MAX_SECONDS = env_float("RETRY_BACKOFF_MAX_SECONDS", 60.0)
 # A consumer's claim on a workflow expires after this long (a crashed worker's claim frees up):

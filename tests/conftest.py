@@ -57,6 +57,24 @@ def broker_messages(client: redis.Redis, queue: str = "celery") -> list[dict[str
     return messages
 
 
+def queued_workflow_ids(messages: list[dict[str, Any]]) -> list[str]:
+    """The workflow ids of these task messages, in order (each message names a batch)."""
+    ids: list[str] = []
+    for message in messages:
+        assert message["task"] == "workflows.process_workflows", message["task"]
+        ids += message["args"][0]
+    return ids
+
+
+def queued_delivery_ids(messages: list[dict[str, Any]]) -> list[int]:
+    """The webhook delivery ids of these task messages, in order (each names a batch)."""
+    ids: list[int] = []
+    for message in messages:
+        assert message["task"] == "workflows.deliver_webhooks", message["task"]
+        ids += message["args"][0]
+    return ids
+
+
 def wait_broker_messages(
     client: redis.Redis, count: int, *, timeout: float = 5, queue: str = "celery"
 ) -> list[dict[str, Any]]:

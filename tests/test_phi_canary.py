@@ -44,7 +44,7 @@ from tests.processes import serving
 from workflows.dispatcher import Dispatcher
 from workflows.models import Result, Status, WebhookDelivery, Workflow
 from workflows.services import workflows_reconcile
-from workflows.tasks import process_workflow
+from workflows.tasks import process_workflows
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -241,9 +241,7 @@ class Worker:
         the commit; another message, e.g. a webhook's, may be there first)."""
         deadline = time.monotonic() + 5
         while not any(
-            m["args"]
-            and isinstance(m["args"][0], dict)
-            and m["args"][0].get("workflow-id") == str(workflow.id)
+            m["task"] == process_workflows.name and str(workflow.id) in m["args"][0]
             for m in broker_messages(self.client)
         ):
             assert time.monotonic() < deadline, "the ack path published nothing"
@@ -442,7 +440,7 @@ def test_a_canary_patient_leaves_no_trace(
     assert outcomes["review"][:2] == (Status.COMPLETED, Result.LINKED)
     assert outcomes["asynchronous search"][:2] == (Status.COMPLETED, Result.NO_RESULTS)
     assert any(
-        name == process_workflow.name and "claim" in kwargs
+        name == process_workflows.name and kwargs.get("claims")
         for name, _args, kwargs in worker.tasks_run
     ), "no retry went through the broker"
     crash_logs = [r for r in all_logs if r.exc_info and "internal search client" in log_text(r)]
@@ -491,7 +489,7 @@ def test_the_search_finds_a_planted_canary(
     assert database_leaks() == {"merchant_customer": {"Xandervoltz"}}
 
     cache.set("status:planted", {"address": CONTACT["address"]})  # pickled by the cache
-    process_workflow.apply_async(args=({"workflow-id": "q.cnryx7q9"},))  # base64 in the broker
+    process_workflows.apply_async(args=(["q.cnryx7q9"],))  # base64 in the broker
     found = redis_leaks(redis_db)
     assert {"Wyvernhollow", "Zephyrtonville"} <= set().union(*found.values())
     assert found.get("celery") == {"cnryx7q9"}

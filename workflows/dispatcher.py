@@ -3,11 +3,11 @@
 Design decision 2's outbox. The ack path only writes to PostgreSQL: its single statement inserts
 the workflow and calls pg_notify with the workflow's queue message (ids only), which PostgreSQL
 delivers when, and only if, the transaction commits. The dispatcher LISTENs on that channel and
-publishes whatever arrived together in one batch through the pooled producer. The web process
-no longer publishes on a background thread (18% of its CPU per ack in `make bench`'s profile),
-and a stalled broker costs the ack nothing.
+publishes what arrived together as messages of WORKER_BATCH_SIZE workflow ids each, the unit of
+work of the consumers. The web process never publishes, and a stalled broker costs the ack
+nothing.
 
-Every Celery worker runs one (config/celery.py) and `manage.py workflows_dispatch` runs one on
+Every Celery worker runs one (config/celery.py) and `manage.py dispatch` runs one on
 its own; a session advisory lock makes exactly one of them the leader, so each notification is
 published once. When the leader dies its connection closes, the lock is released, and another
 takes over within LEADER_RETRY_SECONDS; notifications sent meanwhile had no listener, so a new
@@ -15,9 +15,10 @@ leader first publishes every RECEIVED workflow younger than RECONCILE_STALE_AFTE
 ones are the reconciliation sweep's). Duplicates are harmless: consumers claim the row.
 """
 
-import json
 import logging
 import threading
+import time
+import uuid
 from typing import Any
 
 from django.conf import settings
@@ -25,26 +26,24 @@ from django.db import DEFAULT_DB_ALIAS, connections
 
 from config import metrics
 from workflows.models import Status, Workflow
-from workflows.services.workflows import (
-    WORKFLOW_CHANNEL,
-    workflow_message,
-    workflow_messages_publish,
-)
+from workflows.services.workflows import WORKFLOW_CHANNEL, workflows_publish
 
 logger = logging.getLogger(__name__)
 
-# Messages published in one Redis round trip at most.
+# Notifications taken in at most at once.
 BATCH_SIZE = 500
+# After the first notification, how long more arrive before the batch is published: at a few
+# hundred acks a second this fills messages of WORKER_BATCH_SIZE ids instead of sending one per
+# workflow, for at most this much delay.
+LINGER_SECONDS = 0.05
 # How often a follower tries to become the leader.
 LEADER_RETRY_SECONDS = 5.0
 # Longest wait between two attempts, to reconnect to PostgreSQL or to publish a refused batch.
 _BACKOFF_MAX = 30.0
 _LOCK = "workflows.dispatcher"
-_MESSAGE_KEYS = frozenset(workflow_message(workflow=Workflow()))
 
 _CATCH_UP_SQL = (
-    f"SELECT id, request_id, customer_id, patient_id, request_type, updated_at "  # noqa: S608
-    f"FROM {Workflow._meta.db_table} "
+    f"SELECT id, updated_at FROM {Workflow._meta.db_table} "  # noqa: S608
     "WHERE status = %s AND updated_at > now() - make_interval(secs => %s) "
     "AND (updated_at, id) > (%s, %s) ORDER BY updated_at, id LIMIT %s"
 )
@@ -113,20 +112,25 @@ class Dispatcher:
             self._stop.wait(LEADER_RETRY_SECONDS)
         return False
 
-    def _next_batch(self, conn: Any) -> list[dict[str, str]]:
-        """The messages announced so far: waits up to poll_seconds for the first, then takes what
-        has already arrived, up to BATCH_SIZE."""
-        batch: list[dict[str, str]] = []
+    def _next_batch(self, conn: Any) -> list[str]:
+        """The workflow ids announced so far: waits up to poll_seconds for the first, then
+        takes what arrives within LINGER_SECONDS more, up to BATCH_SIZE."""
+        batch: list[str] = []
         timeout = self.poll_seconds
+        until = None
         while len(batch) < BATCH_SIZE:
             before = len(batch)
             for notify in conn.notifies(timeout=timeout, stop_after=BATCH_SIZE - len(batch)):
-                message = _message(notify.payload)
-                if message is not None:
-                    batch.append(message)
-            if len(batch) == before:
+                workflow_id = _workflow_id(notify.payload)
+                if workflow_id is not None:
+                    batch.append(workflow_id)
+            if len(batch) == before and until is None:
                 break
-            timeout = 0  # drain what is already there, without waiting for more
+            if until is None:
+                until = time.monotonic() + LINGER_SECONDS
+            timeout = until - time.monotonic()
+            if timeout <= 0:
+                break
         return batch
 
     def _catch_up(self, conn: Any) -> None:
@@ -145,46 +149,32 @@ class Dispatcher:
             ).fetchall()
             if not rows:
                 break
-            self._publish(
-                [
-                    workflow_message(
-                        workflow=Workflow(
-                            id=id_,
-                            request_id=request_id,
-                            customer_id=customer_id,
-                            patient_id=patient_id,
-                            request_type=request_type,
-                        )
-                    )
-                    for id_, request_id, customer_id, patient_id, request_type, _ in rows
-                ]
-            )
+            self._publish([str(row[0]) for row in rows])
             total += len(rows)
-            after = (rows[-1][5], rows[-1][0])
+            after = (rows[-1][1], rows[-1][0])
         if total:
             logger.info("dispatcher: caught up with %d received workflows", total)
 
-    def _publish(self, batch: list[dict[str, str]]) -> None:
+    def _publish(self, batch: list[str]) -> None:
         """Publish, retrying while the broker refuses: the notifications that arrive meanwhile
         wait in PostgreSQL's queue. Given up only when stopped (the next leader catches up)."""
         backoff = 0.5
         while not self._stop.is_set():
-            if workflow_messages_publish(messages=batch) == len(batch):
-                self.published += len(batch)
-                metrics.dispatcher_published(len(batch))
+            sent = workflows_publish(workflow_ids=batch)
+            self.published += sent
+            metrics.dispatcher_published(sent)
+            batch = batch[sent:]
+            if not batch:
                 return
             self._stop.wait(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX)
 
 
-def _message(payload: str) -> dict[str, str] | None:
-    """The queue message an announcement carries; None (logged) for anything else sent on the
+def _workflow_id(payload: str) -> str | None:
+    """The workflow id an announcement carries; None (logged) for anything else sent on the
     channel, which no code of ours sends."""
     try:
-        message = json.loads(payload)
+        return str(uuid.UUID(payload))
     except ValueError:
-        message = None
-    if not isinstance(message, dict) or set(message) != _MESSAGE_KEYS:
-        logger.warning("dispatcher: ignored a notification that is not a workflow message")
+        logger.warning("dispatcher: ignored a notification that is not a workflow id")
         return None
-    return {key: str(value) for key, value in message.items()}

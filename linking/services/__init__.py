@@ -16,7 +16,13 @@ from linking.services.accept import (
 )
 from linking.services.links import Delinked, LinkNotFound, link_delink, link_history_record
 from linking.services.patients import PatientNotFound, patient_details, patient_read
-from linking.services.process import ProcessOutcome, link_process, retry_backoff
+from linking.services.process import (
+    ProcessOutcome,
+    Retry,
+    link_process,
+    links_process,
+    retry_backoff,
+)
 from linking.services.retention import (
     RotationReport,
     request_data_purge_expired,
@@ -46,6 +52,7 @@ __all__ = [
     "PatientNotFound",
     "ProcessOutcome",
     "RequestInFlight",
+    "Retry",
     "ReviewError",
     "RotationReport",
     "SearchResultReceipt",
@@ -57,6 +64,7 @@ __all__ = [
     "link_process",
     "link_review_resolve",
     "link_search_result",
+    "links_process",
     "patient_details",
     "patient_read",
     "request_data_purge_expired",

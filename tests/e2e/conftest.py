@@ -32,11 +32,11 @@ E2E_SETTINGS = {
     "RETRY_BACKOFF_MAX_SECONDS": "1",
     "WORKFLOW_MAX_ATTEMPTS": "3",
     # The relations of config/setting_rules.py hold: lease >= time limit + longest backoff.
-    "WORKFLOW_CLAIM_LEASE_SECONDS": "5",
+    "WORKFLOW_CLAIM_LEASE_SECONDS": "11",
     "RECONCILE_INTERVAL_SECONDS": "1",
     "RECONCILE_STALE_AFTER_SECONDS": "5",
-    "CELERY_TASK_SOFT_TIME_LIMIT": "3",
-    "CELERY_TASK_TIME_LIMIT": "4",
+    "CELERY_TASK_SOFT_TIME_LIMIT": "5",
+    "CELERY_TASK_TIME_LIMIT": "10",
     "CELERY_VISIBILITY_TIMEOUT": "60",
 }
 

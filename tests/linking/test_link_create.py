@@ -10,7 +10,13 @@ from django.db import transaction
 
 from linking.models import IdempotencyRecord, LinkRequest, MappingStatus, PatientMapping
 from linking.services import link_accept
-from tests.conftest import LinkClient, broker_messages, link_body, wait_broker_messages
+from tests.conftest import (
+    LinkClient,
+    broker_messages,
+    link_body,
+    queued_workflow_ids,
+    wait_broker_messages,
+)
 from workflows.models import Status, Workflow, WorkflowTransition
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -54,16 +60,8 @@ def test_message_carries_ids_only(api: LinkClient, redis_db, dispatcher) -> None
     messages = wait_broker_messages(redis_db, 1)
     assert len(messages) == 1
     message = messages[0]
-    assert message["task"] == "workflows.process_workflow"
-    assert message["args"] == [
-        {
-            "workflow-id": str(workflow.id),
-            "request-id": str(workflow.request_id),
-            "customer-id": str(workflow.customer_id),
-            "patient-id": body["patient"]["id"],
-            "request-type": "LINK",
-        }
-    ]
+    assert message["task"] == "workflows.process_workflows"
+    assert message["args"] == [[str(workflow.id)]]
     assert message["kwargs"] == {}
     for secret in ("Canary", "Zyxwvut", "1977-07-07", "jane@example.org", "555-0100", "Main St"):
         assert secret not in message["raw"]
@@ -83,7 +81,7 @@ def test_message_published_only_after_commit(credentials, redis_db, dispatcher) 
         time.sleep(0.2)
         assert broker_messages(redis_db) == []  # inside the transaction: nothing sent yet
     messages = wait_broker_messages(redis_db, 1)
-    assert [m["args"][0]["workflow-id"] for m in messages] == [accepted.body["workflow-id"]]
+    assert queued_workflow_ids(messages) == [accepted.body["workflow-id"]]
 
 
 def test_rolled_back_request_publishes_nothing(credentials, redis_db, dispatcher) -> None:

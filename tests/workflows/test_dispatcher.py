@@ -22,6 +22,7 @@ from tests.conftest import (
     dispatching,
     every_logger_into,
     link_body,
+    queued_workflow_ids,
     wait_broker_messages,
 )
 from workflows.models import Status, Workflow
@@ -43,7 +44,7 @@ def accept(credentials: CustomerCredentials, key: str) -> str:
 
 
 def published_ids(redis_db: Any) -> list[str]:
-    return [m["args"][0]["workflow-id"] for m in broker_messages(redis_db)]
+    return queued_workflow_ids(broker_messages(redis_db))
 
 
 def unannounced(credentials: CustomerCredentials, *, age: dt.timedelta | None = None) -> Workflow:
@@ -131,13 +132,13 @@ def test_a_burst_is_published_in_few_batches(
     credentials: CustomerCredentials, redis_db: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     batches: list[int] = []
-    publish = dispatcher_module.workflow_messages_publish
+    publish = dispatcher_module.workflows_publish
 
-    def counting(*, messages: list[dict[str, str]]) -> int:
-        batches.append(len(messages))
-        return publish(messages=messages)
+    def counting(*, workflow_ids: list[str]) -> int:
+        batches.append(len(workflow_ids))
+        return publish(workflow_ids=workflow_ids)
 
-    monkeypatch.setattr(dispatcher_module, "workflow_messages_publish", counting)
+    monkeypatch.setattr(dispatcher_module, "workflows_publish", counting)
     with dispatching():
         with transaction.atomic():  # 200 announcements delivered together at the commit
             workflows = [unannounced(credentials) for _ in range(200)]
@@ -149,6 +150,8 @@ def test_a_burst_is_published_in_few_batches(
     assert sorted(published_ids(redis_db)) == sorted(str(w.id) for w in workflows)
     assert sum(batches) == 200
     assert len(batches) <= 5, batches
+    # WORKER_BATCH_SIZE (50) workflows per message.
+    assert len(broker_messages(redis_db)) == 4
 
 
 def test_a_foreign_notification_is_ignored_without_logging_it(
@@ -164,7 +167,7 @@ def test_a_foreign_notification_is_ignored_without_logging_it(
         wait_broker_messages(redis_db, 1)
     assert published_ids(redis_db) == [one]
     text = kept.text()
-    assert "ignored a notification that is not a workflow message" in text
+    assert "ignored a notification that is not a workflow id" in text
     assert "Canary" not in text and "1980" not in text
 
 

@@ -132,9 +132,9 @@ def _reconcile_preview(cutoff: dt.datetime) -> ReconcileReport:
 def _requeue_pending(
     workflows: list[Workflow], *, now: dt.datetime, actor: str, reason: str
 ) -> None:
-    """Touch, count and record a re-dispatch of each; publish them together after commit
-    (caller holds the transaction and the rows' locks). A batch of the sweep costs three
-    statements and one Redis round trip, whatever its size."""
+    """Touch, count and record a re-dispatch of each; publish them after commit, a batch of
+    WORKER_BATCH_SIZE per message (caller holds the transaction and the rows' locks). A batch
+    of the sweep costs three statements, whatever its size."""
     if not workflows:
         return
     Workflow.objects.filter(id__in=[workflow.id for workflow in workflows]).update(
@@ -154,12 +154,9 @@ def _requeue_pending(
         )
         for workflow in workflows
     )
-    transaction.on_commit(lambda: _publish_in_batches(workflows))
-
-
-def _publish_in_batches(workflows: list[Workflow], size: int = 100) -> None:
-    for start in range(0, len(workflows), size):
-        workflows_publish(workflows=workflows[start : start + size])
+    transaction.on_commit(
+        lambda: workflows_publish(workflow_ids=[workflow.id for workflow in workflows])
+    )
 
 
 def workflow_requeue(*, workflow_id: uuid.UUID, actor: str, reason: str = "") -> Workflow:

@@ -1,22 +1,24 @@
 """Webhook deliveries: created with the terminal state, sent after commit, retried by beat."""
 
 import datetime as dt
+import functools
 import json
 import logging
+import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from config import metrics
 from merchant.models import Customer
+from workflows import concurrent, statements
 from workflows.models import (
     DeliveryStatus,
     Status,
@@ -27,9 +29,11 @@ from workflows.webhook_client import WebhookSendError, webhook_post, webhook_sig
 
 logger = logging.getLogger(__name__)
 
-# While one worker is sending, the row is not due for anyone else (a crashed sender's
-# delivery becomes due again after this).
-SENDING_LEASE_SECONDS = 30
+
+def sending_lease_seconds() -> float:
+    """While one worker is sending, the row is not due for anyone else (a crashed sender's
+    delivery becomes due again after this): an attempt's connect and read timeouts, and 30 s."""
+    return 2 * settings.WEBHOOK_TIMEOUT_SECONDS + 30
 
 
 def webhook_event_type(workflow: Workflow) -> str:
@@ -86,53 +90,18 @@ def webhook_event_new(
         updated_at=now,
     )
     if Workflow.customer.is_cached(workflow):
-        # Sent right after the commit by the same task (webhooks_sent_here): no reading back.
+        # Sent right after the commit by the consumer that ended it: no reading back.
         delivery.customer = workflow.customer
     return delivery
 
 
-# Deliveries committed inside `webhooks_sent_here()`, which sends them itself.
-_sent_here: ContextVar[list[WebhookDelivery] | None] = ContextVar(
-    "webhooks_sent_here", default=None
-)
-
-
-@contextmanager
-def webhooks_sent_here() -> Iterator[None]:
-    """Within this block (a worker's task), the webhooks whose rows commit are sent by this very
-    task when the block ends, instead of by a second Celery task: one publish and one task fewer
-    per workflow (`make bench`, README "Performance"). The rows are committed and due either
-    way, so if the task dies first beat's dispatch sends them. Nothing is sent if the block
-    raised: beat does."""
-    sent_here: list[WebhookDelivery] = []
-    token = _sent_here.set(sent_here)
-    try:
-        yield
-    finally:
-        _sent_here.reset(token)
-    for delivery in sent_here:
-        try:
-            webhook_delivery_attempt(delivery_id=delivery.id, delivery=delivery)
-        except Exception as exc:
-            logger.warning(
-                "webhook delivery %s failed in the task (%s); beat will send it",
-                delivery.id,
-                type(exc).__name__,
-            )
-
-
 def webhook_delivery_send_later(*, delivery: WebhookDelivery) -> None:
-    """Ask a worker to send it once the current transaction commits (beat is the fallback), or,
-    inside `webhooks_sent_here()`, leave it to that block."""
-    from workflows.tasks import deliver_webhook
+    """Ask a worker to send it once the current transaction commits (beat is the fallback)."""
+    from workflows.tasks import deliver_webhooks
 
     def enqueue() -> None:
-        sent_here = _sent_here.get()
-        if sent_here is not None:
-            sent_here.append(delivery)
-            return
         try:
-            deliver_webhook.apply_async(args=(delivery.id,))
+            deliver_webhooks.apply_async(args=([delivery.id],))
         except Exception as exc:
             logger.warning(
                 "could not enqueue webhook %s (%s); beat will send it",
@@ -167,66 +136,132 @@ class AttemptOutcome:
     error: str = ""
 
 
-# The conditional claim: of two workers handed the same delivery, only one sends it.
-_CLAIM = """
-UPDATE workflows_webhookdelivery
-   SET next_attempt_at = %(lease)s, attempts = attempts + 1, updated_at = %(now)s
- WHERE id = %(id)s AND status = %(pending)s AND next_attempt_at <= %(now)s
-RETURNING attempts
-"""
+@dataclass
+class Sending:
+    """Attempts under way: each claimed delivery with its HTTP call running (or already
+    decided without one), until webhook_deliveries_settle records them."""
+
+    attempts: list[tuple[WebhookDelivery, "Future[AttemptOutcome] | AttemptOutcome", float]]
 
 
-def webhook_delivery_attempt(
-    *, delivery_id: int, delivery: WebhookDelivery | None = None
-) -> AttemptOutcome | None:
-    """Make one attempt if the delivery is due; None when it is not (sent, or someone else's).
+def webhook_deliveries_start(
+    *, delivery_ids: Sequence[int], known: Sequence[WebhookDelivery] = ()
+) -> Sending:
+    """Claim the due deliveries among these (one statement) and start their HTTP calls
+    together on the batch pool; those not due (sent, or someone else's) are left out.
 
-    `delivery`, with its customer loaded, is the row as its creator just committed it
-    (webhooks_sent_here): it is claimed without being read back. A delivery's payload, URL and
+    `known` are rows as their creator just committed them, with their customer loaded (a
+    consumer's batch): they are claimed without being read back. A delivery's payload, URL and
     webhook-id never change, and the customer is the one read in the ending's transaction."""
+    if not delivery_ids:
+        return Sending([])
     now = timezone.now()
-    lease = now + dt.timedelta(seconds=settings.WEBHOOK_TIMEOUT_SECONDS + SENDING_LEASE_SECONDS)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            _CLAIM,
-            {"lease": lease, "now": now, "id": delivery_id, "pending": DeliveryStatus.PENDING},
+    lease = now + dt.timedelta(seconds=sending_lease_seconds())
+    claimed = dict(
+        statements.execute(
+            statements.DELIVERIES_CLAIM, {"ids": list(delivery_ids), "lease": lease, "now": now}
         )
-        claimed = cursor.fetchone()
-    if claimed is None:
-        return None
-    if delivery is None or not WebhookDelivery.customer.is_cached(delivery):
-        delivery = WebhookDelivery.objects.select_related("customer").get(id=delivery_id)
-    delivery.attempts = claimed[0]
-    customer = delivery.customer
-    if not customer.webhook_enabled:
-        return _settle(delivery, AttemptOutcome(DeliveryStatus.DISABLED, error="endpoint disabled"))
+    )
+    by_id = {d.id: d for d in known if WebhookDelivery.customer.is_cached(d)}
+    missing = [i for i in claimed if i not in by_id]
+    if missing:
+        by_id |= WebhookDelivery.objects.select_related("customer").in_bulk(missing)
+    sending = Sending([])
+    for delivery_id, attempts in claimed.items():
+        delivery = by_id[delivery_id]
+        delivery.attempts = attempts
+        started = time.monotonic()
+        if not delivery.customer.webhook_enabled:
+            outcome = AttemptOutcome(DeliveryStatus.DISABLED, error="endpoint disabled")
+            sending.attempts.append((delivery, outcome, started))
+        else:
+            call = concurrent.submit(functools.partial(_attempt, delivery))
+            sending.attempts.append((delivery, call, started))
+    return sending
 
+
+def _attempt(delivery: WebhookDelivery) -> AttemptOutcome:
+    """One HTTP attempt and what it means for the delivery (runs on the batch pool)."""
+    customer = delivery.customer
     headers = webhook_customer_signature_headers(
         customer=customer, webhook_id=delivery.webhook_id, body=delivery.payload, at=timezone.now()
     )
     try:
         response = webhook_post(url=delivery.url, body=delivery.payload, headers=headers)
     except WebhookSendError as exc:
-        outcome = (
-            AttemptOutcome(DeliveryStatus.EXHAUSTED, error=str(exc))
-            if exc.permanent
-            else _retry_or_exhaust(delivery, error=str(exc))
-        )
-        return _settle(
-            delivery, outcome, latency_ms=int((timezone.now() - now).total_seconds() * 1000)
-        )
-
+        if exc.permanent:
+            return AttemptOutcome(DeliveryStatus.EXHAUSTED, error=str(exc))
+        return _retry_or_exhaust(delivery, error=str(exc))
     code = response.status_code
     if 200 <= code < 300:
-        outcome = AttemptOutcome(DeliveryStatus.DELIVERED, status_code=code)
-    elif code == 410:
-        outcome = AttemptOutcome(DeliveryStatus.DISABLED, status_code=code, error="410 Gone")
-        Customer.objects.filter(id=customer.id).update(webhook_enabled=False)
-        logger.warning("webhook endpoint of customer %s answered 410: disabled", customer.id)
-    else:
-        error = "redirect not followed" if 300 <= code < 400 else f"HTTP {code}"
-        outcome = _retry_or_exhaust(delivery, error=error, status_code=code)
-    return _settle(delivery, outcome, latency_ms=response.latency_ms)
+        return AttemptOutcome(DeliveryStatus.DELIVERED, status_code=code)
+    if code == 410:
+        return AttemptOutcome(DeliveryStatus.DISABLED, status_code=code, error="410 Gone")
+    error = "redirect not followed" if 300 <= code < 400 else f"HTTP {code}"
+    return _retry_or_exhaust(delivery, error=error, status_code=code)
+
+
+def webhook_deliveries_settle(sending: Sending) -> dict[int, AttemptOutcome]:
+    """Wait for the attempts and record them all in one statement (log lines and new states);
+    an endpoint that answered 410 is disabled. Each delivery's outcome, by id."""
+    outcomes: dict[int, AttemptOutcome] = {}
+    params: dict[str, list[Any]] = {
+        name: []
+        for name in (
+            "id",
+            "at",
+            "code",
+            "latency_ms",
+            "error",
+            "status",
+            "next_attempt_at",
+            "delivered_at",
+        )
+    }
+    gone: set[uuid.UUID] = set()
+    for delivery, call, started in sending.attempts:
+        try:
+            outcome = call.result() if isinstance(call, Future) else call
+        except Exception as exc:  # a bug in the attempt: count it, retry on the schedule
+            outcome = _retry_or_exhaust(delivery, error=f"attempt failed ({type(exc).__name__})")
+        latency_ms = int((time.monotonic() - started) * 1000) if isinstance(call, Future) else 0
+        now = timezone.now()
+        next_attempt_at = None
+        if outcome.status == DeliveryStatus.PENDING:
+            wait = settings.WEBHOOK_RETRY_SCHEDULE[delivery.attempts - 1]
+            next_attempt_at = now + dt.timedelta(seconds=wait)
+        if outcome.status_code == 410:
+            gone.add(delivery.customer_id)
+        for name, value in (
+            ("id", delivery.id),
+            ("at", now),
+            ("code", outcome.status_code),
+            ("latency_ms", latency_ms),
+            ("error", outcome.error),
+            ("status", outcome.status),
+            ("next_attempt_at", next_attempt_at),
+            ("delivered_at", now if outcome.status == DeliveryStatus.DELIVERED else None),
+        ):
+            params[name].append(value)
+        outcomes[delivery.id] = outcome
+    if outcomes:
+        statements.execute(statements.DELIVERIES_SETTLE, params)
+    for customer_id in gone:
+        Customer.objects.filter(id=customer_id).update(webhook_enabled=False)
+        logger.warning("webhook endpoint of customer %s answered 410: disabled", customer_id)
+    for outcome in outcomes.values():
+        metrics.webhook_attempt_settled(outcome.status)
+    return outcomes
+
+
+def webhook_deliveries_attempt(*, delivery_ids: Sequence[int]) -> dict[int, AttemptOutcome]:
+    """One attempt at each due delivery among these, sent together; each one's outcome."""
+    return webhook_deliveries_settle(webhook_deliveries_start(delivery_ids=delivery_ids))
+
+
+def webhook_delivery_attempt(*, delivery_id: int) -> AttemptOutcome | None:
+    """Make one attempt if the delivery is due; None when it is not (sent, or someone else's)."""
+    return webhook_deliveries_attempt(delivery_ids=[delivery_id]).get(delivery_id)
 
 
 def _retry_or_exhaust(
@@ -235,46 +270,6 @@ def _retry_or_exhaust(
     if delivery.attempts > len(settings.WEBHOOK_RETRY_SCHEDULE):
         return AttemptOutcome(DeliveryStatus.EXHAUSTED, status_code=status_code, error=error)
     return AttemptOutcome(DeliveryStatus.PENDING, status_code=status_code, error=error)
-
-
-# The attempt's log line and the delivery's new state: one statement, so one transaction.
-_SETTLE = """
-WITH logged AS (
-  INSERT INTO workflows_webhookattempt (delivery_id, at, status_code, latency_ms, error)
-  VALUES (%(id)s, %(now)s, %(code)s, %(latency_ms)s, %(error)s)
-)
-UPDATE workflows_webhookdelivery
-   SET status = %(status)s, next_attempt_at = %(next_attempt_at)s,
-       last_status_code = %(code)s, last_error = %(error)s, updated_at = %(now)s,
-       delivered_at = %(delivered_at)s
- WHERE id = %(id)s
-"""
-
-
-def _settle(
-    delivery: WebhookDelivery, outcome: AttemptOutcome, *, latency_ms: int = 0
-) -> AttemptOutcome:
-    now = timezone.now()
-    next_attempt_at = None
-    if outcome.status == DeliveryStatus.PENDING:
-        wait = settings.WEBHOOK_RETRY_SCHEDULE[delivery.attempts - 1]
-        next_attempt_at = now + dt.timedelta(seconds=wait)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            _SETTLE,
-            {
-                "id": delivery.id,
-                "now": now,
-                "code": outcome.status_code,
-                "latency_ms": latency_ms,
-                "error": outcome.error,
-                "status": outcome.status,
-                "next_attempt_at": next_attempt_at,
-                "delivered_at": now if outcome.status == DeliveryStatus.DELIVERED else None,
-            },
-        )
-    metrics.webhook_attempt_settled(outcome.status)
-    return outcome
 
 
 def webhook_deliveries_due(*, limit: int = 500) -> list[int]:
@@ -289,12 +284,14 @@ def webhook_deliveries_due(*, limit: int = 500) -> list[int]:
 
 
 def webhook_dispatch_due(*, limit: int = 500) -> int:
-    """Enqueue every due delivery (beat). Enqueuing one twice is harmless: sending claims it."""
-    from workflows.tasks import deliver_webhook
+    """Enqueue every due delivery (beat), WORKER_BATCH_SIZE per message. Enqueuing one twice
+    is harmless: sending claims it."""
+    from workflows.tasks import deliver_webhooks
 
     ids = webhook_deliveries_due(limit=limit)
-    for delivery_id in ids:
-        deliver_webhook.apply_async(args=(delivery_id,))
+    size = settings.WORKER_BATCH_SIZE
+    for start in range(0, len(ids), size):
+        deliver_webhooks.apply_async(args=(ids[start : start + size],))
     return len(ids)
 
 

@@ -2,8 +2,6 @@
 
 import contextlib
 import datetime as dt
-import functools
-import json
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
@@ -16,9 +14,16 @@ from django.utils import timezone
 from django_fsm import ConcurrentTransition
 
 from config import metrics
-from config.sql import insert_select, update_guarded
 from merchant.models import Customer
-from workflows.models import RequestType, Status, WebhookDelivery, Workflow, WorkflowTransition
+from workflows import statements
+from workflows.models import (
+    TERMINAL_STATES,
+    RequestType,
+    Status,
+    WebhookDelivery,
+    Workflow,
+    WorkflowTransition,
+)
 from workflows.services.webhooks import webhook_delivery_new, webhook_delivery_send_later
 
 logger = logging.getLogger(__name__)
@@ -89,100 +94,167 @@ class Step:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class WorkflowChange:
+    """One workflow's change for workflows_save: the transitions to apply in order (the state
+    machine checks each), and whether the consumer's claim is dropped with them."""
+
+    workflow: Workflow
+    steps: Sequence[Step] = ()
+    release: bool = False
+
+
+@dataclass
+class Saved:
+    """What workflows_save wrote: the workflows it saved, and each ending's webhook delivery."""
+
+    workflows: list[Workflow]
+    deliveries: list[WebhookDelivery]
+
+
 def workflow_transition(
     *, workflow: Workflow, name: str, actor: str, reason: str = "", **kwargs: Any
 ) -> Workflow:
     """Apply the transition `name`, save it and record it, atomically.
 
-    The save is guarded by the status the row had when loaded (ConcurrentTransitionMixin), so
-    a racing transition raises ConcurrentTransition and this one rolls back.
+    The save is guarded by the status the row had when loaded (as ConcurrentTransitionMixin's
+    own save is), so a racing transition raises ConcurrentTransition and nothing is written.
     """
-    _transitions(workflow=workflow, steps=[Step(name, reason, kwargs)], actor=actor)
+    _save_one(WorkflowChange(workflow, [Step(name, reason, kwargs)]), actor=actor)
     return workflow
 
 
-def _transitions(
-    *, workflow: Workflow, steps: Sequence[Step], actor: str, ending: bool = False
-) -> WebhookDelivery | None:
-    """Apply `steps` in order, then in one statement (so one round trip, and atomic): save the
-    workflow, record every step in its timeline and, for an `ending`, insert the customer's
-    webhook delivery, tied to the last step, which is returned.
+def _save_one(change: WorkflowChange, *, actor: str) -> WebhookDelivery | None:
+    loaded = change.workflow.status
+    saved = workflows_save(changes=[change], actor=actor)
+    if not saved.workflows:
+        raise ConcurrentTransition(f"workflow {change.workflow.id} is no longer {loaded}")
+    return saved.deliveries[0] if saved.deliveries else None
 
-    The save is guarded by the status the row had when loaded (as ConcurrentTransitionMixin's
-    own save is): a racing transition makes it raise ConcurrentTransition, having written
-    nothing, and the caller's transaction rolls back."""
-    loaded = workflow.status
-    # The state machine's own checks first: a refused transition raises before anything is
-    # written.
+
+def workflows_save(*, changes: Sequence[WorkflowChange], actor: str) -> Saved:
+    """Apply each change's steps and save them all in one statement (one round trip, atomic):
+    every workflow, each one's timeline lines in order and, for those that end (COMPLETED or
+    FAILED), the customer's webhook delivery, tied to the terminal line.
+
+    The state machine's own checks run first: a refused transition raises before anything is
+    written. Each save is guarded by the status its row had when loaded: a workflow a racing
+    transition moved meanwhile is left out (with its lines and delivery), not an error; the
+    caller learns which were saved. Call inside the caller's transaction when the rows must
+    commit with others (the linking records of an ending)."""
     now = timezone.now()
-    timeline = []
-    for step in steps:
-        source = workflow.status
-        getattr(workflow, step.name)(reason=step.reason, **step.kwargs)
-        timeline.append(
-            WorkflowTransition(
-                workflow=workflow,
-                source=source,
-                target=workflow.status,
-                actor=actor,
-                reason=step.reason,
-                at=now,
-            )
-        )
-    workflow.updated_at = now
-    saved_sql, params = update_guarded(workflow, name="workflow", guard={"status": loaded})
-    sql = f"WITH saved AS ({saved_sql} RETURNING 1)"
-    # Each line is inserted from the one before: in order, so the timeline's (at, id) order is
-    # the steps' order, and only if the save happened.
-    previous = "saved"
-    for index, line in enumerate(timeline):
-        line_sql, line_params = insert_select(line, name=f"line{index}")
-        sql += f", line{index} AS ({line_sql} FROM {previous} RETURNING id)"
-        params |= line_params
-        previous = f"line{index}"
-    delivery = None
-    if ending:
-        delivery = webhook_delivery_new(workflow=workflow)
-        delivery_sql, delivery_params = insert_select(
-            delivery, name="delivery", computed={"transition_id": f"{previous}.id"}
-        )
-        sql += f", delivery AS ({delivery_sql} FROM {previous} RETURNING id)"
-        params |= delivery_params
-        previous = "delivery"
-    sql += f" SELECT id FROM {previous}"  # noqa: S608 -- CTE names of this function
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        row = cursor.fetchone()
-    if row is None:
-        raise ConcurrentTransition(f"workflow {workflow.id} is no longer {loaded}")
-    # What ConcurrentTransitionMixin.save does after saving: later saves are guarded on the new
-    # status.
-    workflow._update_initial_state()
-    if delivery is not None:
-        delivery.id = row[0]
-        delivery._state.adding = False  # as save() leaves it: the row exists
-    return delivery
+    rows: dict[str, list[Any]] = {name: [] for name in _SAVE_COLUMNS}
+    lines: dict[str, list[Any]] = {name: [] for name in _LINE_COLUMNS}
+    deliveries: dict[str, list[Any]] = {name: [] for name in _DELIVERY_COLUMNS}
+    pending: dict[uuid.UUID, WebhookDelivery] = {}
+    by_id: dict[uuid.UUID, Workflow] = {}
+    for change in changes:
+        workflow = change.workflow
+        loaded = workflow.status
+        for step in change.steps:
+            source = workflow.status
+            getattr(workflow, step.name)(reason=step.reason, **step.kwargs)
+            for name, value in zip(
+                _LINE_COLUMNS,
+                (workflow.id, source, workflow.status, step.reason, actor, now),
+                strict=True,
+            ):
+                lines[name].append(value)
+        if change.release:
+            workflow.claim_id = None
+            workflow.claimed_until = None
+        workflow.updated_at = now
+        by_id[workflow.id] = workflow
+        for name, value in zip(
+            _SAVE_COLUMNS,
+            (
+                workflow.id,
+                loaded,
+                workflow.status,
+                workflow.result,
+                workflow.reason,
+                workflow.search_id,
+                workflow.attempts,
+                workflow.requeues,
+                workflow.claim_id,
+                workflow.claimed_until,
+                now,
+            ),
+            strict=True,
+        ):
+            rows[name].append(value)
+        if change.steps and workflow.status in TERMINAL_STATES:
+            delivery = webhook_delivery_new(workflow=workflow)
+            pending[workflow.id] = delivery
+            for name, value in zip(
+                _DELIVERY_COLUMNS,
+                (
+                    workflow.id,
+                    workflow.status,
+                    delivery.webhook_id,
+                    delivery.customer_id,
+                    delivery.event_type,
+                    delivery.url,
+                    delivery.payload,
+                    delivery.created_at,
+                ),
+                strict=True,
+            ):
+                deliveries[name].append(value)
+    if not changes:
+        return Saved([], [])
+    params = rows | {f"line_{k}": v for k, v in lines.items()}
+    params |= {f"delivery_{k}": v for k, v in deliveries.items()}
+    saved = Saved([], [])
+    for kind, workflow_id, delivery_id in statements.execute(statements.SAVE, params):
+        if kind == "w":
+            workflow = by_id[workflow_id]
+            # What ConcurrentTransitionMixin.save does after saving: later saves are guarded
+            # on the new status.
+            workflow._update_initial_state()
+            saved.workflows.append(workflow)
+        else:
+            delivery = pending[workflow_id]
+            delivery.id = delivery_id
+            delivery._state.adding = False  # as save() leaves it: the row exists
+            saved.deliveries.append(delivery)
+    return saved
 
 
-def workflow_message(*, workflow: Workflow) -> dict[str, str]:
-    """The queue message of seed section 3.3: ids only, never demographics."""
-    return {
-        "workflow-id": str(workflow.id),
-        "request-id": str(workflow.request_id),
-        "customer-id": str(workflow.customer_id),
-        "patient-id": str(workflow.patient_id),
-        "request-type": workflow.request_type,
-    }
+_SAVE_COLUMNS = (
+    "id",
+    "loaded",
+    "status",
+    "result",
+    "reason",
+    "search_id",
+    "attempts",
+    "requeues",
+    "claim_id",
+    "claimed_until",
+    "updated_at",
+)
+_LINE_COLUMNS = ("workflow", "source", "target", "reason", "actor", "at")
+_DELIVERY_COLUMNS = (
+    "workflow",
+    "target",
+    "webhook_id",
+    "customer",
+    "event",
+    "url",
+    "payload",
+    "at",
+)
 
 
-# Where an accepted workflow is announced to the dispatcher (workflows/dispatcher.py).
+# Where an accepted workflow is announced to the dispatcher (workflows/dispatcher.py): the
+# notification's payload is the workflow's id, nothing else.
 WORKFLOW_CHANNEL = "workflows_received"
 
 
 def workflow_announcement(*, workflow: Workflow) -> list[str]:
-    """pg_notify's arguments for this workflow: the channel, and the queue message as JSON
-    (ids only, ~250 bytes of PostgreSQL's 8,000)."""
-    return [WORKFLOW_CHANNEL, json.dumps(workflow_message(workflow=workflow))]
+    """pg_notify's arguments for this workflow: the channel, and the workflow id."""
+    return [WORKFLOW_CHANNEL, str(workflow.id)]
 
 
 def workflow_announce(*, workflow: Workflow) -> None:
@@ -203,110 +275,78 @@ def workflow_publish(*, workflow: Workflow) -> bool:
     A failure is logged and swallowed: the workflow row is committed, and the reconciliation
     sweep re-publishes every pending workflow that nobody picked up.
     """
-    return workflows_publish(workflows=[workflow]) == 1
+    return workflows_publish(workflow_ids=[workflow.id]) == 1
 
 
-def workflows_publish(*, workflows: list[Workflow]) -> int:
-    """Send these workflows' messages in one batch (one Redis round trip); how many were sent."""
-    return workflow_messages_publish(
-        messages=[workflow_message(workflow=workflow) for workflow in workflows]
-    )
+def workflows_publish(*, workflow_ids: Sequence[uuid.UUID | str]) -> int:
+    """Send these workflows to the queue, WORKER_BATCH_SIZE ids per message (each message is
+    one task, `workflows.process_workflows`); how many ids the broker took.
 
+    Messages carry ids only, never demographics. A failure is logged and swallowed, and its
+    batch counts as none sent: a duplicate message is harmless (consumers claim the rows), and
+    the sweep re-queues whatever was lost."""
+    from workflows.tasks import process_workflows
 
-def workflow_messages_publish(*, messages: list[dict[str, str]]) -> int:
-    """Send these queue messages (workflow_message's) in one batch; how many were sent.
-
-    A failure is logged and swallowed, as in workflow_publish, and counts as none sent: part of
-    the batch may have reached the broker, and a duplicate message is harmless (consumers claim
-    the workflow row), while the sweep re-queues whatever was lost.
-
-    The messages are Celery's own (protocol 2, built by `app.amqp.as_task_v2`, what
-    `apply_async` sends) but published straight through the pooled kombu producer: apply_async's
-    per-message routing, option merging and queue declaration were 70% of a 1,000-row sweep and
-    most of the web's former publishing thread in `make bench`'s profiles. The queue is
-    declared once per batch instead.
-    """
-    from kombu.common import maybe_declare
-
-    from workflows.tasks import process_workflow
-
-    app = process_workflow.app
+    ids = [str(workflow_id) for workflow_id in workflow_ids]
+    size = settings.WORKER_BATCH_SIZE
+    sent = 0
     try:
-        with app.producer_or_acquire() as producer:
-            target = _publish_target(app)
-            maybe_declare(target.queue, producer.channel, retry=True, **target.retry_policy)
-            with producer.batch():
-                for body in messages:
-                    task_id = str(uuid.uuid4())
-                    message = app.amqp.as_task_v2(
-                        task_id,
-                        process_workflow.name,
-                        args=(body,),
-                        kwargs={},
-                        # The id says it all; Celery would format the arguments with saferepr.
-                        argsrepr=f"(workflow {body['workflow-id']})",
-                        kwargsrepr="{}",
-                        ignore_result=True,
-                        origin=target.origin,
-                    )
-                    producer.publish(
-                        message.body,
-                        exchange="",  # the default exchange, as apply_async does for direct
-                        routing_key=target.queue.name,
-                        serializer=target.serializer,
-                        delivery_mode=target.delivery_mode,
-                        headers=message.headers,
-                        retry=True,
-                        retry_policy=target.retry_policy,
-                        **message.properties,
-                    )
+        with process_workflows.app.producer_or_acquire() as producer:
+            for start in range(0, len(ids), size):
+                batch = ids[start : start + size]
+                process_workflows.apply_async(args=(batch,), producer=producer)
+                sent += len(batch)
     except Exception as exc:
         logger.warning(
             "publish failed for workflow %s%s (%s)",
-            messages[0]["workflow-id"] if messages else None,
-            f" and {len(messages) - 1} others" if len(messages) > 1 else "",
+            ids[sent] if sent < len(ids) else None,
+            f" and {len(ids) - sent - 1} others" if len(ids) - sent > 1 else "",
             type(exc).__name__,
         )
-        return 0
-    return len(messages)
+    return sent
 
 
-@dataclass(frozen=True)
-class _PublishTarget:
-    queue: Any  # kombu.Queue
-    serializer: str
-    delivery_mode: Any
-    retry_policy: dict[str, Any]
-    origin: str
+def workflow_claim(
+    *, workflow_id: uuid.UUID | str, claim_id: uuid.UUID | None = None, actor: str
+) -> Workflow | None:
+    """workflows_claim for one workflow: the workflow claimed, or None."""
+    claims = {uuid.UUID(str(workflow_id)): claim_id} if claim_id else {}
+    claimed = workflows_claim(workflow_ids=[workflow_id], claims=claims, actor=actor)
+    return claimed[0] if claimed else None
 
 
-@functools.cache
-def _publish_target(app: Any) -> _PublishTarget:
-    """What apply_async would work out for every message of process_workflow, once per process:
-    the default queue (CELERY_TASK_DEFAULT_QUEUE), its delivery mode, the serializer, the
-    bounded publish retries (CELERY_TASK_PUBLISH_RETRY_POLICY) and the sender's node name."""
-    from celery.utils.nodenames import anon_nodename
+def workflows_claim(
+    *,
+    workflow_ids: Sequence[uuid.UUID | str],
+    claims: Mapping[uuid.UUID, uuid.UUID] | None = None,
+    actor: str,
+) -> list[Workflow]:
+    """Claim these workflows for one consumer in one statement, counting an attempt on each;
+    the ones claimed (each id once).
 
-    conf = app.conf
-    queue = app.amqp.queues[conf.task_default_queue]
-    return _PublishTarget(
-        queue=queue,
-        serializer=conf.task_serializer,
-        delivery_mode=queue.exchange.delivery_mode or conf.task_default_delivery_mode,
-        retry_policy=dict(conf.task_publish_retry_policy or {}),
-        origin=anon_nodename(),
-    )
-
-
-# States a consumer may pick up: RECEIVED to start, REQUESTED to poll an asynchronous search
-# that sent no callback, the others to resume after a crash. Never REVIEW: that is a person's.
-CLAIMABLE_STATES = (
-    Status.RECEIVED,
-    Status.IN_PROGRESS,
-    Status.REQUESTED,
-    Status.LINKED,
-    Status.NO_RESULTS,
-)
+    Left out: unknown, terminal, waiting for a person (REVIEW), locked by another transaction
+    right now, or claimed by another consumer whose claim has not expired. `claims` renews our
+    own earlier claims (a retry of the same work). The claim is committed before any work, so
+    a worker that dies mid-task still used up an attempt. A RECEIVED workflow is started
+    (IN_PROGRESS) by the claim.
+    """
+    now = timezone.now()
+    renew = dict(claims or {})
+    params = {
+        "ids": [str(workflow_id) for workflow_id in workflow_ids],
+        "renew_ids": [str(workflow_id) for workflow_id in renew],
+        "renew_claims": [str(claim) for claim in renew.values()],
+        "claimable": [str(state) for state in statements.CLAIMABLE_STATES],
+        "now": now,
+        "until": now + dt.timedelta(seconds=settings.WORKFLOW_CLAIM_LEASE_SECONDS),
+        "source": _START_SOURCE,
+        "target": _START_TARGET,
+        "actor": actor,
+    }
+    # A savepoint only inside an outer transaction (tests, the admin); otherwise the statement
+    # is its own transaction.
+    with transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext():
+        return list(Workflow.objects.raw(statements.CLAIM, params))
 
 
 def _started_by(name: str) -> tuple[str, str]:
@@ -318,61 +358,6 @@ def _started_by(name: str) -> tuple[str, str]:
 
 # The claim's own transition: RECEIVED -> IN_PROGRESS (Workflow.start).
 _START_SOURCE, _START_TARGET = _started_by("start")
-_WORKFLOW_COLUMNS = ", ".join(f"w.{f.column}" for f in Workflow._meta.concrete_fields)
-_CLAIMABLE_SQL = ", ".join(f"'{state}'" for state in CLAIMABLE_STATES)  # constants of the code
-# One statement (so one round trip, and its own transaction): lock the row if it is free for
-# this consumer, take the claim, count the attempt, start a RECEIVED workflow and record it.
-# The lock is taken before the conditions are final: a row a concurrent consumer has just
-# claimed is read again once it commits, and then skipped.
-_CLAIM = f"""
-WITH target AS (
-  SELECT id, status FROM workflows_workflow
-   WHERE id = %(id)s AND status IN ({_CLAIMABLE_SQL})
-     AND (claimed_until IS NULL OR claimed_until <= %(now)s OR claim_id = %(renew)s)
-   FOR UPDATE
-), claimed AS (
-  UPDATE workflows_workflow AS w
-     SET claim_id = %(claim)s, claimed_until = %(until)s, attempts = w.attempts + 1,
-         status = CASE WHEN target.status = %(source)s THEN %(target)s ELSE target.status END,
-         updated_at = %(now)s
-    FROM target
-   WHERE w.id = target.id
-  RETURNING {_WORKFLOW_COLUMNS}, target.status AS claimed_from
-), started AS (
-  INSERT INTO workflows_workflowtransition (workflow_id, source, target, reason, actor, at)
-  SELECT id, %(source)s, %(target)s, '', %(actor)s, %(now)s FROM claimed
-   WHERE claimed_from = %(source)s
-)
-SELECT * FROM claimed
-"""  # noqa: S608 -- built from model metadata and constants; every value is a parameter
-
-
-def workflow_claim(
-    *, workflow_id: uuid.UUID | str, claim_id: uuid.UUID | None = None, actor: str
-) -> Workflow | None:
-    """Claim a workflow for one consumer, counting the attempt; None if there is nothing to do.
-
-    Nothing to do: unknown, terminal, waiting for an operator (REVIEW), or claimed by another
-    consumer whose claim has not expired. `claim_id` renews our own claim (a Celery
-    retry of the same work). The claim is committed before any work, so a worker that dies
-    mid-task still used up an attempt. A RECEIVED workflow is started (IN_PROGRESS) by the claim.
-    """
-    now = timezone.now()
-    params = {
-        "id": workflow_id,
-        "now": now,
-        "renew": claim_id,
-        "claim": claim_id or uuid.uuid4(),
-        "until": now + dt.timedelta(seconds=settings.WORKFLOW_CLAIM_LEASE_SECONDS),
-        "source": _START_SOURCE,
-        "target": _START_TARGET,
-        "actor": actor,
-    }
-    # A savepoint only inside an outer transaction (tests, the admin); otherwise the statement
-    # is its own transaction.
-    with transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext():
-        claimed = list(Workflow.objects.raw(_CLAIM, params))
-    return claimed[0] if claimed else None
 
 
 def workflow_release(*, workflow: Workflow) -> None:
@@ -392,13 +377,13 @@ def workflow_finish(
 ) -> Workflow:
     """Move to a terminal state and queue the customer's webhook, in one transaction.
 
-    `name` is "complete" or "fail"; `first` the transitions that lead there (a worker's
+    `name` is "complete" or "fail"; `first` the transitions that lead there (an operator's
     decision), saved with it. The delivery row commits with the terminal state, so the
-    customer is told even if every process dies right after.
+    customer is told even if every process dies right after; a worker sends it after the
+    commit. (A consumer's batch ends its workflows with workflows_save and sends their
+    webhooks itself.)
     """
-    delivery = _transitions(
-        workflow=workflow, steps=[*first, Step(name, reason)], actor=actor, ending=True
-    )
+    delivery = _save_one(WorkflowChange(workflow, [*first, Step(name, reason)]), actor=actor)
     assert delivery is not None
     webhook_delivery_send_later(delivery=delivery)
     metrics.workflow_ended(status=workflow.status, created_at=workflow.created_at)

@@ -1,0 +1,149 @@
+"""The workflows app's hot-path SQL, each statement written out in full.
+
+A batch of workflows is one statement per step whatever its size: every row's values travel as
+parallel arrays (`unnest`), so the text of each statement is fixed and visible here, and
+psycopg sends one round trip for the whole batch. The services build the arrays; the state
+machine (workflows.models.Workflow) decides every value first.
+"""
+
+from typing import Any
+
+from django.db import connection
+
+from workflows.models import Status
+
+# States a consumer may pick up: RECEIVED to start, REQUESTED to poll an asynchronous search
+# that sent no callback, the others to resume after a crash. Never REVIEW: that is a person's.
+CLAIMABLE_STATES = (
+    Status.RECEIVED,
+    Status.IN_PROGRESS,
+    Status.REQUESTED,
+    Status.LINKED,
+    Status.NO_RESULTS,
+)
+
+# Claim a batch in one statement (so one round trip, and its own transaction): of the named
+# workflows, lock those free for this consumer (rows another transaction holds are skipped, not
+# waited for: a concurrent consumer or the sweep has them), take the claim, count the attempt,
+# start the RECEIVED ones and record that. A duplicate id in the batch is one row.
+# `renew` pairs ids with our own earlier claim (a retry of the same work).
+CLAIM = """
+WITH renew AS (
+  SELECT * FROM unnest(%(renew_ids)s::uuid[], %(renew_claims)s::uuid[]) AS r(id, claim_id)
+), target AS (
+  SELECT w.id, w.status FROM workflows_workflow w
+   WHERE w.id = ANY(%(ids)s::uuid[])
+     AND w.status = ANY(%(claimable)s::text[])
+     AND (w.claimed_until IS NULL OR w.claimed_until <= %(now)s
+          OR w.claim_id IN (SELECT r.claim_id FROM renew r WHERE r.id = w.id))
+   FOR UPDATE SKIP LOCKED
+), claimed AS (
+  UPDATE workflows_workflow AS w
+     SET claim_id = coalesce((SELECT r.claim_id FROM renew r WHERE r.id = w.id),
+                             gen_random_uuid()),
+         claimed_until = %(until)s, attempts = w.attempts + 1,
+         status = CASE WHEN target.status = %(source)s THEN %(target)s ELSE target.status END,
+         updated_at = %(now)s
+    FROM target
+   WHERE w.id = target.id
+  RETURNING w.*, target.status AS claimed_from
+), started AS (
+  INSERT INTO workflows_workflowtransition (workflow_id, source, target, reason, actor, at)
+  SELECT id, %(source)s, %(target)s, '', %(actor)s, %(now)s FROM claimed
+   WHERE claimed_from = %(source)s
+)
+SELECT * FROM claimed
+"""
+
+# The rows of a batch as they are now, locked for the ending's transaction (in id order, so
+# two transactions locking overlapping batches cannot deadlock).
+LOCK = """
+SELECT id, status, claim_id FROM workflows_workflow
+ WHERE id = ANY(%(ids)s::uuid[]) ORDER BY id FOR UPDATE
+"""
+
+# Save a batch of workflows as the state machine left them, each only while it still has the
+# status it was loaded with (ConcurrentTransitionMixin's guard); record each one's timeline
+# lines in their order; insert the webhook delivery of each ending, tied to its terminal line.
+# Returns ('w', workflow id, NULL) per saved workflow and ('d', workflow id, delivery id).
+SAVE = """
+WITH v AS (
+  SELECT * FROM unnest(
+    %(id)s::uuid[], %(loaded)s::text[], %(status)s::text[], %(result)s::text[],
+    %(reason)s::text[], %(search_id)s::text[], %(attempts)s::int[], %(requeues)s::int[],
+    %(claim_id)s::uuid[], %(claimed_until)s::timestamptz[], %(updated_at)s::timestamptz[]
+  ) AS v(id, loaded, status, result, reason, search_id, attempts, requeues, claim_id,
+         claimed_until, updated_at)
+), saved AS (
+  UPDATE workflows_workflow AS w
+     SET status = v.status, result = v.result, reason = v.reason, search_id = v.search_id,
+         attempts = v.attempts, requeues = v.requeues, claim_id = v.claim_id,
+         claimed_until = v.claimed_until, updated_at = v.updated_at
+    FROM v
+   WHERE w.id = v.id AND w.status = v.loaded
+  RETURNING w.id
+), lines AS (
+  INSERT INTO workflows_workflowtransition (workflow_id, source, target, reason, actor, at)
+  SELECT l.workflow_id, l.source, l.target, l.reason, l.actor, l.at
+    FROM unnest(
+      %(line_workflow)s::uuid[], %(line_source)s::text[], %(line_target)s::text[],
+      %(line_reason)s::text[], %(line_actor)s::text[], %(line_at)s::timestamptz[]
+    ) WITH ORDINALITY AS l(workflow_id, source, target, reason, actor, at, n)
+    JOIN saved ON saved.id = l.workflow_id
+   ORDER BY l.n
+  RETURNING id, workflow_id, target
+), deliveries AS (
+  INSERT INTO workflows_webhookdelivery (
+    webhook_id, workflow_id, transition_id, customer_id, event_type, url, payload, status,
+    attempts, next_attempt_at, last_status_code, last_error, created_at, updated_at,
+    delivered_at)
+  SELECT d.webhook_id, d.workflow_id, lines.id, d.customer_id, d.event_type, d.url, d.payload,
+         'PENDING', 0, d.at, NULL, '', d.at, d.at, NULL
+    FROM unnest(
+      %(delivery_workflow)s::uuid[], %(delivery_target)s::text[], %(delivery_webhook_id)s::text[],
+      %(delivery_customer)s::uuid[], %(delivery_event)s::text[], %(delivery_url)s::text[],
+      %(delivery_payload)s::text[], %(delivery_at)s::timestamptz[]
+    ) AS d(workflow_id, target, webhook_id, customer_id, event_type, url, payload, at)
+    JOIN lines ON lines.workflow_id = d.workflow_id AND lines.target = d.target
+  RETURNING id, workflow_id
+)
+SELECT 'w', id, NULL FROM saved
+UNION ALL
+SELECT 'd', workflow_id, id FROM deliveries
+"""
+
+# Take the due deliveries among these for one sending attempt each: of two workers handed the
+# same delivery, only one gets it. Not due for anyone else until the lease ends (a crashed
+# sender's delivery is due again then).
+DELIVERIES_CLAIM = """
+UPDATE workflows_webhookdelivery
+   SET next_attempt_at = %(lease)s, attempts = attempts + 1, updated_at = %(now)s
+ WHERE id = ANY(%(ids)s::bigint[]) AND status = 'PENDING' AND next_attempt_at <= %(now)s
+RETURNING id, attempts
+"""
+
+# Each attempt's log line and its delivery's new state, for a batch of attempts.
+DELIVERIES_SETTLE = """
+WITH v AS (
+  SELECT * FROM unnest(
+    %(id)s::bigint[], %(at)s::timestamptz[], %(code)s::int[], %(latency_ms)s::int[],
+    %(error)s::text[], %(status)s::text[], %(next_attempt_at)s::timestamptz[],
+    %(delivered_at)s::timestamptz[]
+  ) AS v(id, at, code, latency_ms, error, status, next_attempt_at, delivered_at)
+), logged AS (
+  INSERT INTO workflows_webhookattempt (delivery_id, at, status_code, latency_ms, error)
+  SELECT id, at, code, latency_ms, error FROM v
+)
+UPDATE workflows_webhookdelivery AS d
+   SET status = v.status, next_attempt_at = v.next_attempt_at, last_status_code = v.code,
+       last_error = v.error, updated_at = v.at, delivered_at = v.delivered_at
+  FROM v
+ WHERE d.id = v.id
+"""
+
+
+def execute(sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """Run one statement on Django's connection; its rows (none for a statement without)."""
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return list(cursor.fetchall()) if cursor.description else []
