@@ -43,13 +43,13 @@ def main() -> int:
         verdicts.append(verdict)
 
     header = (
-        f"{'scenario':<28} {'workflows':>9} {'lost':>5} {'dup':>5} {'unexp':>6}"
+        f"{'scenario':<36} {'workflows':>9} {'lost':>5} {'dup':>5} {'unexp':>6}"
         f" {'max t (s)':>9}  verdict"
     )
     print("\n" + header + "\n" + "-" * len(header))
     for v in verdicts:
         print(
-            f"{v.scenario:<28} {v.workflows:>9} {v.lost:>5} {v.duplicated:>5} {v.unexpected:>6}"
+            f"{v.scenario:<36} {v.workflows:>9} {v.lost:>5} {v.duplicated:>5} {v.unexpected:>6}"
             f" {v.max_time_to_terminal:>9.1f}  {'PASS' if v.ok else 'FAIL'}"
         )
     if args.json:

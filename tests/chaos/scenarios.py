@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import signal
 import subprocess
 import threading
@@ -13,6 +14,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from itertools import pairwise
 
 import redis
@@ -29,6 +31,7 @@ from tests.chaos.checks import (
 )
 from tests.chaos.load import Posted, link_body, post_link, post_many
 from tests.chaos.stack import FAST_SETTINGS, Stack
+from tests.processes import BIN, wait_for_text
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,10 @@ def _children(pid: int) -> list[int]:
     return [int(line) for line in out.split()]
 
 
+def _label(number: int, name: str, broker: str) -> str:
+    return f"{number} {name}" + (" (RabbitMQ)" if broker == "rabbitmq" else "")
+
+
 def _in_background(target: Callable[[], object]) -> threading.Thread:
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
@@ -55,10 +62,17 @@ def _in_background(target: Callable[[], object]) -> threading.Thread:
 
 
 # 1 -------------------------------------------------------------------------------------------
-def kill_worker_children(quick: bool) -> Verdict:
+def kill_worker_children(quick: bool, broker: str = "redis", number: int = 1) -> Verdict:
     """SIGKILL prefork worker children again and again while workflows are processed."""
     count, kills_wanted = (60, 8) if quick else (300, 40)
-    with Stack("s1", worker_pool="prefork", worker_concurrency=3, standin_latency_ms=40) as stack:
+    stack = Stack(
+        f"s1{broker}",
+        worker_pool="prefork",
+        worker_concurrency=3,
+        standin_latency_ms=40,
+        broker=broker,
+    )
+    with stack:
         kills = 0
         done = threading.Event()
 
@@ -84,7 +98,7 @@ def kill_worker_children(quick: bool) -> Verdict:
         thread.join(120)
         verdict = check(
             stack,
-            "1 kill worker children",
+            _label(number, "kill worker children", broker),
             posted,
             deadline_seconds=120,
             allow_webhook_duplicates=True,
@@ -96,9 +110,9 @@ def kill_worker_children(quick: bool) -> Verdict:
 
 
 # 2 -------------------------------------------------------------------------------------------
-def kill_whole_worker(quick: bool) -> Verdict:
+def kill_whole_worker(quick: bool, broker: str = "redis", number: int = 2) -> Verdict:
     count = 60 if quick else 300
-    with Stack("s2", standin_latency_ms=40) as stack:
+    with Stack(f"s2{broker}", standin_latency_ms=40, broker=broker) as stack:
 
         def chaos() -> None:
             time.sleep(1.5)
@@ -113,7 +127,7 @@ def kill_whole_worker(quick: bool) -> Verdict:
         thread.join(60)
         return check(
             stack,
-            "2 kill whole worker",
+            _label(number, "kill whole worker", broker),
             posted,
             deadline_seconds=120,
             allow_webhook_duplicates=True,
@@ -310,23 +324,32 @@ def same_key_storm(quick: bool) -> Verdict:
 
 
 # 8 -------------------------------------------------------------------------------------------
-def duplicate_messages(quick: bool) -> Verdict:
+def duplicate_messages(quick: bool, broker: str = "redis", number: int = 8) -> Verdict:
     """Every task message in the queue 2-3 times: one mapping, one end, one webhook each."""
     count = 40 if quick else 300
-    with Stack("s8") as stack:
+    with Stack(f"s8{broker}", broker=broker) as stack:
         for index in range(stack.celery_workers):
             stack.kill(f"worker{index}", signal.SIGTERM)
-        posted = post_many(stack, count, concurrency=8)
-        client = redis.Redis(port=stack.redis_port)
-        messages = client.lrange("celery", 0, -1)
+        stack.kill("beat", signal.SIGTERM)  # only the workflows' messages in the queue
+        # No consumer, and a dispatcher of its own publishes: the messages wait in the queue.
+        dispatch = stack.spawn("dispatch", [str(BIN / "python"), "manage.py", "dispatch"])
+        wait_for_text(dispatch.log, "dispatcher leading", timeout=30)
+        posted = []
+        for _ in range(4):  # in groups, so that they are several messages
+            posted += post_many(stack, count // 4, concurrency=4)
+            time.sleep(0.3)
+        ids = accepted_ids(posted)
+        _queue_settled(stack)
+        stack.kill("dispatch", signal.SIGTERM)
+        published = re.findall(r"after publishing (\d+)", dispatch.log.read_text())
         rng = random.Random(8)
-        for message in messages:
-            for _ in range(rng.choice((1, 2))):
-                client.lpush("celery", message)
-        copies = client.llen("celery")
+        messages, copies = stack.duplicate_queued(lambda: rng.choice((1, 2)))
         for index in range(stack.celery_workers):
             stack.start_worker(index)
-        verdict = check(stack, "8 duplicated messages", posted, deadline_seconds=120)
+        stack.start_beat()
+        verdict = check(
+            stack, _label(number, "duplicated messages", broker), posted, deadline_seconds=120
+        )
         with stack.db() as conn:
             (mappings,) = conn.execute(
                 "SELECT count(*) - count(DISTINCT workflow_id) FROM linking_patientmapping"
@@ -335,8 +358,25 @@ def duplicate_messages(quick: bool) -> Verdict:
                 "SELECT count(*) - count(DISTINCT workflow_id) FROM workflows_webhookdelivery"
             ).fetchone() or (0,)
         verdict.duplicated += mappings + deliveries
-        verdict.note(f"{len(messages)} messages queued as {copies}")
+        # The scenario must have had every workflow's message in the queue, to duplicate.
+        if messages < 2 or published != [str(len(ids))]:
+            verdict.unexpected += 1
+        verdict.note(
+            f"{messages} messages ({published} of {len(ids)} workflows) queued as {copies}"
+        )
         return verdict
+
+
+def _queue_settled(stack: Stack, *, quiet: float = 1.0, timeout: float = 30) -> None:
+    """Wait until the queue holds messages and its length has not changed for `quiet` s."""
+    last, since, deadline = -1, time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = stack.queued()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif now and time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.1)
 
 
 # 9 -------------------------------------------------------------------------------------------
@@ -445,6 +485,110 @@ def flaky_internal_system(quick: bool) -> Verdict:
         return verdict
 
 
+# 12 ------------------------------------------------------------------------------------------
+# Issue 17's reproduction: short windows (a sweep every 2 s, stale after 5 s, 3 attempts), a
+# lease the setting checks accept (time limit 12 + longest backoff 2), searches of 2.5 s.
+MID_SEARCH_SETTINGS = {
+    "RECONCILE_INTERVAL_SECONDS": "2",
+    "RECONCILE_STALE_AFTER_SECONDS": "5",
+    "WORKFLOW_MAX_ATTEMPTS": "3",
+    "WORKFLOW_CLAIM_LEASE_SECONDS": "14",
+    "INTERNAL_SEARCH_READ_TIMEOUT": "4",
+}
+
+
+def kill_worker_mid_search(quick: bool) -> Verdict:
+    """SIGKILL every worker process while its searches are under way, and start new ones:
+    the dead claims are the sweep's once their lease has run out, and cost one attempt each."""
+    count, rounds = (30, 1) if quick else (100, 2)
+    settings = MID_SEARCH_SETTINGS
+    with Stack("s12", settings=settings, standin_latency_ms=2500) as stack:
+        posted = post_many(stack, count, kinds=["certain"], concurrency=8)
+        ids = accepted_ids(posted)
+        in_search: list[int] = []
+        for attempt in range(1, rounds + 1):
+            in_search.append(_kill_during_searches(stack, ids, attempt))
+        verdict = check(stack, "12 kill worker mid-search", posted, deadline_seconds=150)
+        with stack.db() as conn:
+            attempts = dict(
+                conn.execute(
+                    "SELECT attempts, count(*) FROM workflows_workflow"
+                    " WHERE id = ANY(%s::uuid[]) GROUP BY 1",
+                    [ids],
+                ).fetchall()
+            )
+        cap = int(settings["WORKFLOW_MAX_ATTEMPTS"])
+        # A dead claim costs its one attempt and no more: none may reach the cap early.
+        if max(attempts, default=0) > rounds + 1:
+            verdict.unexpected += 1
+        if min(in_search) < len(ids) // 2:  # the fault must have hit most of them
+            verdict.unexpected += 1
+        verdict.note(
+            f"in the search when killed: {in_search}; attempts {dict(sorted(attempts.items()))}"
+            f" (cap {cap})"
+        )
+        return verdict
+
+
+def _kill_during_searches(stack: Stack, ids: list[str], attempt: int) -> int:
+    """Wait until every unfinished workflow is in its `attempt`th attempt's search (claimed
+    again once the sweep has re-queued it, after a kill), then SIGKILL every worker's process
+    group and start new workers; how many were in a search."""
+    deadline = time.monotonic() + 60
+    while True:
+        with stack.db() as conn:
+            row = conn.execute(
+                "SELECT count(*) FILTER (WHERE status = 'IN_PROGRESS' AND attempts >= %s),"
+                " count(*) FILTER (WHERE status NOT IN ('COMPLETED', 'FAILED'))"
+                " FROM workflows_workflow WHERE id = ANY(%s::uuid[])",
+                [attempt, ids],
+            ).fetchone()
+        claimed, unfinished = row if row else (0, 0)
+        if (claimed and claimed == unfinished) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    time.sleep(0.5)  # well inside the 2.5 s searches
+    for index in range(stack.celery_workers):
+        stack.kill(f"worker{index}", signal.SIGKILL)
+    time.sleep(1)
+    for index in range(stack.celery_workers):
+        stack.start_worker(index)
+    return int(claimed)
+
+
+# 15 ------------------------------------------------------------------------------------------
+def restart_rabbitmq(quick: bool) -> Verdict:
+    """RabbitMQ stops serving (stop_app) and comes back, several times, under load: every POST
+    answers 202 (the web process never needs the broker), nothing is lost, consuming resumes."""
+    restarts = 2 if quick else 5
+    with Stack("s15", broker="rabbitmq", standin_latency_ms=40) as stack:
+        posted: list[Posted] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                posted.extend(post_many(stack, 8, concurrency=4, pause=0.02))
+
+        thread = _in_background(load)
+        for _ in range(restarts):
+            time.sleep(2)
+            stack.restart_rabbitmq_app(down_seconds=3)
+        time.sleep(2)
+        stop.set()
+        thread.join(60)
+        verdict = check(
+            stack,
+            "15 RabbitMQ restarted",
+            posted,
+            deadline_seconds=120,
+            allow_webhook_duplicates=True,
+        )
+        wrong = [p for p in posted if p.status != 202]
+        verdict.unexpected += len(wrong)
+        verdict.note(f"{restarts} restarts; answers {dict(answers(posted))}")
+        return verdict
+
+
 SCENARIOS = [
     Scenario(1, "kill worker children", kill_worker_children),
     Scenario(2, "kill whole worker", kill_whole_worker),
@@ -457,6 +601,22 @@ SCENARIOS = [
     Scenario(9, "hostile receiver", hostile_receiver),
     Scenario(10, "two beats", two_beats),
     Scenario(11, "flaky internal system", flaky_internal_system),
+    Scenario(12, "kill worker mid-search", kill_worker_mid_search),
+    # The broker faults again with RabbitMQ as the broker (its own node, tests/chaos/stack.py).
+    Scenario(
+        13,
+        "RabbitMQ: kill worker children",
+        partial(kill_worker_children, broker="rabbitmq", number=13),
+    ),
+    Scenario(
+        14, "RabbitMQ: kill whole worker", partial(kill_whole_worker, broker="rabbitmq", number=14)
+    ),
+    Scenario(15, "RabbitMQ restarted", restart_rabbitmq),
+    Scenario(
+        16,
+        "RabbitMQ: duplicated messages",
+        partial(duplicate_messages, broker="rabbitmq", number=16),
+    ),
 ]
 
 

@@ -1,9 +1,12 @@
 """The whole service as processes on 127.0.0.1, for fault injection.
 
 Its own redis-server (own port, no persistence) and, when asked, its own PostgreSQL cluster
-(initdb, own port); otherwise a fresh database on the machine's PostgreSQL. gunicorn, Celery
-workers and beat are processes; the FHIR stand-in and the webhook receiver are threads of the
-harness. Every process is started by the stack and stopped by it, by pid.
+(initdb, own port); otherwise a fresh database on the machine's PostgreSQL. With
+`broker="rabbitmq"`, a RabbitMQ node of its own (own ports, data in the stack's folder) is the
+Celery broker, so that stopping or killing it touches nothing else on the machine; Redis is then
+only the cache. gunicorn, Celery workers and beat are processes; the FHIR stand-in and the
+webhook receiver are threads of the harness. Every process is started by the stack and stopped
+by it, by pid.
 """
 
 from __future__ import annotations
@@ -16,17 +19,21 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import redis
 import requests
+from kombu import Connection
 
 from standin.receiver import ReceiverServer, make_receiver
 from standin.server import make_server
 from tests.processes import BIN, ROOT, celery_worker_args, free_port, stop_group, wait_for_text
 
+RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 PG_BIN = Path(next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin")))))
 MACHINE_PG = "postgres://127.0.0.1:5432"
 SECRET_KEY = "chaos-only-secret-key-0123456789abcdef0123456789"
@@ -86,6 +93,7 @@ class Stack:
     own_postgres: bool = False
     settings: dict[str, str] = field(default_factory=dict)
     standin_latency_ms: int = 0
+    broker: str = "redis"  # or "rabbitmq"
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="chaos-")))
 
     def __post_init__(self) -> None:
@@ -95,6 +103,9 @@ class Stack:
         self._supervisor: threading.Thread | None = None
         self.redis_port = free_port()
         self.redis_proc: subprocess.Popen[bytes] | None = None
+        self.amqp_port = free_port()
+        self.rabbitmq_node = f"chaos-{self.name}-{os.getpid()}@localhost"
+        self.rabbitmq_proc: subprocess.Popen[bytes] | None = None
         self.pg_port = free_port() if self.own_postgres else 5432
         self.pg_dir = self.workdir / "pg"
         self.db_name = f"chaos_{self.name}_{os.getpid()}"
@@ -129,6 +140,12 @@ class Stack:
     def redis_url(self) -> str:
         return f"redis://127.0.0.1:{self.redis_port}/0"
 
+    @property
+    def broker_url(self) -> str:
+        if self.broker == "rabbitmq":
+            return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}//"
+        return self.redis_url
+
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
@@ -141,7 +158,7 @@ class Stack:
                 "ALLOWED_HOSTS": "127.0.0.1,localhost",
                 "DATABASE_URL": self.database_url,
                 "REDIS_URL": self.redis_url,
-                "CELERY_BROKER_URL": self.redis_url,
+                "CELERY_BROKER_URL": self.broker_url,
                 "WEBHOOK_ALLOW_PRIVATE_HOSTS": "true",
                 "INTERNAL_SEARCH_URL": self.standin.base_url,
                 "LOG_LEVEL": "INFO",
@@ -156,6 +173,8 @@ class Stack:
         for server in (self.standin, self.receiver):
             threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
         self.start_redis()
+        if self.broker == "rabbitmq":
+            self.start_rabbitmq()
         if self.own_postgres:
             self.init_postgres()
             self.start_postgres()
@@ -190,6 +209,7 @@ class Stack:
             if proc.popen is not None:
                 stop_group(proc.popen)
         self.stop_redis()
+        self.stop_rabbitmq()
         if self.own_postgres and self.pg_dir.exists():
             self.pg_ctl("stop", "-m", "immediate", check=False)
         else:
@@ -320,6 +340,130 @@ class Stack:
     def resume_redis(self) -> None:
         assert self.redis_proc is not None
         self.redis_proc.send_signal(signal.SIGCONT)
+
+    # --- the queue, whichever the broker ---------------------------------------------------------
+
+    # CELERY_TASK_DEFAULT_QUEUE's default; on RabbitMQ kombu's SimpleQueue declares it as Celery
+    # does (durable, with a durable direct exchange of the same name).
+    QUEUE = "celery"
+
+    def queued(self) -> int:
+        """Messages waiting in the queue (not those a consumer holds)."""
+        if self.broker == "rabbitmq":
+            with self.amqp() as conn:
+                return int(conn.SimpleQueue(self.QUEUE).qsize())
+        return int(redis.Redis(port=self.redis_port).llen(self.QUEUE))
+
+    def duplicate_queued(self, copies: Callable[[], int]) -> tuple[int, int]:
+        """Put `copies()` more copies of every waiting message in the queue, byte for byte, as
+        a broker that redelivers or a publisher that retries would; (before, after)."""
+        if self.broker == "rabbitmq":
+            return self._duplicate_amqp(copies)
+        client = redis.Redis(port=self.redis_port)
+        messages = client.lrange(self.QUEUE, 0, -1)
+        for message in messages:
+            for _ in range(copies()):
+                client.lpush(self.QUEUE, message)
+        return len(messages), int(client.llen(self.QUEUE))
+
+    def _duplicate_amqp(self, copies: Callable[[], int]) -> tuple[int, int]:
+        with self.amqp() as conn:
+            queue = conn.SimpleQueue(self.QUEUE)
+            taken = []
+            while True:
+                try:
+                    taken.append(queue.get(block=False))
+                except queue.Empty:
+                    break
+            producer = conn.Producer()
+            after = 0
+            for message in taken:
+                for _ in range(1 + copies()):
+                    after += 1
+                    producer.publish(
+                        message.body,
+                        exchange="",
+                        routing_key=self.QUEUE,
+                        headers=message.headers,
+                        content_type=message.content_type,
+                        content_encoding=message.content_encoding,
+                        delivery_mode=2,
+                        correlation_id=message.properties.get("correlation_id"),
+                        reply_to=message.properties.get("reply_to"),
+                    )
+                message.ack()
+            queue.close()
+        return len(taken), after
+
+    # --- RabbitMQ ----------------------------------------------------------------------------
+
+    def amqp(self) -> Connection:
+        return Connection(self.broker_url, connect_timeout=3)
+
+    def _rabbitmq_env(self) -> dict[str, str]:
+        base = self.workdir / "rabbitmq"
+        return {
+            **os.environ,
+            # Its own Erlang cookie, written there by the node and read there by rabbitmqctl.
+            "HOME": str(base),
+            "RABBITMQ_NODENAME": self.rabbitmq_node,
+            "RABBITMQ_NODE_PORT": str(self.amqp_port),
+            "RABBITMQ_DIST_PORT": str(self.rabbitmq_dist_port),
+            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(base / "log"),
+            "RABBITMQ_PID_FILE": str(base / "pid"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
+        }
+
+    def rabbitmqctl(self, *args: str) -> None:
+        _run(
+            [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.rabbitmq_node, *args],
+            env=self._rabbitmq_env(),
+        )
+
+    def start_rabbitmq(self) -> None:
+        base = self.workdir / "rabbitmq"
+        if self.rabbitmq_proc is None:  # first start: the node's files
+            self.rabbitmq_dist_port = free_port()
+            base.mkdir(parents=True, exist_ok=True)
+            (base / "enabled_plugins").write_text("[].\n")
+            (base / "rabbitmq.conf").write_text(
+                f"listeners.tcp.local = 127.0.0.1:{self.amqp_port}\n"
+                # The suite's own clock for held messages: settings.RABBITMQ_CONSUMER_TIMEOUT.
+                "consumer_timeout = 1800000\n"
+            )
+        with (base / "server.log").open("ab") as log:
+            self.rabbitmq_proc = subprocess.Popen(
+                [str(RABBITMQ_BIN / "rabbitmq-server")],
+                env=self._rabbitmq_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.rabbitmqctl("await_startup", "--timeout", "60")
+                return
+            except subprocess.CalledProcessError:
+                # Before the node has registered with epmd, await_startup fails at once.
+                if time.monotonic() > deadline or self.rabbitmq_proc.poll() is not None:
+                    raise TimeoutError("rabbitmq-server did not start") from None
+                time.sleep(0.5)
+
+    def stop_rabbitmq(self) -> None:
+        proc = self.rabbitmq_proc
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+    def restart_rabbitmq_app(self, down_seconds: float) -> None:
+        """The broker stops serving (every connection closed) and comes back: `rabbitmqctl
+        stop_app` / `start_app`, as an operator's restart or a node's upgrade does."""
+        self.rabbitmqctl("stop_app")
+        time.sleep(down_seconds)
+        self.rabbitmqctl("start_app")
 
     # --- PostgreSQL --------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ import pytest
 
 from tests.chaos.scenarios import SCENARIOS
 
-SUBSET = {1, 4, 7, 8, 10}
+SUBSET = {1, 4, 7, 8, 10, 12, 14}
 
 
 @pytest.mark.parametrize(
