@@ -59,6 +59,7 @@ class ReceiverState:
 
 class ReceiverServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 4096  # as the stand-in's (standin/server.py)
 
     def __init__(self, address: tuple[str, int], state: ReceiverState) -> None:
         super().__init__(address, _Handler)

@@ -69,6 +69,10 @@ class _Rejected(Exception):
 class StandinServer(ThreadingHTTPServer):
     # Handler threads must not keep the process (or a test run) alive after shutdown.
     daemon_threads = True
+    # socketserver's listen backlog is 5: a burst of new connections (a batch's searches from a
+    # freshly started worker) lost SYNs past it and hit the client's 1 s connect timeout. A real
+    # FHIR server's backlog is the kernel's default.
+    request_queue_size = 4096
 
     def __init__(self, address: tuple[str, int], state: State) -> None:
         super().__init__(address, StandinHandler)

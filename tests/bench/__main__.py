@@ -38,6 +38,12 @@ def main() -> int:
         "--workflows", type=int, default=defaults.workflows, help="workflows end to end"
     )
     parser.add_argument(
+        "--scaling-workflows",
+        type=int,
+        default=defaults.scaling_workflows,
+        help="workflows per run of the scaling table (0: no table)",
+    )
+    parser.add_argument(
         "--e2e-timeout",
         type=float,
         default=defaults.e2e_timeout,
@@ -70,6 +76,7 @@ def main() -> int:
         threads=args.threads,
         connections=args.connections,
         workflows=args.workflows,
+        scaling_workflows=args.scaling_workflows,
         e2e_timeout=args.e2e_timeout,
         sweep_rows=args.sweep_rows,
         sweep_stale=args.sweep_stale,

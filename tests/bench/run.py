@@ -32,6 +32,7 @@ class BenchConfig:
     threads: int = 2
     connections: int = 16
     workflows: int = 3000
+    scaling_workflows: int = 1000  # per run of the scaling table; 0 leaves it out
     e2e_timeout: float = 180.0
     sweep_rows: int = 1_000_000
     sweep_stale: int = 1_000
@@ -147,6 +148,24 @@ def run_bench(config: BenchConfig, *, echo: Callable[[str], None] = _echo) -> di
                     stack, load, workflows=config.workflows, timeout=config.e2e_timeout
                 ),
             )
+            if config.scaling_workflows:
+                # The setting's default, as the workers read it (the harness has no settings).
+                default_batch = int(
+                    stack.python(
+                        "import django; django.setup(); from django.conf import settings;"
+                        " print(settings.WORKER_BATCH_SIZE)"
+                    )
+                )
+                stage(
+                    "scaling",
+                    lambda: stages.scaling(
+                        stack,
+                        load,
+                        workflows=config.scaling_workflows,
+                        timeout=config.e2e_timeout,
+                        default_batch=default_batch,
+                    ),
+                )
             # The web stages' messages are published by a dispatcher of their own (the workers,
             # which each run one, are down): its CPU is the ack stage's, in its own column.
             stack.start_dispatcher()

@@ -242,10 +242,13 @@ class BenchStack:
         info: dict[str, Any] = redis.Redis.from_url(self.redis_url).info("server")
         return int(info["process_id"])
 
-    def _spawn(self, stack: ExitStack, name: str, args: list[str]) -> Process:
+    def _spawn(
+        self, stack: ExitStack, name: str, args: list[str], settings: dict[str, str] | None = None
+    ) -> Process:
         log = self.workdir / f"{name}.log"
         handle = stack.enter_context(log.open("ab"))
-        popen = stack.enter_context(running(args, env=self.env(), log=handle))
+        env = {**self.env(), **(settings or {})}
+        popen = stack.enter_context(running(args, env=env, log=handle))
         process = Process(name, popen, log)
         self.processes[name] = process
         return process
@@ -297,19 +300,26 @@ class BenchStack:
     def stop_web(self) -> None:
         self._web.close()
 
-    def start_consumers(self) -> list[Process]:
-        """The Celery workers and beat, each as the Procfile starts it."""
+    def start_consumers(
+        self, *, celery_workers: int | None = None, settings: dict[str, str] | None = None
+    ) -> list[Process]:
+        """The Celery workers and beat, each as the Procfile starts it (`celery_workers` of
+        them, with these settings on top of the stack's: the scaling runs)."""
         workers = [
             self._spawn(
                 self._consumers,
                 f"worker{index}",
                 [*procfile_command("worker"), "-n", f"bench{index}@%h"],
+                settings,
             )
-            for index in range(self.celery_workers)
+            for index in range(celery_workers or self.celery_workers)
         ]
         # No pid file: it would land in the repository and clash with a `make run` beat.
         beat = self._spawn(
-            self._consumers, "beat", with_option(procfile_command("beat"), "--pidfile", "")
+            self._consumers,
+            "beat",
+            with_option(procfile_command("beat"), "--pidfile", ""),
+            settings,
         )
         for worker in workers:
             self._wait(worker, "ready.")

@@ -221,18 +221,51 @@ SELECT count(*)
 """
 
 
-def end_to_end(stack: BenchStack, load: Load, *, workflows: int, timeout: float) -> dict[str, Any]:
+def end_to_end(
+    stack: BenchStack,
+    load: Load,
+    *,
+    workflows: int,
+    timeout: float,
+    celery_workers: int | None = None,
+    settings: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """`workflows` link requests posted as fast as wrk can (the ack script, each thread stopped
     after its share), worked by the Celery workers against the stand-in, webhooks to the
     receiver. The clock runs from the first 202 to the last COMPLETED, both read from the
     database (the workflow's created_at, its COMPLETED transition). The Celery workers and beat
     run for this stage only, and are stopped whatever happens."""
     try:
-        return _end_to_end(
-            stack, stack.start_consumers(), load, workflows=workflows, timeout=timeout
-        )
+        workers = stack.start_consumers(celery_workers=celery_workers, settings=settings)
+        return _end_to_end(stack, workers, load, workflows=workflows, timeout=timeout)
     finally:
         stack.stop_consumers()
+
+
+# Batch sizes and worker processes of the scaling table; `None` is the setting's default,
+# whose run with the stack's worker count is the end-to-end stage itself.
+SCALING = ((1, None), (10, None), (None, 1))
+
+
+def scaling(
+    stack: BenchStack, load: Load, *, workflows: int, timeout: float, default_batch: int
+) -> dict[str, Any]:
+    """End to end again with other batch sizes (WORKER_BATCH_SIZE) and worker process counts,
+    `workflows` each: what batching buys, and what a second worker process adds."""
+    runs: dict[str, Any] = {}
+    for batch, workers in SCALING:
+        size = batch or default_batch
+        count = workers or stack.celery_workers
+        figures = end_to_end(
+            stack,
+            load,
+            workflows=workflows,
+            timeout=timeout,
+            celery_workers=count,
+            settings={"WORKER_BATCH_SIZE": str(size)},
+        )
+        runs[f"batch {size}, {count} workers"] = {"batch": size, **figures}
+    return {"default_batch": default_batch, "runs": runs}
 
 
 def _end_to_end(

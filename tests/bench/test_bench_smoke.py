@@ -26,6 +26,7 @@ def test_every_stage_runs_and_reports(tmp_path: Any) -> None:
         BenchConfig(
             duration=1,
             workflows=50,
+            scaling_workflows=20,
             e2e_timeout=60,
             sweep_rows=10_000,
             sweep_stale=10,
@@ -64,16 +65,38 @@ def test_every_stage_runs_and_reports(tmp_path: Any) -> None:
     assert 0 < e2e["to_completed_s"]["p50"] <= e2e["to_completed_s"]["p99"]
     assert e2e["cpu_seconds"]["workers"] > 0 and e2e["celery_worker_peak_rss_mib"]
 
+    # The scaling runs: each batch size and worker count its own run, all of it completed.
+    scaling = stages["scaling"]
+    assert scaling["default_batch"] == 50
+    assert sorted((r["batch"], r["celery_workers"]) for r in scaling["runs"].values()) == [
+        (1, 2),
+        (10, 2),
+        (50, 1),
+    ]
+    for run in scaling["runs"].values():
+        assert run["completed"] == run["posted"] >= 20 and not run["timed_out"], run["by_status"]
+        assert run["cpu_seconds"]["workers"] > 0
+
     sweep = stages["sweep"]
     assert sweep["requeued"] == sweep["stale_rows_requeued_in_db"] == 10
     assert sweep["rows_requeued_in_db"] == 10 and sweep["failed"] == 0
     assert sweep["seconds"] > 0
 
     found = verdicts(results)
-    assert [v.name for v in found] == ["ack", "status", "end to end", "sweep", "web RSS"]
+    assert [v.name for v in found] == [
+        "ack",
+        "status",
+        "end to end",
+        "CPU total",
+        "CPU workers",
+        "CPU postgres",
+        "sweep",
+        "web RSS",
+    ]
     assert all(v.passed is not None for v in found), found
     table = render(results)
     assert "A: yardstick" in table and "POST /link" in table and "GET /link/status" in table
+    assert "scaling (end to end" in table
     json.dumps(results)  # what `--json` writes
 
 

@@ -18,6 +18,7 @@ from functools import partial
 from itertools import pairwise
 
 import redis
+from celery import Celery
 
 from standin.receiver import Step
 from tests.chaos.checks import (
@@ -589,6 +590,102 @@ def restart_rabbitmq(quick: bool) -> Verdict:
         return verdict
 
 
+# 17 ------------------------------------------------------------------------------------------
+def kill_worker_mid_batch(quick: bool) -> Verdict:
+    """Batches where every other search answers at once and the rest take 4 s: SIGKILL every
+    worker once the fast half is committed and the slow half in flight, and start new ones."""
+    count = 40 if quick else 100
+    # Read timeout above the slow searches (setting rules: connect + read < soft limit 8).
+    with Stack("s17", settings={"INTERNAL_SEARCH_READ_TIMEOUT": "5"}) as stack:
+        steps = [{"delay_ms": 0 if index % 2 else 4000} for index in range(count)]
+        stack.control_standin("script", {"responses": steps})
+        posted = post_many(stack, count, kinds=["certain"], concurrency=8)
+        ids = accepted_ids(posted)
+        deadline = time.monotonic() + 30
+        counts: dict[str, int] = {}
+        while time.monotonic() < deadline:
+            counts = _statuses(stack, ids)
+            if counts.get("COMPLETED", 0) >= count // 2 - 2 and counts.get("IN_PROGRESS", 0):
+                break
+            time.sleep(0.1)
+        for index in range(stack.celery_workers):
+            stack.kill(f"worker{index}", signal.SIGKILL)
+        time.sleep(1)
+        for index in range(stack.celery_workers):
+            stack.start_worker(index)
+        verdict = check(
+            stack,
+            "17 kill worker mid-batch",
+            posted,
+            deadline_seconds=120,
+            allow_webhook_duplicates=True,
+        )
+        committed, in_flight = counts.get("COMPLETED", 0), counts.get("IN_PROGRESS", 0)
+        if committed < count // 4 or in_flight < count // 4:  # the kill must split the batches
+            verdict.unexpected += 1
+        verdict.note(f"when killed: {committed} ended and committed, {in_flight} in their search")
+        return verdict
+
+
+def _statuses(stack: Stack, ids: list[str]) -> dict[str, int]:
+    with stack.db() as conn:
+        return dict(
+            conn.execute(
+                "SELECT status, count(*) FROM workflows_workflow"
+                " WHERE id = ANY(%s::uuid[]) GROUP BY 1",
+                [ids],
+            ).fetchall()
+        )
+
+
+# 18 ------------------------------------------------------------------------------------------
+def overlapping_batches(quick: bool) -> Verdict:
+    """Messages whose batches repeat ids and overlap one another, consumed at once by two
+    workers: every workflow is claimed once (one attempt), ends once, one webhook each."""
+    count = 60 if quick else 300
+    with Stack("s18") as stack:
+        for name in [f"worker{index}" for index in range(stack.celery_workers)] + ["beat"]:
+            stack.kill(name, signal.SIGTERM)  # nobody publishes or consumes meanwhile
+        posted = post_many(stack, count, kinds=["certain", "none"], concurrency=8)
+        ids = accepted_ids(posted)
+        # Batch i: ids [10i, 10i + 25) and its first three again; each id is in 2-3 batches.
+        batches = [
+            ids[start : start + 25] + ids[start : start + 3] for start in range(0, count, 10)
+        ]
+        app = Celery(broker=stack.broker_url, set_as_current=False)
+        try:
+            for batch in batches:
+                app.send_task("workflows.process_workflows", args=(batch,), queue=stack.QUEUE)
+        finally:
+            app.close()
+        for index in range(stack.celery_workers):
+            stack.start_worker(index)
+        stack.start_beat()
+        verdict = check(stack, "18 overlapping batches", posted, deadline_seconds=120)
+        with stack.db() as conn:
+            attempts = dict(
+                conn.execute(
+                    "SELECT attempts, count(*) FROM workflows_workflow"
+                    " WHERE id = ANY(%s::uuid[]) GROUP BY 1",
+                    [ids],
+                ).fetchall()
+            )
+            (mappings,) = conn.execute(
+                "SELECT count(*) - count(DISTINCT workflow_id) FROM linking_patientmapping"
+            ).fetchone() or (0,)
+            (deliveries,) = conn.execute(
+                "SELECT count(*) - count(DISTINCT workflow_id) FROM workflows_webhookdelivery"
+            ).fetchone() or (0,)
+        verdict.duplicated += (
+            mappings + deliveries + sum(n for attempt, n in attempts.items() if attempt != 1)
+        )
+        verdict.note(
+            f"{len(batches)} messages of {len(batches[0])} ids for {len(ids)} workflows;"
+            f" attempts {dict(sorted(attempts.items()))}"
+        )
+        return verdict
+
+
 SCENARIOS = [
     Scenario(1, "kill worker children", kill_worker_children),
     Scenario(2, "kill whole worker", kill_whole_worker),
@@ -617,6 +714,9 @@ SCENARIOS = [
         "RabbitMQ: duplicated messages",
         partial(duplicate_messages, broker="rabbitmq", number=16),
     ),
+    # The batched path (issue 18): batches split by a kill, and batches that overlap.
+    Scenario(17, "kill worker mid-batch", kill_worker_mid_batch),
+    Scenario(18, "overlapping batches", overlapping_batches),
 ]
 
 
