@@ -148,10 +148,6 @@ CELERY_VISIBILITY_TIMEOUT = env_int("CELERY_VISIBILITY_TIMEOUT", 3600, minimum=6
 # configured with, and it must exceed 4 x the hard time limit. (RabbitMQ only.)
 RABBITMQ_CONSUMER_TIMEOUT = env_int("RABBITMQ_CONSUMER_TIMEOUT", 1800, minimum=60)
 if BROKER_IS_REDIS:
-    if _BROKER_SCHEME == "redis":
-        # kombu's Redis transport, reusing one client per channel instead of building one per
-        # command (config/broker.py).
-        CELERY_BROKER_TRANSPORT = "config.broker:RedisTransport"
     CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {
         # redis-py's pool per kombu connection (Celery's producer pool is broker_pool_limit).
         "max_connections": 100,
