@@ -199,7 +199,9 @@ def workflow_ended(*, status: str, created_at: Any) -> None:
 
 
 def _search_error_kind(exc: BaseException) -> str:
-    import requests
+    from urllib3.exceptions import HTTPError as TransportError
+    from urllib3.exceptions import NewConnectionError
+    from urllib3.exceptions import TimeoutError as TransportTimeout
 
     from linking.internal_search import InternalSearchError, SearchJobLost
 
@@ -208,9 +210,10 @@ def _search_error_kind(exc: BaseException) -> str:
     if not isinstance(exc, InternalSearchError):
         return "other"
     cause = exc.__cause__
-    if isinstance(cause, requests.Timeout):
+    # NewConnectionError is still a ConnectTimeoutError in urllib3 2: a refusal is no timeout.
+    if isinstance(cause, TransportTimeout) and not isinstance(cause, NewConnectionError):
         return "timeout"
-    if isinstance(cause, requests.RequestException):
+    if isinstance(cause, TransportError | OSError):
         return "connection"
     if isinstance(cause, ValueError | TypeError | KeyError):
         return "invalid_response"

@@ -4,14 +4,17 @@ how it reads a searchset Bundle, and how every kind of answer of a real server i
 
 import copy
 import json
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 import requests
+from urllib3.exceptions import NewConnectionError
 
 from linking.internal_search import (
     MATCH_GRADE_URL,
@@ -368,7 +371,7 @@ def test_connection_refused_is_transient(settings):
         internal_search_match(patient())
     assert caught.value.permanent is False
     assert "unreachable" in caught.value.reason
-    assert isinstance(caught.value.__cause__, requests.ConnectionError)
+    assert isinstance(caught.value.__cause__, NewConnectionError)
 
 
 @pytest.fixture
@@ -407,6 +410,7 @@ class Seen:
     path: str
     headers: dict[str, str]
     body: bytes
+    client_port: int = 0  # tells the client's connections apart
 
 
 @dataclass
@@ -415,6 +419,9 @@ class Canned:
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     seen: list[Seen] = field(default_factory=list)
+    # Close each connection after its answer: "said" in a Connection header, "idle" without
+    # a word (as a server's idle timeout does).
+    close: str = ""
 
 
 class CannedServer(ThreadingHTTPServer):
@@ -439,15 +446,22 @@ class _CannedHandler(BaseHTTPRequestHandler):
         canned = self.server.canned
         canned.seen.append(
             Seen(
-                self.path, {k.lower(): v for k, v in self.headers.items()}, self.rfile.read(length)
+                self.path,
+                {k.lower(): v for k, v in self.headers.items()},
+                self.rfile.read(length),
+                self.client_address[1],
             )
         )
         self.send_response(canned.status)
         for name, value in canned.headers.items():
             self.send_header(name, value)
+        if canned.close == "said":
+            self.send_header("Connection", "close")
         self.send_header("Content-Length", str(len(canned.body)))
         self.end_headers()
         self.wfile.write(canned.body)
+        if canned.close:
+            self.close_connection = True
 
     do_GET = do_POST = _answer
 
@@ -538,3 +552,33 @@ def test_retry_after_as_an_http_date_is_left_to_our_backoff(canned):
     with pytest.raises(InternalSearchError) as caught:
         internal_search_match(patient())
     assert (caught.value.permanent, caught.value.retry_after) == (False, None)
+
+
+def test_searches_reuse_one_keep_alive_connection(canned):
+    canned.body = json.dumps(bundle()).encode()
+    for _ in range(5):
+        assert internal_search_match(patient()) == []
+    assert len({seen.client_port for seen in canned.seen}) == 1
+
+
+def test_concurrent_searches_share_the_pool_and_keep_their_connections(canned):
+    canned.body = json.dumps(bundle(entry("abc", 0.97))).encode()
+    with ThreadPoolExecutor(8) as threads:
+        for _ in range(3):
+            answers = list(threads.map(lambda _: internal_search_match(patient()), range(8)))
+            assert answers == [[Candidate("abc", 0.97, "certain")]] * 8
+    # Connections go back to the pool: never more than one per call in flight at once.
+    assert len(canned.seen) == 24
+    assert len({seen.client_port for seen in canned.seen}) <= 8
+
+
+@pytest.mark.parametrize("close", ["said", "idle"])
+def test_a_connection_the_server_closed_is_not_reused(canned, close):
+    canned.body = json.dumps(bundle()).encode()
+    canned.close = close
+    for _ in range(3):
+        assert internal_search_match(patient()) == []
+        # "idle": the server's FIN arrives before the next call, which must see the connection
+        # dropped and open another rather than fail.
+        time.sleep(0.05)
+    assert len({seen.client_port for seen in canned.seen}) == 3
