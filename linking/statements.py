@@ -1,7 +1,9 @@
 """The linking app's hot-path SQL for a consumer's batch, each statement written out in full.
 
 As in workflows/statements.py, a batch's rows travel as parallel arrays (`unnest`): one
-statement, one round trip, whatever the batch's size; the services build the arrays.
+statement, one round trip, whatever the batch's size; the services build the arrays. Those run
+by workflows.statements.execute take them bound in binary (`%(name)b`); REQUESTS goes through
+Customer.objects.raw, bound by Django.
 """
 
 # The customer and the request data (still encrypted) of each workflow of a batch, in one
@@ -19,8 +21,8 @@ CANDIDATES = """
 INSERT INTO linking_searchcandidate
        (workflow_id, attempt, rank, internal_patient_id, score, match_grade, created_at)
 SELECT * FROM unnest(
-  %(workflow)s::uuid[], %(attempt)s::int[], %(rank)s::int[], %(internal)s::text[],
-  %(score)s::float8[], %(grade)s::text[], %(at)s::timestamptz[])
+  %(workflow)b::uuid[], %(attempt)b::int[], %(rank)b::int[], %(internal)b::text[],
+  %(score)b::float8[], %(grade)b::text[], %(at)b::timestamptz[])
 """
 
 # The mapping of each workflow that links, and its history line, in one statement. A patient
@@ -31,8 +33,8 @@ SELECT * FROM unnest(
 LINK = """
 WITH v AS (
   SELECT * FROM unnest(
-    %(workflow)s::uuid[], %(customer)s::uuid[], %(patient)s::uuid[], %(internal)s::text[],
-    %(score)s::float8[], %(grade)s::text[], %(reason)s::text[]
+    %(workflow)b::uuid[], %(customer)b::uuid[], %(patient)b::uuid[], %(internal)b::text[],
+    %(score)b::float8[], %(grade)b::text[], %(reason)b::text[]
   ) AS v(workflow_id, customer_id, patient_id, internal_id, score, grade, reason)
 ), mapped AS (
   INSERT INTO linking_patientmapping
@@ -56,4 +58,53 @@ WITH v AS (
     FROM mapped m JOIN v ON v.workflow_id = m.workflow_id
 )
 SELECT workflow_id FROM mapped
+"""
+
+# Accept a link request: the request data, the workflow, its first timeline line and the
+# idempotency record, in one statement (one round trip, one transaction), under the key's
+# advisory lock, or nothing at all: when the key is known, the patient is linked or has a
+# workflow pending (or a concurrent request wins a unique constraint). Each later row is
+# inserted once per row of the one before. The workflow is announced to the dispatcher
+# (pg_notify, delivered at commit) once per inserted record, so never for a request that
+# inserted nothing (a volatile call in a subquery's output is always evaluated). Returns 1 or 0.
+# Every column is written (tests/linking/test_ack_path.py checks them against the models).
+ACCEPT = """
+WITH request AS (
+  INSERT INTO linking_linkrequest (request_id, customer_id, data, created_at)
+  SELECT %(request)s::uuid, %(customer)s::uuid, %(data)s::text, %(now)s::timestamptz
+   WHERE pg_try_advisory_xact_lock(hashtextextended(%(lock)s, 0))
+     AND NOT EXISTS (SELECT 1 FROM linking_idempotencyrecord
+                      WHERE customer_id = %(customer)s AND key = %(key)s)
+     AND NOT EXISTS (SELECT 1 FROM linking_patientmapping
+                      WHERE customer_id = %(customer)s AND customer_patient_id = %(patient)s
+                        AND status = %(linked)s)
+     AND NOT EXISTS (SELECT 1 FROM workflows_workflow
+                      WHERE customer_id = %(customer)s AND patient_id = %(patient)s
+                        AND status = ANY(%(pending)s::text[]))
+  RETURNING 1
+), workflow AS (
+  INSERT INTO workflows_workflow
+         (id, request_id, customer_id, patient_id, request_type, status, result, reason,
+          attempts, requeues, claim_id, claimed_until, webhook_url, search_id, created_at,
+          updated_at)
+  SELECT %(workflow)s::uuid, %(request)s::uuid, %(customer)s::uuid, %(patient)s::uuid,
+         %(request_type)s, %(received)s, NULL, '', 0, 0, NULL, NULL, %(webhook_url)s, NULL,
+         %(now)s::timestamptz, %(now)s::timestamptz
+    FROM request
+  RETURNING 1
+), timeline AS (
+  INSERT INTO workflows_workflowtransition (workflow_id, source, target, reason, actor, at)
+  SELECT %(workflow)s::uuid, '', %(received)s, 'accepted', 'api', %(now)s::timestamptz
+    FROM workflow
+  RETURNING 1
+), record AS (
+  INSERT INTO linking_idempotencyrecord
+         (customer_id, key, fingerprint, workflow_id, response_status, response_body,
+          response_headers, created_at, expires_at)
+  SELECT %(customer)s::uuid, %(key)s, %(fingerprint)s, %(workflow)s::uuid, %(status)s,
+         %(body)s, %(headers)s::jsonb, %(now)s::timestamptz, %(expires)s::timestamptz
+    FROM workflow
+  RETURNING 1
+)
+SELECT count(*) FROM (SELECT pg_notify(%(channel)s, %(message)s) FROM record) AS announced
 """

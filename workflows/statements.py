@@ -8,7 +8,9 @@ machine (workflows.models.Workflow) decides every value first.
 
 from typing import Any
 
+import psycopg
 from django.db import connection
+from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
 
 from workflows.models import Status
 
@@ -59,7 +61,7 @@ SELECT * FROM claimed
 # two transactions locking overlapping batches cannot deadlock).
 LOCK = """
 SELECT id, status, claim_id FROM workflows_workflow
- WHERE id = ANY(%(ids)s::uuid[]) ORDER BY id FOR UPDATE
+ WHERE id = ANY(%(ids)b::uuid[]) ORDER BY id FOR UPDATE
 """
 
 # Save a batch of workflows as the state machine left them, each only while it still has the
@@ -69,9 +71,9 @@ SELECT id, status, claim_id FROM workflows_workflow
 SAVE = """
 WITH v AS (
   SELECT * FROM unnest(
-    %(id)s::uuid[], %(loaded)s::text[], %(status)s::text[], %(result)s::text[],
-    %(reason)s::text[], %(search_id)s::text[], %(attempts)s::int[], %(requeues)s::int[],
-    %(claim_id)s::uuid[], %(claimed_until)s::timestamptz[], %(updated_at)s::timestamptz[]
+    %(id)b::uuid[], %(loaded)b::text[], %(status)b::text[], %(result)b::text[],
+    %(reason)b::text[], %(search_id)b::text[], %(attempts)b::int[], %(requeues)b::int[],
+    %(claim_id)b::uuid[], %(claimed_until)b::timestamptz[], %(updated_at)b::timestamptz[]
   ) AS v(id, loaded, status, result, reason, search_id, attempts, requeues, claim_id,
          claimed_until, updated_at)
 ), saved AS (
@@ -86,8 +88,8 @@ WITH v AS (
   INSERT INTO workflows_workflowtransition (workflow_id, source, target, reason, actor, at)
   SELECT l.workflow_id, l.source, l.target, l.reason, l.actor, l.at
     FROM unnest(
-      %(line_workflow)s::uuid[], %(line_source)s::text[], %(line_target)s::text[],
-      %(line_reason)s::text[], %(line_actor)s::text[], %(line_at)s::timestamptz[]
+      %(line_workflow)b::uuid[], %(line_source)b::text[], %(line_target)b::text[],
+      %(line_reason)b::text[], %(line_actor)b::text[], %(line_at)b::timestamptz[]
     ) WITH ORDINALITY AS l(workflow_id, source, target, reason, actor, at, n)
     JOIN saved ON saved.id = l.workflow_id
    ORDER BY l.n
@@ -100,9 +102,9 @@ WITH v AS (
   SELECT d.webhook_id, d.workflow_id, lines.id, d.customer_id, d.event_type, d.url, d.payload,
          'PENDING', 0, d.at, NULL, '', d.at, d.at, NULL
     FROM unnest(
-      %(delivery_workflow)s::uuid[], %(delivery_target)s::text[], %(delivery_webhook_id)s::text[],
-      %(delivery_customer)s::uuid[], %(delivery_event)s::text[], %(delivery_url)s::text[],
-      %(delivery_payload)s::text[], %(delivery_at)s::timestamptz[]
+      %(delivery_workflow)b::uuid[], %(delivery_target)b::text[], %(delivery_webhook_id)b::text[],
+      %(delivery_customer)b::uuid[], %(delivery_event)b::text[], %(delivery_url)b::text[],
+      %(delivery_payload)b::text[], %(delivery_at)b::timestamptz[]
     ) AS d(workflow_id, target, webhook_id, customer_id, event_type, url, payload, at)
     JOIN lines ON lines.workflow_id = d.workflow_id AND lines.target = d.target
   RETURNING id, workflow_id
@@ -118,7 +120,7 @@ SELECT 'd', workflow_id, id FROM deliveries
 DELIVERIES_CLAIM = """
 UPDATE workflows_webhookdelivery
    SET next_attempt_at = %(lease)s, attempts = attempts + 1, updated_at = %(now)s
- WHERE id = ANY(%(ids)s::bigint[]) AND status = 'PENDING' AND next_attempt_at <= %(now)s
+ WHERE id = ANY(%(ids)b::bigint[]) AND status = 'PENDING' AND next_attempt_at <= %(now)s
 RETURNING id, attempts
 """
 
@@ -126,9 +128,9 @@ RETURNING id, attempts
 DELIVERIES_SETTLE = """
 WITH v AS (
   SELECT * FROM unnest(
-    %(id)s::bigint[], %(at)s::timestamptz[], %(code)s::int[], %(latency_ms)s::int[],
-    %(error)s::text[], %(status)s::text[], %(next_attempt_at)s::timestamptz[],
-    %(delivered_at)s::timestamptz[]
+    %(id)b::bigint[], %(at)b::timestamptz[], %(code)b::int[], %(latency_ms)b::int[],
+    %(error)b::text[], %(status)b::text[], %(next_attempt_at)b::timestamptz[],
+    %(delivered_at)b::timestamptz[]
   ) AS v(id, at, code, latency_ms, error, status, next_attempt_at, delivered_at)
 ), logged AS (
   INSERT INTO workflows_webhookattempt (delivery_id, at, status_code, latency_ms, error)
@@ -143,7 +145,20 @@ UPDATE workflows_webhookdelivery AS d
 
 
 def execute(sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-    """Run one statement on Django's connection; its rows (none for a statement without)."""
-    with connection.cursor() as cursor:
+    """Run one statement on Django's connection, in its transaction; its rows (none for a
+    statement without).
+
+    The arrays (`%(name)b`) are sent bound and in binary: Django's cursor binds on the client,
+    writing every array out as a quoted literal in Python, which cost ~2 ms of CPU for 15 arrays
+    of 50 against ~0.3 ms bound in binary (and 12% of the workers' samples). Django's own
+    cursor wrapper is kept around it: its error classes, its query log and execute_wrapper.
+    """
+    connection.ensure_connection()
+    connection.validate_thread_sharing()
+    with connection.wrap_database_errors:
+        raw = psycopg.Cursor(connection.connection)
+    wrapper = CursorDebugWrapper if connection.queries_logged else CursorWrapper
+    wrapped = wrapper(raw, connection)
+    with wrapped as cursor:
         cursor.execute(sql, params)
         return list(cursor.fetchall()) if cursor.description else []

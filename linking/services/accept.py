@@ -12,18 +12,18 @@ from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from config.sql import insert_select
+from linking import statements
 from linking.models import IdempotencyRecord, LinkRequest, MappingStatus, PatientMapping
 from linking.quality import demographics_quality
 from merchant.models import Customer
-from workflows.models import PENDING_STATES, Status, Workflow, WorkflowTransition
-from workflows.services import workflow_announce, workflow_announcement, workflow_new
+from workflows.models import PENDING_STATES, RequestType, Status, Workflow
+from workflows.services import workflow_announcement
 
 # What a client is told to wait before polling the status (or retrying an in-flight request).
 STATUS_RETRY_AFTER_SECONDS = 5
 IN_FLIGHT_RETRY_AFTER_SECONDS = 1
-# Constants of the code, written into the statement (the partial unique index's own list).
-_PENDING_SQL = ", ".join(f"'{state}'" for state in PENDING_STATES)
+# The request data as LinkRequest.data stores it (encrypted).
+_REQUEST_DATA = LinkRequest._meta.get_field("data")
 
 
 class LinkRefused(Exception):
@@ -74,7 +74,7 @@ def link_accept(
     """Accept a link request durably, or replay/refuse it (seed 3.2).
 
     The workflow, the request data and the idempotency record are written in one transaction
-    (usually one statement: _accept_new) that also announces the workflow to the dispatcher
+    (one statement: statements.ACCEPT) that also announces the workflow to the dispatcher
     (workflows/dispatcher.py), which publishes its queue message once the transaction has
     committed. Nothing here waits on the broker. `body` is the parsed body as sent
     (for the fingerprint), `request_data` its validated, canonical form (what is stored).
@@ -84,25 +84,23 @@ def link_accept(
         raise InsufficientDemographics(refusal)
     fingerprint = request_fingerprint(body)
     patient_id = uuid.UUID(request_data["patient"]["id"])
-    workflow = _accept_new(
-        customer=customer,
-        key=idempotency_key,
-        fingerprint=fingerprint,
-        patient_id=patient_id,
-        request_data=request_data,
-    )
-    if workflow is None:
-        otherwise = _accept_otherwise(
-            customer=customer,
-            key=idempotency_key,
-            fingerprint=fingerprint,
-            patient_id=patient_id,
-            request_data=request_data,
-        )
+    new: dict[str, Any] = {
+        "customer": customer,
+        "key": idempotency_key,
+        "fingerprint": fingerprint,
+        "patient_id": patient_id,
+        "request_data": request_data,
+    }
+    try:
+        workflow_id = _accept_in_one_statement(**new)
+    except IntegrityError:
+        workflow_id = None  # a concurrent request won a unique constraint: _accept_otherwise
+    if workflow_id is None:
+        otherwise = _accept_otherwise(**new)
         if isinstance(otherwise, LinkAcceptance):
             return otherwise
-        workflow = otherwise
-    return _accepted_response(workflow)
+        workflow_id = otherwise
+    return _accepted_response(workflow_id)
 
 
 def _accept_otherwise(
@@ -112,7 +110,7 @@ def _accept_otherwise(
     fingerprint: str,
     patient_id: uuid.UUID,
     request_data: dict[str, Any],
-) -> Workflow | LinkAcceptance:
+) -> uuid.UUID | LinkAcceptance:
     """Whatever the single statement did not take: a replay, a refusal, an expired key, a race
     lost to a concurrent request. One query at a time, under the key's lock, so each case can
     be told apart."""
@@ -124,14 +122,17 @@ def _accept_otherwise(
             if replay is not None:
                 return replay
             _refuse_if_linked_or_pending(customer=customer, patient_id=patient_id)
-            workflow = _persist(
+            workflow_id = _accept_in_one_statement(
                 customer=customer,
                 key=key,
                 fingerprint=fingerprint,
                 patient_id=patient_id,
                 request_data=request_data,
             )
-            workflow_announce(workflow=workflow)
+            if workflow_id is None:
+                # A concurrent request committed its link or workflow since the check.
+                _refuse_if_linked_or_pending(customer=customer, patient_id=patient_id)
+                raise RequestInFlight()
     except IntegrityError as exc:
         # Lost a race that the checks above could not see: the constraint decides.
         constraint = getattr(getattr(exc.__cause__, "diag", None), "constraint_name", None)
@@ -142,7 +143,7 @@ def _accept_otherwise(
         if constraint == "idempotency_customer_key":
             raise RequestInFlight() from exc
         raise
-    return workflow
+    return workflow_id
 
 
 def _lock_name(*, customer_id: uuid.UUID, key: str) -> str:
@@ -164,112 +165,52 @@ def _try_lock_key(*, customer_id: uuid.UUID, key: str) -> bool:
     return bool(row and row[0])
 
 
-def _accept_new(
+def _accept_in_one_statement(
     *,
     customer: Customer,
     key: str,
     fingerprint: str,
     patient_id: uuid.UUID,
     request_data: dict[str, Any],
-) -> Workflow | None:
-    """The common case in one statement, so one round trip to PostgreSQL: a new key for a
-    patient with no link and nothing pending. The request data, the workflow, its first
-    timeline line and the idempotency record are inserted together (one statement is one
-    transaction), under the same key lock as _accept_otherwise, or not at all; the workflow is
-    announced (pg_notify, delivered at commit) only when they are. None when any
-    condition fails, or a concurrent request wins a unique constraint: _accept_otherwise then
-    says why, one query at a time."""
-    link_request, workflow, first, record = _new_rows(
-        customer=customer,
-        key=key,
-        fingerprint=fingerprint,
-        patient_id=patient_id,
-        request_data=request_data,
-    )
-    request_sql, params = insert_select(link_request, name="request")
-    # Built from model metadata only; every value is a parameter.
-    sql = (
-        f"WITH request AS ({request_sql} "  # noqa: S608
-        "WHERE pg_try_advisory_xact_lock(hashtextextended(%(lock)s, 0))"
-        " AND NOT EXISTS (SELECT 1 FROM linking_idempotencyrecord"
-        " WHERE customer_id = %(customer)s AND key = %(key)s)"
-        " AND NOT EXISTS (SELECT 1 FROM linking_patientmapping"
-        " WHERE customer_id = %(customer)s AND customer_patient_id = %(patient)s"
-        " AND status = %(linked)s)"
-        " AND NOT EXISTS (SELECT 1 FROM workflows_workflow"
-        " WHERE customer_id = %(customer)s AND patient_id = %(patient)s"
-        f" AND status IN ({_PENDING_SQL}))"
-        " RETURNING 1)"
-    )
-    channel, message = workflow_announcement(workflow=workflow)
-    params |= {
-        "lock": _lock_name(customer_id=customer.id, key=key),
+) -> uuid.UUID | None:
+    """Write the accepted request's rows in one statement (statements.ACCEPT), so one round
+    trip: the new workflow's id, or None when the key is known, the patient linked or already
+    pending. A unique constraint a concurrent request won raises IntegrityError."""
+    workflow_id = uuid.uuid4()
+    now = timezone.now()
+    channel, message = workflow_announcement(workflow_id=workflow_id)
+    accepted = _accepted_response(workflow_id)
+    params = {
+        "request": uuid.uuid4(),
+        "workflow": workflow_id,
         "customer": customer.id,
-        "key": key,
         "patient": patient_id,
+        "key": key,
+        "lock": _lock_name(customer_id=customer.id, key=key),
+        "data": _REQUEST_DATA.get_db_prep_save(request_data, connection),
+        "webhook_url": request_data.get("webhook", ""),
+        "request_type": RequestType.LINK.value,
+        "received": Status.RECEIVED.value,
         "linked": MappingStatus.LINKED.value,
+        "pending": [state.value for state in PENDING_STATES],
+        "fingerprint": fingerprint,
+        "status": accepted.status,
+        "body": json.dumps(accepted.body),
+        "headers": json.dumps(accepted.headers),
+        "now": now,
+        "expires": now + dt.timedelta(seconds=settings.IDEMPOTENCY_TTL_SECONDS),
         "channel": channel,
         "message": message,
     }
-    # Each later row is inserted once per row of the one before: all of them or none.
-    for name, instance, source in (
-        ("workflow", workflow, "request"),
-        ("timeline", first, "workflow"),
-        ("record", record, "workflow"),
+    # A savepoint only inside an outer transaction (tests, _accept_otherwise); in autocommit
+    # the statement is its own transaction and needs no BEGIN/COMMIT.
+    with (
+        transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext(),
+        connection.cursor() as cursor,
     ):
-        insert_sql, insert_params = insert_select(instance, name=name)
-        sql += f", {name} AS ({insert_sql} FROM {source} RETURNING 1)"
-        params |= insert_params
-    # pg_notify runs once per inserted record row, so never for a request that inserted nothing
-    # (a volatile call in a subquery's output is always evaluated, never optimised away).
-    sql += (
-        " SELECT count(*) FROM (SELECT pg_notify(%(channel)s, %(message)s) FROM record)"
-        " AS announced"
-    )
-    try:
-        # A savepoint only inside an outer transaction (tests, callers holding one); in
-        # autocommit the statement is its own transaction and needs no BEGIN/COMMIT.
-        with (
-            transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext(),
-            connection.cursor() as cursor,
-        ):
-            cursor.execute(sql, params)
-            row = cursor.fetchone()
-    except IntegrityError:
-        return None
-    return workflow if row and row[0] == 1 else None
-
-
-def _new_rows(
-    *,
-    customer: Customer,
-    key: str,
-    fingerprint: str,
-    patient_id: uuid.UUID,
-    request_data: dict[str, Any],
-) -> tuple[LinkRequest, Workflow, WorkflowTransition, IdempotencyRecord]:
-    """The four rows of an accepted request, not saved yet."""
-    request_id = uuid.uuid4()
-    link_request = LinkRequest(request_id=request_id, customer=customer, data=request_data)
-    workflow, first = workflow_new(
-        customer=customer,
-        patient_id=patient_id,
-        request_id=request_id,
-        webhook_url=request_data.get("webhook", ""),
-    )
-    accepted = _accepted_response(workflow)
-    record = IdempotencyRecord(
-        customer=customer,
-        key=key,
-        fingerprint=fingerprint,
-        workflow=workflow,
-        response_status=accepted.status,
-        response_body=json.dumps(accepted.body),
-        response_headers=accepted.headers,
-        created_at=workflow.created_at,
-        expires_at=workflow.created_at + dt.timedelta(seconds=settings.IDEMPOTENCY_TTL_SECONDS),
-    )
-    return link_request, workflow, first, record
+        cursor.execute(statements.ACCEPT, params)
+        row = cursor.fetchone()
+    return workflow_id if row and row[0] == 1 else None
 
 
 def _replay(*, customer: Customer, key: str, fingerprint: str) -> LinkAcceptance | None:
@@ -315,32 +256,12 @@ def _pending_workflow_id(*, customer: Customer, patient_id: uuid.UUID) -> uuid.U
     )
 
 
-def _persist(
-    *,
-    customer: Customer,
-    key: str,
-    fingerprint: str,
-    patient_id: uuid.UUID,
-    request_data: dict[str, Any],
-) -> Workflow:
-    rows = _new_rows(
-        customer=customer,
-        key=key,
-        fingerprint=fingerprint,
-        patient_id=patient_id,
-        request_data=request_data,
-    )
-    for row in rows:
-        row.save(force_insert=True)
-    return rows[1]
-
-
-def _accepted_response(workflow: Workflow) -> LinkAcceptance:
+def _accepted_response(workflow_id: uuid.UUID) -> LinkAcceptance:
     return LinkAcceptance(
         status=202,
-        body={"workflow-id": str(workflow.id), "status": Status.RECEIVED.value},
+        body={"workflow-id": str(workflow_id), "status": Status.RECEIVED.value},
         headers={
-            "Location": f"/link/status/{workflow.id}",
+            "Location": f"/link/status/{workflow_id}",
             "Retry-After": str(STATUS_RETRY_AFTER_SECONDS),
         },
     )

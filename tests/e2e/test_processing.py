@@ -2,6 +2,7 @@
 PostgreSQL and Redis, and a webhook receiver verifying Standard Webhooks signatures."""
 
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -287,7 +288,7 @@ def test_webhook_410_disables_the_endpoint(
     assert deliveries_for(receiver, second_id) == []
 
 
-def _unheard(*, workflow: Workflow) -> list[str]:
+def _unheard(*, workflow_id: uuid.UUID) -> list[str]:
     """An announcement on a channel no dispatcher listens on."""
     return ["nobody_listens", "{}"]
 

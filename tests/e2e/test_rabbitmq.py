@@ -215,7 +215,7 @@ import linking.services.accept as accept
 from linking.serializers import LinkCreateInputSerializer
 from merchant.models import Customer
 
-accept.workflow_announcement = lambda *, workflow: ["nobody_listens", "{}"]
+accept.workflow_announcement = lambda *, workflow_id: ["nobody_listens", "{}"]
 customer = Customer.objects.get()
 body = json.loads(sys.stdin.read())
 serializer = LinkCreateInputSerializer(data=body, context={"customer": customer})

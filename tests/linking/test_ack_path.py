@@ -1,16 +1,19 @@
-"""The ack path's single statement (linking/services/accept.py `_accept_new`): one round trip for
-a new request, and exactly the rows the one-query-at-a-time path writes."""
+"""The ack path's single statement (linking.statements.ACCEPT): one round trip for a new request,
+every column of the four rows it writes, and what the models would write."""
 
 import datetime as dt
 import json
+import re
 from typing import Any
 
 import pytest
+from django.conf import settings
 from django.db import connection
 from django.forms.models import model_to_dict
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from linking import statements
 from linking.models import IdempotencyRecord, LinkRequest
 from tests.conftest import LinkClient, link_body
 from workflows.models import Workflow, WorkflowTransition
@@ -52,24 +55,47 @@ def test_a_new_request_is_one_statement(api: LinkClient) -> None:
     # Inside the test's transaction a savepoint wraps it; in autocommit there is none.
     statements = [sql for sql in writes if "SAVEPOINT" not in sql]
     assert len(statements) == 1, statements
-    assert statements[0].startswith("WITH request AS (INSERT INTO")
+    assert statements[0].lstrip().startswith("WITH request AS (")
 
 
-def test_the_statement_writes_what_the_other_path_writes(api: LinkClient) -> None:
+@pytest.mark.parametrize(
+    "model",
+    [LinkRequest, Workflow, WorkflowTransition, IdempotencyRecord],
+    ids=lambda m: m.__name__,
+)
+def test_the_statement_writes_every_column(model: Any) -> None:
+    # A column added to a model without a database default must be added to ACCEPT too.
+    table = model._meta.db_table
+    found = re.search(rf"INSERT INTO {table}\s*\(([^)]*)\)", statements.ACCEPT)
+    assert found, table
+    written = [name.strip() for name in found.group(1).split(",")]
+    columns = [
+        f.column for f in model._meta.concrete_fields if f.column != "id" or not f.auto_created
+    ]
+    assert sorted(written) == sorted(columns)
+
+
+def test_the_statement_writes_what_the_models_would(api: LinkClient) -> None:
     body = link_body()
-    fast = api.post_link(body, key="k").json()["workflow-id"]
-    written = _rows(fast)
-    # An expired record for the same key sends the same body down the other path.
-    Workflow.objects.filter(id=fast).update(status="FAILED")
-    IdempotencyRecord.objects.update(expires_at=timezone.now() - dt.timedelta(seconds=1))
-    with CaptureQueriesContext(connection) as queries:
-        slow = api.post_link(body, key="k").json()["workflow-id"]
-    assert any("pg_try_advisory_xact_lock" in q["sql"] for q in queries.captured_queries)
-    assert fast != slow
-    assert _rows(slow) == written
+    workflow_id = api.post_link(body, key="k").json()["workflow-id"]
+    written = _rows(workflow_id)
+    defaults = model_to_dict(Workflow(), exclude=_OWN | {"customer", "patient_id", "webhook_url"})
+    assert {k: written["workflow"][k] for k in defaults} == defaults
     assert written["timeline"] == [
         {"source": "", "target": "RECEIVED", "reason": "accepted", "actor": "api"}
     ]
+    assert written["record_ttl"] == dt.timedelta(seconds=settings.IDEMPOTENCY_TTL_SECONDS)
+    # An expired record for the same key sends the same body down the other path, which
+    # writes the same rows under the key's lock.
+    Workflow.objects.filter(id=workflow_id).update(status="FAILED")
+    IdempotencyRecord.objects.update(expires_at=timezone.now() - dt.timedelta(seconds=1))
+    with CaptureQueriesContext(connection) as queries:
+        again = api.post_link(body, key="k").json()["workflow-id"]
+    assert any(
+        "pg_try_advisory_xact_lock(hashtextextended(" in q["sql"] for q in queries.captured_queries
+    )
+    assert again != workflow_id
+    assert _rows(again) == written
 
 
 def test_a_refused_request_writes_nothing_and_says_why(api: LinkClient) -> None:

@@ -38,33 +38,10 @@ def workflow_create(
     webhook_url: str = "",
     actor: str = "api",
 ) -> Workflow:
-    """Insert a RECEIVED workflow and the first line of its timeline (caller holds the tx)."""
-    workflow, first = workflow_new(
-        customer=customer,
-        patient_id=patient_id,
-        request_id=request_id,
-        request_type=request_type,
-        webhook_url=webhook_url,
-        actor=actor,
-    )
-    workflow.save(force_insert=True)
-    first.save(force_insert=True)
-    return workflow
-
-
-def workflow_new(
-    *,
-    customer: Customer,
-    patient_id: uuid.UUID,
-    request_id: uuid.UUID,
-    request_type: str = RequestType.LINK,
-    webhook_url: str = "",
-    actor: str = "api",
-) -> tuple[Workflow, WorkflowTransition]:
-    """A RECEIVED workflow and the first line of its timeline, not saved yet: workflow_create
-    saves them, the ack path's single statement inserts them (linking/services/accept.py)."""
+    """Insert a RECEIVED workflow and the first line of its timeline (caller holds the tx).
+    The ack path writes the same rows in its own statement (linking.statements.ACCEPT)."""
     now = timezone.now()
-    workflow = Workflow(
+    workflow = Workflow.objects.create(
         customer=customer,
         patient_id=patient_id,
         request_id=request_id,
@@ -73,15 +50,10 @@ def workflow_new(
         created_at=now,
         updated_at=now,
     )
-    first = WorkflowTransition(
-        workflow=workflow,
-        source="",
-        target=Status.RECEIVED,
-        actor=actor,
-        at=now,
-        reason="accepted",
+    WorkflowTransition.objects.create(
+        workflow=workflow, source="", target=Status.RECEIVED, actor=actor, at=now, reason="accepted"
     )
-    return workflow, first
+    return workflow
 
 
 @dataclass(frozen=True)
@@ -252,9 +224,9 @@ _DELIVERY_COLUMNS = (
 WORKFLOW_CHANNEL = "workflows_received"
 
 
-def workflow_announcement(*, workflow: Workflow) -> list[str]:
+def workflow_announcement(*, workflow_id: uuid.UUID) -> list[str]:
     """pg_notify's arguments for this workflow: the channel, and the workflow id."""
-    return [WORKFLOW_CHANNEL, str(workflow.id)]
+    return [WORKFLOW_CHANNEL, str(workflow_id)]
 
 
 def workflow_announce(*, workflow: Workflow) -> None:
@@ -266,7 +238,7 @@ def workflow_announce(*, workflow: Workflow) -> None:
     down) is published by the next dispatcher's catch-up or, older, by the reconciliation sweep.
     """
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_notify(%s, %s)", workflow_announcement(workflow=workflow))
+        cursor.execute("SELECT pg_notify(%s, %s)", workflow_announcement(workflow_id=workflow.id))
 
 
 def workflow_publish(*, workflow: Workflow) -> bool:
