@@ -24,6 +24,7 @@ STATUS_RETRY_AFTER_SECONDS = 5
 IN_FLIGHT_RETRY_AFTER_SECONDS = 1
 # The request data as LinkRequest.data stores it (encrypted).
 _REQUEST_DATA = LinkRequest._meta.get_field("data")
+_PENDING = [state.value for state in PENDING_STATES]
 
 
 class LinkRefused(Exception):
@@ -192,7 +193,7 @@ def _accept_in_one_statement(
         "request_type": RequestType.LINK.value,
         "received": Status.RECEIVED.value,
         "linked": MappingStatus.LINKED.value,
-        "pending": [state.value for state in PENDING_STATES],
+        "pending": _PENDING,
         "fingerprint": fingerprint,
         "status": accepted.status,
         "body": json.dumps(accepted.body),

@@ -25,8 +25,8 @@ from tests.conftest import (
     queued_workflow_ids,
     wait_broker_messages,
 )
-from workflows.models import Status, Workflow
-from workflows.services import workflow_announce, workflow_create
+from workflows.models import Status, Workflow, WorkflowTransition
+from workflows.services import workflow_announcement
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -43,14 +43,23 @@ def accept(credentials: CustomerCredentials, key: str) -> str:
     return str(accepted.body["workflow-id"])
 
 
+def announce(workflow: Workflow) -> None:
+    """pg_notify as the ack's statement sends it: delivered at the commit, if any."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_notify(%s, %s)", workflow_announcement(workflow_id=workflow.id))
+
+
 def published_ids(redis_db: Any) -> list[str]:
     return queued_workflow_ids(broker_messages(redis_db))
 
 
 def unannounced(credentials: CustomerCredentials, *, age: dt.timedelta | None = None) -> Workflow:
     """A RECEIVED workflow whose announcement nobody heard (written without one)."""
-    workflow = workflow_create(
+    workflow = Workflow.objects.create(
         customer=credentials.customer, patient_id=uuid.uuid4(), request_id=uuid.uuid4()
+    )
+    WorkflowTransition.objects.create(
+        workflow=workflow, source="", target=Status.RECEIVED, actor="api", reason="accepted"
     )
     if age is not None:
         Workflow.objects.filter(id=workflow.id).update(updated_at=timezone.now() - age)
@@ -143,7 +152,7 @@ def test_a_burst_is_published_in_few_batches(
         with transaction.atomic():  # 200 announcements delivered together at the commit
             workflows = [unannounced(credentials) for _ in range(200)]
             for workflow in workflows:
-                workflow_announce(workflow=workflow)
+                announce(workflow)
             time.sleep(0.2)
             assert broker_messages(redis_db) == []  # nothing before the commit
         wait_broker_messages(redis_db, 200)

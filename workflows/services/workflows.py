@@ -14,46 +14,15 @@ from django.utils import timezone
 from django_fsm import ConcurrentTransition
 
 from config import metrics
-from merchant.models import Customer
 from workflows import statements
 from workflows.models import (
     TERMINAL_STATES,
-    RequestType,
-    Status,
     WebhookDelivery,
     Workflow,
-    WorkflowTransition,
 )
 from workflows.services.webhooks import webhook_delivery_new, webhook_delivery_send_later
 
 logger = logging.getLogger(__name__)
-
-
-def workflow_create(
-    *,
-    customer: Customer,
-    patient_id: uuid.UUID,
-    request_id: uuid.UUID,
-    request_type: str = RequestType.LINK,
-    webhook_url: str = "",
-    actor: str = "api",
-) -> Workflow:
-    """Insert a RECEIVED workflow and the first line of its timeline (caller holds the tx).
-    The ack path writes the same rows in its own statement (linking.statements.ACCEPT)."""
-    now = timezone.now()
-    workflow = Workflow.objects.create(
-        customer=customer,
-        patient_id=patient_id,
-        request_id=request_id,
-        request_type=request_type,
-        webhook_url=webhook_url,
-        created_at=now,
-        updated_at=now,
-    )
-    WorkflowTransition.objects.create(
-        workflow=workflow, source="", target=Status.RECEIVED, actor=actor, at=now, reason="accepted"
-    )
-    return workflow
 
 
 @dataclass(frozen=True)
@@ -227,18 +196,6 @@ WORKFLOW_CHANNEL = "workflows_received"
 def workflow_announcement(*, workflow_id: uuid.UUID) -> list[str]:
     """pg_notify's arguments for this workflow: the channel, and the workflow id."""
     return [WORKFLOW_CHANNEL, str(workflow_id)]
-
-
-def workflow_announce(*, workflow: Workflow) -> None:
-    """Tell the dispatcher about a new workflow, inside the caller's transaction.
-
-    PostgreSQL delivers a NOTIFY when, and only if, its transaction commits: the message is sent
-    after the commit, never for a rolled-back row, and the request path touches only PostgreSQL
-    (design decision 2's outbox). A notification nobody was listening for (the dispatcher was
-    down) is published by the next dispatcher's catch-up or, older, by the reconciliation sweep.
-    """
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_notify(%s, %s)", workflow_announcement(workflow_id=workflow.id))
 
 
 def workflow_publish(*, workflow: Workflow) -> bool:
