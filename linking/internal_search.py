@@ -1,9 +1,7 @@
 """Client of the internal system's FHIR R4 `Patient/$match` (contracts/internal-search.md)."""
 
 import json
-import os
 import re
-import threading
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -15,6 +13,7 @@ from urllib3.exceptions import NewConnectionError
 from urllib3.exceptions import TimeoutError as TransportTimeout
 
 from config.metrics import internal_call_metered
+from workflows import concurrent
 
 MATCH_GRADE_URL = "http://hl7.org/fhir/StructureDefinition/match-grade"
 MATCH_GRADES = {"certain", "probable", "possible", "certainly-not"}
@@ -41,30 +40,20 @@ class Candidate:
     grade: str
 
 
-_lock = threading.Lock()
-_pool: tuple[int, urllib3.PoolManager] | None = None
+def _connections() -> urllib3.PoolManager:
+    # maxsize: the connections kept per host, one per thread that may search at once;
+    # block=False: a burst beyond it opens more, and closes them after use.
+    return urllib3.PoolManager(num_pools=4, maxsize=concurrent.io_threads(), retries=False)
 
 
-def _http() -> urllib3.PoolManager:
-    """The process's keep-alive connections to the internal system, shared by its threads.
-
-    urllib3 directly rather than requests: a search through a requests Session cost 1.4-1.7 ms
-    of CPU, through urllib3 0.76-0.83 ms (measured against the stand-in, one thread, the same
-    request), and requests added nothing we use (no redirects, no retries, no cookies; its
-    proxy and .netrc lookups from the environment, one stat per call, are not wanted for an
-    internal system). Made again after a fork: a prefork child must not share its parent's
-    sockets.
-    """
-    global _pool
-    with _lock:
-        if _pool is None or _pool[0] != os.getpid():
-            # maxsize: the connections kept per host, enough for the batches in flight at once;
-            # block=False: a burst beyond it opens more, and closes them after use.
-            manager = urllib3.PoolManager(
-                num_pools=4, maxsize=max(8, 4 * settings.WORKER_BATCH_SIZE), retries=False
-            )
-            _pool = (os.getpid(), manager)
-        return _pool[1]
+# The process's keep-alive connections to the internal system, shared by its threads.
+#
+# urllib3 directly rather than requests: a search through a requests Session cost 1.4-1.7 ms of
+# CPU, through urllib3 0.76-0.83 ms (measured against the stand-in, one thread, the same
+# request), and requests added nothing we use (no redirects, no retries, no cookies; its proxy
+# and .netrc lookups from the environment, one stat per call, are not wanted for an internal
+# system).
+_http = concurrent.PerProcess(_connections)
 
 
 def match_parameters(patient: dict[str, Any], *, count: int) -> dict[str, Any]:
@@ -127,7 +116,7 @@ def _request(method: str, url: str, what: str, **kwargs: Any) -> urllib3.BaseHTT
     """One request, the whole body read; a transport failure becomes a transient error whose
     cause is urllib3's own exception (the metrics tell timeouts from connection failures)."""
     try:
-        return _http().request(
+        return _http.get().request(
             method, url, timeout=_timeout(), redirect=False, retries=False, **kwargs
         )
     except NewConnectionError as exc:

@@ -87,9 +87,14 @@ class ReceiverServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     server: ReceiverServer
+    # Keep-alive, as a customer's web server would: one connection carries many deliveries.
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True  # the rest is never read: the stream is unusable
         body = self.rfile.read(min(length, MAX_BODY_BYTES)).decode("utf-8", "replace")
         state = self.server.state
         step = state.next_step()

@@ -19,6 +19,7 @@ from merchant.services import CustomerCredentials, customer_onboard
 from standin.server import make_server
 from tests.processes import serving
 from workflows.dispatcher import Dispatcher
+from workflows.webhook_client import webhook_connections_close
 
 
 @pytest.fixture(autouse=True)
@@ -32,6 +33,14 @@ def redis_db() -> Iterator[redis.Redis]:
     _empty(client)
     yield client
     _empty(client)
+
+
+@pytest.fixture(autouse=True)
+def webhook_connections() -> Iterator[None]:
+    """No kept-alive webhook connection outlives its test: each test's receivers are its own,
+    and tests count the connections they see."""
+    yield
+    webhook_connections_close()
 
 
 def _empty(client: redis.Redis) -> None:

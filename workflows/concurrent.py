@@ -2,35 +2,53 @@
 
 A batch's HTTP calls wait on the network, not on the CPU: run together they take about as long
 as the slowest one, instead of the sum. The pool is shared by every task thread of the worker
-process and made again after a fork (a prefork child does not inherit the parent's threads).
+process (PerProcess: made again after a fork, a prefork child does not inherit the parent's
+threads).
 """
 
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from django.conf import settings
 
 T = TypeVar("T")
 
-_lock = threading.Lock()
-_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+class PerProcess(Generic[T]):
+    """One object per process, shared by its threads, made on first use and again after a fork:
+    a prefork child must share neither its parent's threads nor its sockets."""
+
+    def __init__(self, make: Callable[[], T]) -> None:
+        self._make = make
+        self._lock = threading.Lock()
+        self._made: tuple[int, T] | None = None
+
+    def get(self) -> T:
+        with self._lock:
+            if self._made is None or self._made[0] != os.getpid():
+                self._made = (os.getpid(), self._make())
+            return self._made[1]
+
+    def forget(self) -> None:
+        """The next get() makes a new one (tests: no connection outlives its test)."""
+        with self._lock:
+            self._made = None
 
 
-def pool() -> ThreadPoolExecutor:
-    global _pool
-    with _lock:
-        if _pool is None or _pool[0] != os.getpid():
-            # Enough for a few batches in flight at once in this process.
-            size = max(8, 4 * settings.WORKER_BATCH_SIZE)
-            _pool = (os.getpid(), ThreadPoolExecutor(size, thread_name_prefix="batch-io"))
-        return _pool[1]
+def io_threads() -> int:
+    """Threads for a process's outbound calls: enough for a few batches in flight at once. Also
+    the keep-alive connections worth keeping per host, one per thread that may use it."""
+    return max(8, 4 * settings.WORKER_BATCH_SIZE)
+
+
+_threads = PerProcess(lambda: ThreadPoolExecutor(io_threads(), thread_name_prefix="batch-io"))
 
 
 def submit(fn: Callable[[], T]) -> "Future[T]":
-    return pool().submit(fn)
+    return _threads.get().submit(fn)
 
 
 def in_waves(futures: Sequence["Future[T]"], *, linger: float) -> Iterator[list["Future[T]"]]:

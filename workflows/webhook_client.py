@@ -10,7 +10,9 @@ urllib3 is used directly (requests' adapter would resolve the name again): a con
 the address with `server_hostname` set to the name, which urllib3 sends as SNI and hands to the
 ssl module's own hostname check (requests-toolbelt's HostHeaderSSLAdapter is the same idea with
 `assert_hostname`). No redirects, no retries, no proxy from the environment (a proxy would
-resolve the name itself), connect and read timeouts, and the body of the answer is never read.
+resolve the name itself), connect and read timeouts. Connections are kept alive per checked
+address (one pool each, shared by the process's threads); an answer's body is read only when it
+is short and declared (REUSE_BODY_BYTES), to keep its connection, and otherwise never.
 """
 
 import datetime as dt
@@ -18,6 +20,7 @@ import http.client
 import socket
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import urllib3
 from django.conf import settings
@@ -36,11 +39,14 @@ from merchant.webhook_urls import (
     resolved_refusal,
     webhook_url_parse,
 )
+from workflows import concurrent
 
 USER_AGENT = "merchant-service-webhooks/1"
 # The same trust store requests used before the client pinned addresses; tests point it at
 # their own CA.
 CA_BUNDLE = DEFAULT_CA_BUNDLE_PATH
+# The longest answer body read so that its connection can be kept (anything longer: closed).
+REUSE_BODY_BYTES = 64 * 1024
 
 
 class WebhookSendError(Exception):
@@ -111,28 +117,39 @@ def webhook_destination(url: str) -> Destination:
     return Destination(url=parsed, addresses=tuple(addresses), target=target)
 
 
+def _connections() -> urllib3.PoolManager:
+    # One pool per (scheme, checked address, port, name, trust store), the least recently used
+    # closed beyond num_pools; maxsize: the keep-alive connections kept per pool, one per thread
+    # that may send at once (block=False: a burst beyond it opens more, closed after use).
+    return urllib3.PoolManager(num_pools=64, maxsize=concurrent.io_threads(), retries=False)
+
+
+# The process's keep-alive connections to receivers, shared by its threads. A connection is
+# only ever to an address that was checked, for the name it was checked for: every attempt
+# still resolves and checks, and takes the pool of the address it chose.
+_connections_kept = concurrent.PerProcess(_connections)
+
+
 def webhook_pool(destination: Destination, address: IPAddress) -> urllib3.HTTPConnectionPool:
-    """A one-connection pool to a checked address, verifying TLS for the URL's name."""
-    timeout = urllib3.Timeout(
-        connect=settings.WEBHOOK_TIMEOUT_SECONDS, read=settings.WEBHOOK_TIMEOUT_SECONDS
-    )
-    host = str(address)
+    """The keep-alive pool for a checked address, verifying TLS for the URL's name."""
+    kwargs: dict[str, Any] = {}
     if destination.url.scheme == "https":
         # server_hostname: SNI and the stdlib's certificate hostname check use the name,
-        # while the socket connects to `host`, the address that was checked.
-        return urllib3.HTTPSConnectionPool(
-            host,
-            destination.url.port,
-            timeout=timeout,
-            retries=False,
-            maxsize=1,
-            cert_reqs="CERT_REQUIRED",
-            ca_certs=CA_BUNDLE,
-            server_hostname=destination.url.host,
-        )
-    return urllib3.HTTPConnectionPool(
-        host, destination.url.port, timeout=timeout, retries=False, maxsize=1
+        # while the socket connects to the address that was checked.
+        kwargs = {
+            "cert_reqs": "CERT_REQUIRED",
+            "ca_certs": CA_BUNDLE,
+            "server_hostname": destination.url.host,
+        }
+    return _connections_kept.get().connection_from_host(
+        str(address), destination.url.port, destination.url.scheme, pool_kwargs=kwargs
     )
+
+
+def webhook_connections_close() -> None:
+    """Close every kept connection of this process (tests: none outlives its test)."""
+    _connections_kept.get().clear()
+    _connections_kept.forget()
 
 
 def webhook_post(*, url: str, body: str, headers: dict[str, str]) -> WebhookResponse:
@@ -160,27 +177,51 @@ def webhook_post(*, url: str, body: str, headers: dict[str, str]) -> WebhookResp
 def _post_once(
     destination: Destination, address: IPAddress, *, body: str, headers: dict[str, str]
 ) -> int:
-    pool = webhook_pool(destination, address)
+    timeout = settings.WEBHOOK_TIMEOUT_SECONDS
+    deadline = time.monotonic() + timeout
+    # preload_content=False: the status line is the answer; the body is read only as far as
+    # _reusable allows, so a receiver cannot make us read an unbounded one (http.client caps
+    # the headers at 100 lines of 64 KiB).
+    response = webhook_pool(destination, address).urlopen(
+        "POST",
+        destination.target,
+        body=body.encode("utf-8"),
+        headers={
+            **headers,
+            "Host": destination.url.host_header,
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+        },
+        timeout=urllib3.Timeout(connect=timeout, read=timeout),
+        redirect=False,  # a redirect is an answer, never followed (SSRF)
+        retries=False,  # the delivery schedule retries, with a fresh check
+        preload_content=False,
+        release_conn=False,
+    )
     try:
-        # preload_content=False and no body read: the status line is the answer, and a
-        # receiver cannot make us read an unbounded body (http.client caps the headers at 100
-        # lines of 64 KiB).
-        response = pool.urlopen(
-            "POST",
-            destination.target,
-            body=body.encode("utf-8"),
-            headers={
-                **headers,
-                "Host": destination.url.host_header,
-                "Content-Type": "application/json",
-                "User-Agent": USER_AGENT,
-            },
-            redirect=False,  # a redirect is an answer, never followed (SSRF)
-            retries=False,  # the delivery schedule retries, with a fresh check
-            preload_content=False,
-        )
-        status_code = response.status
-        response.close()
-        return status_code
+        if not _reusable(response, deadline):
+            response.close()  # and its connection: the pool opens a new one next time
     finally:
-        pool.close()
+        response.release_conn()
+    return response.status
+
+
+def _reusable(response: urllib3.BaseHTTPResponse, deadline: float) -> bool:
+    """Read the rest of a small answer, so that its connection can carry the next POST.
+
+    Only a body of a declared length up to REUSE_BODY_BYTES, and only while the attempt's time
+    lasts (each read1 waits for one receipt at most, within the read timeout): a chunked, long,
+    or trickled answer closes the connection instead.
+    """
+    remaining = response.length_remaining
+    if remaining is None or remaining > REUSE_BODY_BYTES:
+        return False
+    try:
+        while remaining > 0 and time.monotonic() < deadline:
+            chunk = response.read1(remaining, decode_content=False)
+            if not chunk:
+                return False
+            remaining -= len(chunk)
+    except (TransportError, http.client.HTTPException, OSError):
+        return False
+    return remaining == 0

@@ -574,8 +574,17 @@ def test_the_pool_connects_to_the_address_and_verifies_the_name() -> None:
     assert pool.conn_kw["server_hostname"] == HOST
     assert pool.cert_reqs == "CERT_REQUIRED"
     assert pool.assert_hostname is None  # None keeps the stdlib's own hostname check on
-    assert pool.retries is False
-    pool.close()
+    # Kept for the next attempt to the same address and name; another name at the same
+    # address gets a pool (and connections) of its own.
+    assert webhook_client.webhook_pool(destination, destination.addresses[0]) is pool
+    other = webhook_client.Destination(
+        url=webhook_client.webhook_url_parse("https://other.customer.example:8443/x"),
+        addresses=destination.addresses,
+        target="/x",
+    )
+    other_pool = webhook_client.webhook_pool(other, other.addresses[0])
+    assert other_pool is not pool
+    assert other_pool.conn_kw["server_hostname"] == "other.customer.example"
 
 
 def test_a_redirect_is_not_followed(
