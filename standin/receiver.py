@@ -21,6 +21,8 @@ from typing import Any
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from standin.server import QuietDisconnects
+
 MAX_BODY_BYTES = 1 << 20
 
 
@@ -57,7 +59,7 @@ class ReceiverState:
             return self.script.pop(0) if self.script else Step()
 
 
-class ReceiverServer(ThreadingHTTPServer):
+class ReceiverServer(QuietDisconnects, ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 4096  # as the stand-in's (standin/server.py)
 

@@ -66,7 +66,18 @@ class _Rejected(Exception):
         self.response = response
 
 
-class StandinServer(ThreadingHTTPServer):
+class QuietDisconnects:
+    """socketserver prints a traceback for every exception in a handler thread. A client that
+    went away mid-connection (a killed worker's kept-alive connection: ECONNRESET on the next
+    read) is no fault of the server's; anything else still prints."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)  # type: ignore[misc]
+
+
+class StandinServer(QuietDisconnects, ThreadingHTTPServer):
     # Handler threads must not keep the process (or a test run) alive after shutdown.
     daemon_threads = True
     # socketserver's listen backlog is 5: a burst of new connections (a batch's searches from a

@@ -194,3 +194,23 @@ def test_the_harness_receiver_keeps_connections_alive() -> None:
         assert [post(f"{server.url}/hooks") for _ in range(5)] == [200] * 5
         assert len(server.deliveries()) == 5
     assert len(accepted) == 1
+
+
+def test_a_sender_killed_mid_connection_leaves_no_traceback(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A worker SIGKILLed with a kept connection open resets it; the receiver (and the FHIR
+    stand-in, the same QuietDisconnects) ends that connection without printing a traceback."""
+    server = make_receiver()
+    with serving(server):
+        assert post(f"{server.url}/hooks") == 200
+        sock = socket.create_connection(("127.0.0.1", server.server_address[1]))
+        sock.sendall(b"POST /hooks HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        sock.recv(65536)
+        # SO_LINGER 0: close() sends RST, as the kernel does for a killed process's socket
+        # with unread data; the handler's next read gets ECONNRESET.
+        sock.sendall(b"POST /hooks HTTP/1.1\r\n")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()
+        time.sleep(0.3)
+    assert "Traceback" not in capfd.readouterr().err
