@@ -243,6 +243,8 @@ WORKFLOW_CLAIM_LEASE_SECONDS = env_int(
 )
 RECONCILE_INTERVAL_SECONDS = env_int("RECONCILE_INTERVAL_SECONDS", 300, minimum=1)
 RECONCILE_STALE_AFTER_SECONDS = env_int("RECONCILE_STALE_AFTER_SECONDS", 420, minimum=1)
+# A review (operator or customer) not decided this long after it began ends with no match.
+REVIEW_TIMEOUT_SECONDS = env_int("REVIEW_TIMEOUT_SECONDS", 7 * 24 * 3600, minimum=10)
 RECONCILE_BATCH_SIZE = env_int("RECONCILE_BATCH_SIZE", 500, minimum=1)
 STUCK_REPORT_INTERVAL_SECONDS = env_int("STUCK_REPORT_INTERVAL_SECONDS", 3600, minimum=10)
 
@@ -382,6 +384,7 @@ SPECTACULAR_SETTINGS = {
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
         "merchant.schema.postprocess_common_responses",
+        "merchant.schema.postprocess_required_choices",
     ],
 }
 

@@ -19,6 +19,7 @@ from linking.serializers import (
     DelinkOutputSerializer,
     LinkAcceptedSerializer,
     LinkCreateInputSerializer,
+    LinkDecisionInputSerializer,
     LinkStatusOutputSerializer,
     PatientOutputSerializer,
     SearchResultReceiptSerializer,
@@ -176,6 +177,63 @@ class LinkStatusApi(APIView):
         if data is None:
             raise Problem("not-found")
         return Response(data)
+
+
+class LinkDecisionApi(APIView):
+    throttle_scope = "read"  # merchant/throttling.py
+
+    @extend_schema(
+        operation_id="link_decide",
+        summary="Decide a review: link one candidate, or reject them all",
+        description="For a customer that decides its own reviews (`review_by=customer`): when a "
+        "workflow enters REVIEW, the `link.review_required` webhook is sent and GET "
+        "/link/status lists its `candidates`. Name one (`candidate-id`) to link it, or send "
+        "`reject: true` to end the workflow with no match. The workflow then completes and "
+        "`link.completed` is sent. Idempotent: the same decision again answers the same 200; "
+        "another decision after one was taken is a 409.",
+        parameters=[
+            OpenApiParameter(
+                "workflow_id",
+                OpenApiTypes.UUID,
+                OpenApiParameter.PATH,
+                description="The `workflow-id` in REVIEW.",
+            )
+        ],
+        request=LinkDecisionInputSerializer,
+        responses={
+            (200, "application/json"): LinkStatusOutputSerializer,
+            **problem_responses(400, 401, 404, 409, 415, 422, 503),
+        },
+    )
+    def post(self, request: Request, workflow_id: str) -> Response:
+        customer = request_customer(request)
+        serializer = LinkDecisionInputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        try:
+            services.link_review_decide(
+                customer=customer,
+                workflow_id=workflow_id,
+                candidate_id=data.get("candidate-id"),
+                reason=data.get("reason", ""),
+            )
+        except services.ReviewNotFound as exc:
+            raise Problem("not-found") from exc
+        except services.DecisionConflict as exc:
+            raise Problem("review-decided") from exc
+        except services.ReviewByOperator as exc:
+            raise Problem("review-by-operator") from exc
+        except services.NotInReview as exc:
+            raise Problem("not-in-review") from exc
+        except services.UnknownCandidate as exc:
+            raise Problem(
+                "unknown-candidate",
+                extra={"errors": [{"field": "candidate-id", "detail": "Not a candidate."}]},
+            ) from exc
+        status = link_status_for_customer(customer=customer, workflow_id=workflow_id)
+        if status is None:  # deleted meanwhile (retention)
+            raise Problem("not-found")
+        return Response(status)
 
 
 class PatientDetailApi(APIView):

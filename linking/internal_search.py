@@ -2,7 +2,7 @@
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,6 +38,11 @@ class Candidate:
     internal_patient_id: str
     score: float
     grade: str
+    # The internal Patient as the Bundle gave it: internal demographics, so never in a repr (a
+    # log line) and never stored; a review compares the request with it (linking.agreement).
+    resource: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # Filled in for a review: which of the fields the customer sent agree (booleans only).
+    agreement: dict[str, bool] | None = field(default=None, compare=False)
 
 
 def _connections() -> urllib3.PoolManager:
@@ -292,4 +297,4 @@ def _candidate(entry: Any) -> Candidate:
     )
     if not isinstance(grade, str) or grade not in MATCH_GRADES:
         raise ValueError(f"unknown match grade {grade!r}")
-    return Candidate(patient_id, float(score), grade)
+    return Candidate(patient_id, float(score), grade, resource=resource)

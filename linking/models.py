@@ -196,6 +196,9 @@ class SearchCandidate(models.Model):
     internal_patient_id = models.CharField(max_length=64)
     score = models.FloatField()
     match_grade = models.CharField(max_length=16)
+    # For a review: which fields the customer sent agree with this candidate's record,
+    # {"family": true, "birth-date": false, ...} (linking.agreement); booleans, no demographics.
+    agreement = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 
     class Meta:
@@ -219,6 +222,22 @@ class LinkReview(Workflow):
     class Meta:
         proxy = True
         verbose_name = "link review"
+
+
+class ReviewDecision(models.Model):
+    """The decision that ended a review, one per workflow: a customer's repeat of the same
+    decision is answered again, another one refused (POST /link/<workflow-id>/decision)."""
+
+    workflow = models.OneToOneField(
+        "workflows.Workflow", on_delete=models.CASCADE, related_name="review_decision"
+    )
+    # The candidate linked (its public candidate-id), or blank when every candidate was rejected.
+    candidate_id = models.CharField(max_length=64, blank=True)
+    actor = models.CharField(max_length=150)  # "customer:<id>" or "operator:<name>"
+    decided_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"{self.workflow_id}: {self.candidate_id or 'rejected'} by {self.actor}"
 
 
 class SearchCallback(models.Model):

@@ -46,13 +46,14 @@ class Quality:
         return None
 
 
-def _normalise(name: str) -> str:
+def normalise(name: str) -> str:
+    """Lower case ASCII words: accents, case and punctuation do not tell names apart."""
     text = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode().lower()
     return " ".join(re.sub(r"[^a-z0-9]+", " ", text).split())
 
 
 def demographics_quality(patient: dict[str, Any]) -> Quality:
-    name = _normalise(patient["full_name"])
+    name = normalise(patient["full_name"])
     score = (
         WEIGHTS["full name (given and family)"] if len(name.split()) > 1 else WEIGHTS["single name"]
     )

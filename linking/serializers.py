@@ -3,7 +3,7 @@
 import copy
 import datetime as dt
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 from django.utils import timezone
 from drf_spectacular.extensions import OpenApiSerializerExtension, OpenApiSerializerFieldExtension
@@ -84,7 +84,8 @@ class StrictSerializer(serializers.Serializer):
 
 
 class StrictSerializerSchema(OpenApiSerializerExtension):
-    """The schema says what StrictSerializer does: no properties beyond the declared ones."""
+    """The schema says what StrictSerializer does: no properties beyond the declared ones; and a
+    serializer whose `validate` enforces a choice between fields says it with `schema_one_of`."""
 
     target_class = StrictSerializer
     match_subclasses = True
@@ -94,6 +95,11 @@ class StrictSerializerSchema(OpenApiSerializerExtension):
             self.target, direction, bypass_extensions=True
         )
         schema["additionalProperties"] = False
+        one_of = getattr(self.target, "schema_one_of", None)
+        if one_of:
+            # A copy: drf-spectacular's enum hook rewrites the schema in place, and the class's
+            # own list must stay as written for the next generation of the document.
+            schema["oneOf"] = copy.deepcopy(one_of)
         return schema
 
 
@@ -257,14 +263,37 @@ class LinkAcceptedSerializer(serializers.Serializer):
     )
 
 
+class ReviewCandidateSerializer(serializers.Serializer):
+    locals().update(
+        {
+            "candidate-id": serializers.CharField(
+                help_text="Opaque; name it in POST /link/{workflow_id}/decision. Never the "
+                "internal patient id."
+            ),
+            "score": serializers.FloatField(help_text="The internal search's score, 0..1."),
+            "grade": serializers.ChoiceField(
+                choices=["certain", "probable", "possible"], help_text="FHIR match grade."
+            ),
+            "agreement": serializers.DictField(
+                child=serializers.BooleanField(),
+                help_text="For each field the customer sent (family, given, birth-date, phone, "
+                "email, address): whether the candidate's record agrees. Nothing of the record "
+                "itself is shown.",
+            ),
+        }
+    )
+
+
 class LinkStatusOutputSerializer(serializers.Serializer):
     locals().update(
         {
             "workflow-id": serializers.UUIDField(source="id"),
             "status": serializers.ChoiceField(
                 choices=Status.choices,
-                help_text="REVIEW: the search found candidates too close to call; an operator "
-                "decides, then the workflow completes and the webhook is sent.",
+                help_text="REVIEW: the search found candidates too close to call; the reviewer "
+                "(our operators, or the customer when it decides its own reviews) decides, then "
+                "the workflow completes and the webhook is sent. A review not decided within "
+                "REVIEW_TIMEOUT_SECONDS completes with no match.",
             ),
             "result": serializers.ChoiceField(choices=Result.choices, allow_null=True),
             "reason": serializers.CharField(
@@ -272,6 +301,15 @@ class LinkStatusOutputSerializer(serializers.Serializer):
             ),
             "created-at": serializers.DateTimeField(source="created_at"),
             "updated-at": serializers.DateTimeField(source="updated_at"),
+            "candidates": ReviewCandidateSerializer(
+                many=True,
+                required=False,
+                # Not an attribute of a Workflow (its `candidates` are the stored rows): this
+                # field describes the document, the selector fills it in.
+                source="candidates_for_the_customer",
+                help_text="In REVIEW, for a customer that decides its own reviews only: the "
+                "candidates to choose from, best first.",
+            ),
         }
     )
 
@@ -280,6 +318,41 @@ class LinkStatusOutputSerializer(serializers.Serializer):
         if instance.status != Status.FAILED:
             data["reason"] = None
         return data
+
+
+class LinkDecisionInputSerializer(StrictSerializer):
+    """Exactly one of: the candidate to link, or a rejection of every candidate."""
+
+    # What `validate` enforces, said in the schema (a client generator, and the fuzzer, then know
+    # that a body with both, or with `reject: false` alone, is not a valid request).
+    schema_one_of: ClassVar[list[dict[str, Any]]] = [
+        {"required": ["candidate-id"]},
+        {"required": ["reject"], "properties": {"reject": {"enum": [True]}}},
+    ]
+
+    locals().update(
+        {
+            "candidate-id": serializers.CharField(
+                required=False, max_length=64, help_text="A `candidate-id` of the status."
+            ),
+            "reject": serializers.BooleanField(
+                required=False, help_text="true: none of the candidates is the patient."
+            ),
+            "reason": TextField(
+                required=False,
+                max_length=500,
+                help_text="Why (kept in the timeline and the link history).",
+            ),
+        }
+    )
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        candidate, reject = attrs.get("candidate-id"), attrs.get("reject", False)
+        if bool(candidate) == bool(reject):
+            raise serializers.ValidationError(
+                {"candidate-id": ["Send either a candidate-id or reject: true."]}
+            )
+        return attrs
 
 
 class PatientNameSerializer(serializers.Serializer):

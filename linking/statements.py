@@ -16,13 +16,19 @@ SELECT c.*, w.id AS batch_workflow_id, r.data AS request_data
  WHERE w.id = ANY(%(ids)s::uuid[])
 """
 
-# The candidates of each search of a batch, ranked.
+# The candidates of each search of a batch, ranked; a review's with how the customer's fields
+# agree with each (linking.agreement, JSON text, NULL otherwise).
 CANDIDATES = """
 INSERT INTO linking_searchcandidate
-       (workflow_id, attempt, rank, internal_patient_id, score, match_grade, created_at)
-SELECT * FROM unnest(
+       (workflow_id, attempt, rank, internal_patient_id, score, match_grade, agreement,
+        created_at)
+SELECT workflow_id, attempt, rank, internal_patient_id, score, match_grade, agreement::jsonb,
+       created_at
+  FROM unnest(
   %(workflow)b::uuid[], %(attempt)b::int[], %(rank)b::int[], %(internal)b::text[],
-  %(score)b::float8[], %(grade)b::text[], %(at)b::timestamptz[])
+  %(score)b::float8[], %(grade)b::text[], %(agreement)b::text[], %(at)b::timestamptz[])
+  AS v(workflow_id, attempt, rank, internal_patient_id, score, match_grade, agreement,
+       created_at)
 """
 
 # The mapping of each workflow that links, and its history line, in one statement. A patient

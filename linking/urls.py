@@ -2,6 +2,7 @@ from django.urls import path
 
 from linking.apis import (
     LinkCreateApi,
+    LinkDecisionApi,
     LinkDeleteApi,
     LinkStatusApi,
     PatientDetailApi,
@@ -12,6 +13,7 @@ urlpatterns = [
     path("link", LinkCreateApi.as_view(), name="link-create"),
     # str, not uuid: a malformed id must get the same 404 body as an unknown one.
     path("link/status/<str:workflow_id>", LinkStatusApi.as_view(), name="link-status"),
+    path("link/<str:workflow_id>/decision", LinkDecisionApi.as_view(), name="link-decision"),
     path("link/<str:patient_id>", LinkDeleteApi.as_view(), name="link-delete"),
     path("patient/<str:patient_id>", PatientDetailApi.as_view(), name="patient-detail"),
     path(

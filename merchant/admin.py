@@ -30,10 +30,11 @@ class CustomerAdmin(admin.ModelAdmin[Customer]):
         "is_active",
         "webhook_url",
         "webhook_enabled",
+        "review_by",
         "token_version",
         "created_at",
     ]
-    list_filter = ["is_active", "webhook_enabled"]
+    list_filter = ["is_active", "webhook_enabled", "review_by"]
     # Webhook URLs are https unless a local setting says otherwise.
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
     search_fields = ["name", "id"]
@@ -56,6 +57,7 @@ class CustomerAdmin(admin.ModelAdmin[Customer]):
         "auto_link_score",
         "auto_link_margin",
         "review_min_score",
+        "review_by",
         "created_at",
         "updated_at",
     ]

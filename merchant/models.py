@@ -3,6 +3,13 @@ import uuid
 from django.db import models
 
 
+class ReviewBy(models.TextChoices):
+    """Who decides a workflow the linking policy sent to REVIEW."""
+
+    OPERATOR = "operator", "our operators (the admin)"
+    CUSTOMER = "customer", "the customer (POST /link/<workflow-id>/decision)"
+
+
 class Customer(models.Model):
     """A customer system onboarded to the service; the subject of every customer token."""
 
@@ -25,6 +32,7 @@ class Customer(models.Model):
     auto_link_score = models.FloatField(null=True, blank=True)
     auto_link_margin = models.FloatField(null=True, blank=True)
     review_min_score = models.FloatField(null=True, blank=True)
+    review_by = models.CharField(max_length=16, choices=ReviewBy.choices, default=ReviewBy.OPERATOR)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -60,6 +68,9 @@ class Customer(models.Model):
                     | models.Q(review_min_score__gte=0, review_min_score__lte=1)
                 ),
                 name="customer_bands_in_unit_range",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(review_by__in=ReviewBy.values), name="customer_review_by_valid"
             ),
         ]
 

@@ -92,6 +92,30 @@ PROBLEMS = _catalog(
         409,
         "A link request for this patient is still being processed; `workflow-id` names it.",
     ),
+    ProblemType(
+        "not-in-review",
+        "Not awaiting a decision",
+        409,
+        "The workflow is not in REVIEW: there is nothing to decide (its status says where it is).",
+    ),
+    ProblemType(
+        "review-decided",
+        "Already decided",
+        409,
+        "Another decision already ended this review; the same decision again is answered 200.",
+    ),
+    ProblemType(
+        "review-by-operator",
+        "Reviewed by our operators",
+        409,
+        "This customer's reviews are decided by our operators, not through the API.",
+    ),
+    ProblemType(
+        "unknown-candidate",
+        "Unknown candidate",
+        422,
+        "No candidate of this review has that `candidate-id` (see GET /link/status).",
+    ),
     ProblemType("payload-too-large", "Payload too large", 413, "The body is larger than 64 KiB."),
     ProblemType(
         "unsupported-media-type",

@@ -106,3 +106,21 @@ def postprocess_common_responses(result: dict[str, Any], **kwargs: Any) -> dict[
                 for name, header in response.get("headers", {}).items():
                     documented.setdefault("headers", {}).setdefault(name, header)
     return result
+
+
+def postprocess_required_choices(result: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """A request body whose schema is a choice (`oneOf`, e.g. StrictSerializer's
+    `schema_one_of`) is required: drf-spectacular makes a body required only when some property
+    is, and no property of a choice is required on its own, yet an absent body matches no branch
+    (the view answers 400)."""
+    schemas = result.get("components", {}).get("schemas", {})
+    for item in result.get("paths", {}).values():
+        for method, operation in item.items():
+            if method not in _HTTP_METHODS or "requestBody" not in operation:
+                continue
+            body = operation["requestBody"]
+            for media in body.get("content", {}).values():
+                ref = media.get("schema", {}).get("$ref", "")
+                if "oneOf" in schemas.get(ref.rsplit("/", 1)[-1], {}):
+                    body["required"] = True
+    return result

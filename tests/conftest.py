@@ -188,6 +188,14 @@ class LinkClient:
     def status(self, workflow_id: str) -> Any:
         return self.client.get(f"/link/status/{workflow_id}", HTTP_CUSTOMER_TOKEN=self.token)
 
+    def decide(self, workflow_id: str, body: Any) -> Any:
+        return self.client.post(
+            f"/link/{workflow_id}/decision",
+            json.dumps(body),
+            content_type="application/json",
+            HTTP_CUSTOMER_TOKEN=self.token,
+        )
+
 
 @pytest.fixture
 def api(credentials: CustomerCredentials) -> LinkClient:

@@ -33,6 +33,15 @@ def test_schema_describes_link_api() -> None:
         "description": schemes["customerToken"]["description"],
     }
     assert post["security"] == [{"customerToken": []}]
+    decide = paths["/link/{workflow_id}/decision"]["post"]
+    assert set(decide["responses"]) >= {"200", "400", "401", "404", "409", "422"}
+    # Either a candidate or a rejection, never neither or both: said by the schema, so a body
+    # must be sent (drf-spectacular alone would call it optional).
+    assert decide["requestBody"]["required"] is True
+    decision = schema["components"]["schemas"]["LinkDecisionInputRequest"]
+    assert [branch["required"] for branch in decision["oneOf"]] == [["candidate-id"], ["reject"]]
+    status_body = schema["components"]["schemas"]["LinkStatusOutput"]["properties"]
+    assert "candidates" in status_body
 
 
 def test_swagger_ui_is_served() -> None:

@@ -373,7 +373,7 @@ def test_a_canary_patient_leaves_no_trace(
     assert case.request is not None and case.request["contact"] == CONTACT
     link_review_resolve(
         workflow_id=review.id,
-        internal_patient_id=review_candidates(workflow=review)[0].internal_patient_id,
+        internal_patient_id=review_candidates(workflow_id=review.id)[0].internal_patient_id,
         actor="operator:ops",
         reason="confirmed with the clinic",
     )

@@ -53,6 +53,7 @@ ENDPOINTS: dict[str, Callable[[LinkClient, str], Any]] = {
     "link-status": lambda c, i: c.client.get(f"/link/status/{i}", HTTP_CUSTOMER_TOKEN=c.token),
     "patient-detail": lambda c, i: c.client.get(f"/patient/{i}", HTTP_CUSTOMER_TOKEN=c.token),
     "link-delete": lambda c, i: c.client.delete(f"/link/{i}", HTTP_CUSTOMER_TOKEN=c.token),
+    "link-decision": lambda c, i: c.decide(i, {"reject": True}),
 }
 
 

@@ -106,6 +106,12 @@ class Workflow(ConcurrentTransitionMixin, models.Model):
                 condition=Q(status__in=SWEPT_STATES),
                 name="workflow_pending_updated",
             ),
+            # The sweep's expiry of reviews nobody decided (REVIEW_TIMEOUT_SECONDS).
+            models.Index(
+                fields=["updated_at"],
+                condition=Q(status=Status.REVIEW),
+                name="workflow_review_updated",
+            ),
             # A patient's workflows, whatever their status; and a customer's (its prefix). Every
             # index that starts with customer_id must go on to something as selective: given
             # (customer_id, status) the planner used it, with stale statistics, for a quarter

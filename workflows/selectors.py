@@ -39,28 +39,47 @@ def workflows_stuck(*, older_than_seconds: int | None = None) -> QuerySet[Workfl
 def workflows_stuck_report(
     *, older_than_seconds: int | None = None, sample: int = 20
 ) -> dict[str, Any]:
-    """Counts of stuck workflows by state and age, with the oldest few ids."""
+    """Counts of stuck workflows by state and age, with the oldest few ids; and the reviews
+    waiting, by age and reviewer (each ends at REVIEW_TIMEOUT_SECONDS: the sweep expires it)."""
     stuck = workflows_stuck(older_than_seconds=older_than_seconds)
     now = timezone.now()
     by_state = {row["status"]: row["n"] for row in stuck.values("status").annotate(n=Count("id"))}
-    by_age: dict[str, int] = {}
-    lower = 0
-    for label, upper in AGE_BUCKETS:
-        by_age[label] = stuck.filter(
-            updated_at__lte=now - dt.timedelta(seconds=lower),
-            updated_at__gt=now - dt.timedelta(seconds=upper),
-        ).count()
-        lower = upper
     oldest = stuck.aggregate(oldest=Min("updated_at"))["oldest"]
+    reviews = Workflow.objects.filter(status=Status.REVIEW)
     return {
         "total": sum(by_state.values()),
         "by_state": by_state,
-        "by_age": by_age,
+        "by_age": _by_age(stuck, now),
         "oldest_updated_at": oldest.isoformat() if oldest else None,
         "oldest": [
             str(i) for i in stuck.order_by("updated_at").values_list("id", flat=True)[:sample]
         ],
+        "reviews": {
+            "total": reviews.count(),
+            "by_reviewer": {
+                row["customer__review_by"]: row["n"]
+                for row in reviews.values("customer__review_by").annotate(n=Count("id"))
+            },
+            "by_age": _by_age(reviews, now),
+            "timeout_seconds": settings.REVIEW_TIMEOUT_SECONDS,
+            "oldest": [
+                str(i) for i in reviews.order_by("updated_at").values_list("id", flat=True)[:sample]
+            ],
+        },
     }
+
+
+def _by_age(workflows: QuerySet[Workflow], now: dt.datetime) -> dict[str, int]:
+    """How many were last updated in each AGE_BUCKETS bucket."""
+    by_age: dict[str, int] = {}
+    lower = 0
+    for label, upper in AGE_BUCKETS:
+        by_age[label] = workflows.filter(
+            updated_at__lte=now - dt.timedelta(seconds=lower),
+            updated_at__gt=now - dt.timedelta(seconds=upper),
+        ).count()
+        lower = upper
+    return by_age
 
 
 # --- The ops console's dashboard (admin: /admin/workflows/workflow/dashboard/) ------------------
@@ -149,6 +168,7 @@ def ops_dashboard(*, sample: int = 20) -> dict[str, Any]:
         ),
         "failing_endpoints": list(failing_endpoints),
         "reviews_total": reviews.count(),
+        "review_timeout": dt.timedelta(seconds=settings.REVIEW_TIMEOUT_SECONDS),
         "reviews": list(
             reviews.select_related("customer")
             .annotate(

@@ -10,12 +10,13 @@ a database refusal) never fails, delays or re-runs another.
 """
 
 import functools
+import json
 import logging
 import random
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 from django.conf import settings
@@ -24,6 +25,7 @@ from django.utils import timezone
 
 from config import metrics
 from linking import statements
+from linking.agreement import candidate_agreement
 from linking.fields import EncryptedJSONDocumentField
 from linking.internal_search import (
     Candidate,
@@ -35,7 +37,7 @@ from linking.internal_search import (
 )
 from linking.models import LinkRequest
 from linking.policy import Bands, Outcome, link_decide
-from merchant.models import Customer
+from merchant.models import Customer, ReviewBy
 from workflows import concurrent
 from workflows import statements as workflow_statements
 from workflows.models import Status, WebhookDelivery, Workflow
@@ -47,11 +49,12 @@ from workflows.services import (
     workflows_claim,
     workflows_save,
 )
-from workflows.services.webhooks import Sending
+from workflows.services.webhooks import Sending, webhook_event_new
 
 logger = logging.getLogger(__name__)
 
 ACTOR = "worker"
+REVIEW_REQUIRED = "link.review_required"
 # Answers that came in within this long of each other are ended in one transaction.
 WAVE_LINGER_SECONDS = 0.2
 
@@ -228,6 +231,10 @@ def link_search_answer(*, workflow: Workflow, candidates: list[Candidate]) -> _A
     decision = link_decide(candidates, bands=Bands.for_customer(workflow.customer))
     kept = candidates[: settings.INTERNAL_SEARCH_COUNT]
     if decision.outcome == Outcome.REVIEW:
+        patient = _request_patient(workflow)
+        if patient is not None:
+            # What a reviewing customer may see of each candidate: stored with the candidates.
+            kept = [replace(c, agreement=candidate_agreement(patient, c.resource)) for c in kept]
         return _Answer(
             workflow, [Step("request_review", decision.reason)], release=True, candidates=kept
         )
@@ -235,6 +242,20 @@ def link_search_answer(*, workflow: Workflow, candidates: list[Candidate]) -> _A
         steps = [Step("mark_no_results", decision.reason), Step("complete")]
         return _Answer(workflow, steps, candidates=kept)
     return _Answer(workflow, candidates=kept, link=decision.candidate, link_reason=decision.reason)
+
+
+def _json_or_none(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
+def _request_patient(workflow: Workflow) -> dict[str, Any] | None:
+    """The patient the customer sent: from the batch's read when there was one, else read."""
+    stored = getattr(workflow, "_request_data", None)
+    if stored is not None:
+        data: dict[str, Any] = _REQUEST_DATA.from_db_value(stored, None, connection)
+        return cast(dict[str, Any], data["patient"])
+    request = LinkRequest.objects.filter(request_id=workflow.request_id).first()
+    return None if request is None else cast(dict[str, Any], request.data["patient"])
 
 
 def _end(answers: list[_Answer]) -> Sending:
@@ -273,9 +294,10 @@ def _save(answers: list[_Answer]) -> list[WebhookDelivery]:
                 logger.info("workflow %s was taken over; dropping this attempt", workflow.id)
         deliveries = link_answers_save(answers=ours, actor=ACTOR)
     for delivery in deliveries:
-        metrics.workflow_ended(
-            status=delivery.workflow.status, created_at=delivery.workflow.created_at
-        )
+        if delivery.event_type != REVIEW_REQUIRED:  # a review is no ending
+            metrics.workflow_ended(
+                status=delivery.workflow.status, created_at=delivery.workflow.created_at
+            )
     return deliveries
 
 
@@ -288,7 +310,8 @@ def link_answers_save(*, answers: Sequence[_Answer], actor: str) -> list[Webhook
         return []
     now = timezone.now()
     rows: dict[str, list[Any]] = {
-        k: [] for k in ("workflow", "attempt", "rank", "internal", "score", "grade", "at")
+        k: []
+        for k in ("workflow", "attempt", "rank", "internal", "score", "grade", "agreement", "at")
     }
     for answer in answers:
         for rank, candidate in enumerate(answer.candidates, start=1):
@@ -299,6 +322,10 @@ def link_answers_save(*, answers: Sequence[_Answer], actor: str) -> list[Webhook
                 ("internal", candidate.internal_patient_id),
                 ("score", candidate.score),
                 ("grade", candidate.grade),
+                (
+                    "agreement",
+                    None if candidate.agreement is None else json.dumps(candidate.agreement),
+                ),
                 ("at", now),
             ):
                 rows[name].append(value)
@@ -320,7 +347,27 @@ def link_answers_save(*, answers: Sequence[_Answer], actor: str) -> list[Webhook
         changes=[WorkflowChange(a.workflow, a.steps, release=a.release) for a in answers],
         actor=actor,
     )
-    return saved.deliveries
+    reviews = [
+        review_required_new(workflow=w)
+        for w in saved.workflows
+        if w.status == Status.REVIEW and w.customer.review_by == ReviewBy.CUSTOMER
+    ]
+    if reviews:
+        WebhookDelivery.objects.bulk_create(reviews)
+    return saved.deliveries + reviews
+
+
+def review_required_new(*, workflow: Workflow) -> WebhookDelivery:
+    """`link.review_required`, to a customer who decides its own reviews (not saved yet)."""
+    return webhook_event_new(
+        workflow=workflow,
+        event_type=REVIEW_REQUIRED,
+        data={
+            "workflow-id": str(workflow.id),
+            "status": Status.REVIEW.value,
+            "customer-patient-id": str(workflow.patient_id),
+        },
+    )
 
 
 def links_record(*, links: Sequence[tuple[Workflow, Candidate, str]], actor: str) -> set[uuid.UUID]:
@@ -365,5 +412,6 @@ def link_search_apply(*, workflow: Workflow, candidates: list[Candidate], actor:
     answer = link_search_answer(workflow=workflow, candidates=candidates)
     for delivery in link_answers_save(answers=[answer], actor=actor):
         webhook_delivery_send_later(delivery=delivery)
-        metrics.workflow_ended(status=workflow.status, created_at=workflow.created_at)
+        if delivery.event_type != REVIEW_REQUIRED:
+            metrics.workflow_ended(status=workflow.status, created_at=workflow.created_at)
     return workflow

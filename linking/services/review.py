@@ -7,9 +7,18 @@ from typing import Any
 from django.db import transaction
 
 from linking.internal_search import Candidate, InternalSearchError, internal_patient_read
-from linking.models import AuditEvent, LinkEvent, LinkHistory, LinkRequest, SearchCandidate
+from linking.models import (
+    AuditEvent,
+    LinkEvent,
+    LinkHistory,
+    LinkRequest,
+    ReviewDecision,
+    SearchCandidate,
+)
+from linking.selectors import candidate_public_id, review_candidates
 from linking.services.patients import patient_details
 from linking.services.process import link_record
+from merchant.models import Customer, ReviewBy
 from workflows.models import Status, Workflow
 from workflows.services import Step, workflow_finish
 
@@ -22,13 +31,24 @@ class ReviewError(ValueError):
     """The review cannot be resolved this way (not in review, not a candidate, no reason)."""
 
 
-def review_candidates(*, workflow: Workflow) -> list[SearchCandidate]:
-    """The candidates of the workflow's latest search, best first: what the operator picks from."""
-    searches = SearchCandidate.objects.filter(workflow=workflow)
-    latest = searches.order_by("-attempt").values_list("attempt", flat=True).first()
-    if latest is None:
-        return []
-    return list(searches.filter(attempt=latest).order_by("rank"))
+class ReviewNotFound(ReviewError):
+    """No such workflow of this customer."""
+
+
+class ReviewByOperator(ReviewError):
+    """This customer's reviews are decided by our operators."""
+
+
+class NotInReview(ReviewError):
+    """The workflow is not waiting for a decision (and this customer took none)."""
+
+
+class DecisionConflict(ReviewError):
+    """Another decision already ended this review."""
+
+
+class UnknownCandidate(ReviewError):
+    """No candidate of this review has that candidate-id."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +71,7 @@ def review_case_read(*, workflow: Workflow, actor: str) -> ReviewCase:
     request = LinkRequest.objects.filter(request_id=workflow.request_id).first()
     candidates = []
     outcome = "ok"
-    for candidate in review_candidates(workflow=workflow):
+    for candidate in review_candidates(workflow_id=workflow.id):
         try:
             resource = internal_patient_read(candidate.internal_patient_id)
         except InternalSearchError:
@@ -109,6 +129,7 @@ def link_review_resolve(
         )
         if workflow.status != Status.REVIEW:
             raise ReviewError(f"workflow {workflow_id} is {workflow.status}, not awaiting review")
+        chosen: SearchCandidate | None = None
         if internal_patient_id is None:
             outcome = Step(
                 "mark_no_results",
@@ -127,17 +148,72 @@ def link_review_resolve(
             chosen = next(
                 (
                     c
-                    for c in review_candidates(workflow=workflow)
+                    for c in review_candidates(workflow_id=workflow.id)
                     if c.internal_patient_id == internal_patient_id
                 ),
                 None,
             )
             if chosen is None:
                 raise ReviewError(f"{internal_patient_id} is not a candidate of this review")
+            assert chosen is not None
             outcome = link_record(
                 workflow=workflow,
                 candidate=Candidate(chosen.internal_patient_id, chosen.score, chosen.match_grade),
                 actor=actor,
                 reason=f"review: {reason}",
             )
+        ReviewDecision.objects.create(
+            workflow=workflow,
+            candidate_id="" if chosen is None else candidate_public_id(chosen),
+            actor=actor,
+        )
         return workflow_finish(workflow=workflow, name="complete", actor=actor, first=[outcome])
+
+
+def link_review_decide(
+    *, customer: Customer, workflow_id: str, candidate_id: str | None, reason: str = ""
+) -> Workflow:
+    """A customer's decision on its own review (review_by=customer): link the candidate
+    `candidate_id`, or with None reject them all. The same decision again changes nothing and
+    returns the workflow; a different one after a decision raises DecisionConflict."""
+    try:
+        parsed = uuid.UUID(workflow_id)
+    except ValueError as exc:
+        raise ReviewNotFound(workflow_id) from exc
+    actor = f"customer:{customer.id}"
+    with transaction.atomic():
+        workflow = (
+            Workflow.objects.select_for_update(of=("self",))
+            .filter(id=parsed, customer_id=customer.id)
+            .first()
+        )
+        if workflow is None:
+            raise ReviewNotFound(workflow_id)
+        taken = ReviewDecision.objects.filter(workflow=workflow).first()
+        if taken is not None:
+            if taken.actor == actor and taken.candidate_id == (candidate_id or ""):
+                return workflow
+            raise DecisionConflict(workflow_id)
+        if customer.review_by != ReviewBy.CUSTOMER:
+            raise ReviewByOperator(workflow_id)
+        if workflow.status != Status.REVIEW:
+            raise NotInReview(workflow_id)
+        internal_patient_id = None
+        if candidate_id is not None:
+            chosen = next(
+                (
+                    c
+                    for c in review_candidates(workflow_id=workflow.id)
+                    if candidate_public_id(c) == candidate_id
+                ),
+                None,
+            )
+            if chosen is None:
+                raise UnknownCandidate(candidate_id)
+            internal_patient_id = chosen.internal_patient_id
+        return link_review_resolve(
+            workflow_id=workflow.id,
+            internal_patient_id=internal_patient_id,
+            actor=actor,
+            reason=reason.strip() or "decided by the customer",
+        )

@@ -24,6 +24,8 @@ from workflows.services import workflow_requeue, workflows_reconcile
 
 pytestmark = pytest.mark.django_db
 
+NOTHING_TO_DO: dict[str, list[str]] = {"requeued": [], "failed": [], "expired": []}
+
 # The stand-in's index: two `certain` 0.97 candidates, and a single `probable` 0.82 one.
 RIVERA = {"full_name": "Alex Rivera", "dob": "1975-09-14", "contact": {}}
 ELLIS = {"full_name": "Morgan Ellis", "dob": "1988-07-03", "contact": {}}
@@ -106,7 +108,11 @@ def test_nothing_automatic_touches_a_review(api, standin, redis_db):
     broker_before = len(broker_messages(redis_db))
     # A redelivered message, the sweep however stale, an operator's re-queue.
     link_process(workflow_id=workflow.id)
-    assert workflows_reconcile(stale_after_seconds=0).as_dict() == {"requeued": [], "failed": []}
+    assert workflows_reconcile(stale_after_seconds=0).as_dict() == {
+        "requeued": [],
+        "failed": [],
+        "expired": [],
+    }
     with pytest.raises(ValueError, match="awaits review"):
         workflow_requeue(workflow_id=workflow.id, actor="operator:ops")
     assert snapshot(workflow) == before

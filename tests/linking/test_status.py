@@ -67,6 +67,9 @@ def test_the_answer_is_what_the_schema_serializer_would_give(api: LinkClient) ->
         "no_results": ("start", "mark_no_results", "complete"),
         "failed": ("fail",),
         "searching": ("start",),
+        # An operator's review: no candidates shown (tests/e2e/test_customer_review.py has a
+        # customer's).
+        "review": ("start", "request_review"),
     }
     for state, steps in paths.items():
         workflow_id = api.post_link(link_body(), key=state).json()["workflow-id"]

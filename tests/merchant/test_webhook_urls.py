@@ -216,7 +216,12 @@ def test_the_admin_form_refuses_what_onboarding_refuses(
     dns.answer("hooks.acme.example", ["10.0.0.5"])
     response = operator.post(
         f"/admin/merchant/customer/{customer.id}/change/",
-        {"name": customer.name, "is_active": "on", "webhook_url": url},
+        {
+            "name": customer.name,
+            "is_active": "on",
+            "review_by": "operator",
+            "webhook_url": url,
+        },
     )
     assert response.status_code == 200  # the form again, with its error
     assert reason in response.content.decode()
@@ -231,7 +236,12 @@ def test_the_admin_form_saves_a_public_url(
     dns.answer("hooks2.acme.example", ["93.184.216.34"])
     response = operator.post(
         f"/admin/merchant/customer/{customer.id}/change/",
-        {"name": customer.name, "is_active": "on", "webhook_url": "https://hooks2.acme.example/"},
+        {
+            "name": customer.name,
+            "is_active": "on",
+            "review_by": "operator",
+            "webhook_url": "https://hooks2.acme.example/",
+        },
     )
     assert response.status_code == 302
     customer.refresh_from_db()

@@ -149,6 +149,7 @@ def test_reconcile_dry_run_prints_json_and_changes_nothing(
         "dry_run": True,
         "requeued": [str(stale.id)],
         "failed": [str(spent.id)],
+        "expired": [],
     }
     assert callbacks == []
     assert broker_messages(redis_db) == []
@@ -162,7 +163,12 @@ def test_reconcile_runs_the_sweep(customer, redis_db, django_capture_on_commit_c
     fresh = make(customer, age=dt.timedelta(seconds=5))
     with django_capture_on_commit_callbacks(execute=True):
         output = run("reconcile")
-    assert json.loads(output) == {"dry_run": False, "requeued": [str(stale.id)], "failed": []}
+    assert json.loads(output) == {
+        "dry_run": False,
+        "requeued": [str(stale.id)],
+        "failed": [],
+        "expired": [],
+    }
     assert Workflow.objects.get(id=stale.id).requeues == 1
     assert Workflow.objects.get(id=fresh.id).requeues == 0
     assert published_ids(redis_db) == [str(stale.id)]
@@ -237,7 +243,10 @@ def test_stuck_report_text(stuck):
     assert ["REQUESTED", "1"] in body
     assert ["age", "1h-24h", "2"] in body
     assert ["age", ">24h", "1"] in body
-    assert lines[-3:] == [f"  {stuck[k].id}" for k in ("days", "hours_b", "hours")]
+    waiting = lines.index("reviews waiting: 0 (expire after 604800 s)")
+    assert lines[waiting - 3 : waiting] == [
+        f"  {stuck[k].id}" for k in ("days", "hours_b", "hours")
+    ]
     for key in ("recent", "done", "failed"):
         assert str(stuck[key].id) not in output
 
@@ -251,7 +260,39 @@ def test_stuck_report_with_nothing_stuck(customer):
         "by_age": {"<1h": 0, "1h-24h": 0, ">24h": 0},
         "oldest_updated_at": None,
         "oldest": [],
+        "reviews": {
+            "total": 0,
+            "by_reviewer": {},
+            "by_age": {"<1h": 0, "1h-24h": 0, ">24h": 0},
+            "timeout_seconds": 604800,
+            "oldest": [],
+        },
     }
+
+
+def test_stuck_report_counts_the_reviews_waiting_by_reviewer_and_age(customer, other_credentials):
+    Customer.objects.filter(id=customer.id).update(review_by="customer")
+    by_customer = make(customer, Status.REVIEW, age=dt.timedelta(hours=30))
+    operator = other_credentials.customer
+    by_operator = make(operator, Status.REVIEW, age=dt.timedelta(minutes=5))
+    make(customer, Status.COMPLETED, age=dt.timedelta(days=3))
+    reviews = json.loads(run("stuck_report", "--json"))["reviews"]
+    assert reviews == {
+        "total": 2,
+        "by_reviewer": {"customer": 1, "operator": 1},
+        "by_age": {"<1h": 1, "1h-24h": 0, ">24h": 1},
+        "timeout_seconds": 604800,
+        "oldest": [str(by_customer.id), str(by_operator.id)],
+    }
+    lines = run("stuck_report").splitlines()
+    waiting = lines.index("reviews waiting: 2 (expire after 604800 s)")
+    assert [line.split() for line in lines[waiting + 1 :]] == [
+        ["by", "customer", "1"],
+        ["by", "operator", "1"],
+        ["age", "<1h", "1"],
+        ["age", "1h-24h", "0"],
+        ["age", ">24h", "1"],
+    ]
 
 
 @pytest.mark.parametrize("value", ["1x", "h", "5y", "1.5h", "1h30m", ""])

@@ -43,6 +43,8 @@ from workflows.services.reconcile import MAX_BATCHES_PER_RUN
 
 pytestmark = pytest.mark.django_db
 
+NOTHING_TO_DO: dict[str, list[str]] = {"requeued": [], "failed": [], "expired": []}
+
 STALE_AFTER = 300
 MAX_ATTEMPTS = 5
 
@@ -178,8 +180,12 @@ def test_every_pending_state_but_review_is_swept(customer, status):
 def test_review_is_reported_but_never_swept(customer, redis_db):
     assert set(PENDING_STATES) - set(SWEPT_STATES) == {Status.REVIEW}
     waiting = make(customer, Status.REVIEW, age=STALE * 100, attempts=MAX_ATTEMPTS + 3)
-    assert workflows_reconcile(dry_run=True).as_dict() == {"requeued": [], "failed": []}
-    assert workflows_reconcile().as_dict() == {"requeued": [], "failed": []}
+    assert workflows_reconcile(dry_run=True).as_dict() == {
+        "requeued": [],
+        "failed": [],
+        "expired": [],
+    }
+    assert workflows_reconcile().as_dict() == NOTHING_TO_DO
     row = Workflow.objects.get(id=waiting.id)
     assert (row.status, row.requeues, row.updated_at) == (Status.REVIEW, 0, waiting.updated_at)
     assert broker_messages(redis_db) == []
@@ -187,6 +193,61 @@ def test_review_is_reported_but_never_swept(customer, redis_db):
     assert (report["total"], report["by_state"]) == (1, {"REVIEW": 1})
     with pytest.raises(ValueError, match="awaits review"):
         workflow_requeue(workflow_id=waiting.id, actor="operator:ops")
+
+
+REVIEW_TIMEOUT = dt.timedelta(days=7)
+
+
+def test_a_review_past_its_timeout_ends_with_no_match(customer, settings):
+    settings.REVIEW_TIMEOUT_SECONDS = int(REVIEW_TIMEOUT.total_seconds())
+    expired = make(customer, Status.REVIEW, age=REVIEW_TIMEOUT + dt.timedelta(minutes=1))
+    waiting = make(customer, Status.REVIEW, age=REVIEW_TIMEOUT - dt.timedelta(minutes=1))
+    preview = workflows_reconcile(dry_run=True)
+    assert preview.expired == [expired.id]
+    assert Workflow.objects.get(id=expired.id).status == Status.REVIEW  # a preview only
+    assert workflows_reconcile().expired == [expired.id]
+    row = Workflow.objects.get(id=expired.id)
+    assert (row.status, row.result, row.reason) == (
+        Status.COMPLETED,
+        "NO_RESULTS",
+        "review expired",
+    )
+    assert [(t.source, t.target, t.actor) for t in row.transitions.order_by("id")] == [
+        (Status.REVIEW, Status.NO_RESULTS, "sweep"),
+        (Status.NO_RESULTS, Status.COMPLETED, "sweep"),
+    ]
+    [delivery] = WebhookDelivery.objects.filter(workflow=row)
+    assert (delivery.event_type, delivery.status) == ("link.completed", DeliveryStatus.PENDING)
+    assert Workflow.objects.get(id=waiting.id).status == Status.REVIEW
+    assert workflows_reconcile().expired == []  # once
+
+
+def test_the_review_timeout_is_a_setting(customer, settings):
+    settings.REVIEW_TIMEOUT_SECONDS = 10
+    review = make(customer, Status.REVIEW, age=dt.timedelta(seconds=11))
+    assert workflows_reconcile().expired == [review.id]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_review_being_decided_is_not_expired(customer, settings):
+    """The decision holds the row's lock: the sweep skips it, the decision wins."""
+    settings.REVIEW_TIMEOUT_SECONDS = 10
+    deciding = make(customer, Status.REVIEW, age=dt.timedelta(days=1))
+    with held(lambda: Workflow.objects.select_for_update().get(id=deciding.id)):
+        assert workflows_reconcile().expired == []
+    assert Workflow.objects.get(id=deciding.id).status == Status.REVIEW
+
+
+def test_the_stuck_report_shows_reviews_by_reviewer_and_age(customer, settings):
+    settings.REVIEW_TIMEOUT_SECONDS = 3 * 86400
+    customer.review_by = "customer"
+    customer.save()
+    make(customer, Status.REVIEW, age=dt.timedelta(minutes=5))
+    make(new_customer("Ops reviewed").customer, Status.REVIEW, age=dt.timedelta(days=2))
+    reviews = workflows_stuck_report()["reviews"]
+    assert (reviews["total"], reviews["by_reviewer"]) == (2, {"customer": 1, "operator": 1})
+    assert reviews["by_age"] == {"<1h": 1, "1h-24h": 0, ">24h": 1}
+    assert reviews["timeout_seconds"] == 3 * 86400
 
 
 def test_dry_run_changes_nothing_and_publishes_nothing(
@@ -198,7 +259,11 @@ def test_dry_run_changes_nothing_and_publishes_nothing(
     with django_capture_on_commit_callbacks(execute=True) as callbacks:
         report = workflows_reconcile(dry_run=True)
     assert (report.requeued, report.failed) == ([stale.id], [spent.id])
-    assert report.as_dict() == {"requeued": [str(stale.id)], "failed": [str(spent.id)]}
+    assert report.as_dict() == {
+        "requeued": [str(stale.id)],
+        "failed": [str(spent.id)],
+        "expired": [],
+    }
     assert callbacks == []
     assert broker_messages(redis_db) == []
     assert [snapshot(stale), snapshot(spent)] == before

@@ -13,6 +13,7 @@ from django.utils import timezone
 from config import metrics
 from workflows.models import PENDING_STATES, SWEPT_STATES, Status, Workflow, WorkflowTransition
 from workflows.services.workflows import (
+    Step,
     workflow_finish,
     workflow_publish,
     workflow_transition,
@@ -26,15 +27,21 @@ SWEEP_ACTOR = "sweep"
 MAX_BATCHES_PER_RUN = 20
 
 
+# What the customer reads on a review that ran out of time (and the timeline's reason).
+REVIEW_EXPIRED = "review expired"
+
+
 @dataclass
 class ReconcileReport:
     requeued: list[uuid.UUID] = field(default_factory=list)
     failed: list[uuid.UUID] = field(default_factory=list)
+    expired: list[uuid.UUID] = field(default_factory=list)  # reviews ended, no match
 
     def as_dict(self) -> dict[str, list[str]]:
         return {
             "requeued": [str(i) for i in self.requeued],
             "failed": [str(i) for i in self.failed],
+            "expired": [str(i) for i in self.expired],
         }
 
 
@@ -51,8 +58,10 @@ def workflows_reconcile(
     it nor counts anything against it. Only processing attempts (the consumers' claims) count
     towards WORKFLOW_MAX_ATTEMPTS: a re-queue costs an attempt only if it re-runs the work.
 
-    A REQUESTED workflow's re-queue makes the consumer poll its search job. REVIEW ones are
-    left to the operator (the stuck report counts them).
+    A REQUESTED workflow's re-queue makes the consumer poll its search job. REVIEW ones wait
+    for their reviewer (an operator, or the customer) up to REVIEW_TIMEOUT_SECONDS after they
+    entered review; then the sweep ends them COMPLETED with no match, "review expired", and the
+    customer's webhook is queued with the ending.
 
     Rows are taken with FOR UPDATE SKIP LOCKED and touched inside the same transaction, so two
     sweeps running at once (two beats by mistake) never dispatch one workflow twice.
@@ -65,7 +74,7 @@ def workflows_reconcile(
     )
     cutoff = now - dt.timedelta(seconds=stale_after)
     if dry_run:
-        return _reconcile_preview(cutoff)
+        return _reconcile_preview(cutoff, now)
     report = ReconcileReport()
     for _ in range(MAX_BATCHES_PER_RUN):
         with transaction.atomic():
@@ -101,10 +110,42 @@ def workflows_reconcile(
             )
         if len(batch) < settings.RECONCILE_BATCH_SIZE:
             break
-    if report.requeued or report.failed:
-        logger.info("reconcile: %d re-queued, %d failed", len(report.requeued), len(report.failed))
+    report.expired = _reviews_expire(now)
+    if report.requeued or report.failed or report.expired:
+        logger.info(
+            "reconcile: %d re-queued, %d failed, %d reviews expired",
+            len(report.requeued),
+            len(report.failed),
+            len(report.expired),
+        )
     metrics.reconcile_ran(requeued=len(report.requeued), failed=len(report.failed))
     return report
+
+
+def _reviews_expire(now: dt.datetime) -> list[uuid.UUID]:
+    """End the reviews nobody decided within REVIEW_TIMEOUT_SECONDS: COMPLETED, no match. A
+    review being decided right now holds its row lock and is skipped (the decision wins)."""
+    cutoff = now - dt.timedelta(seconds=settings.REVIEW_TIMEOUT_SECONDS)
+    expired: list[uuid.UUID] = []
+    for _ in range(MAX_BATCHES_PER_RUN):
+        with transaction.atomic():
+            batch = list(
+                Workflow.objects.select_for_update(skip_locked=True, of=("self",))
+                .select_related("customer")
+                .filter(status=Status.REVIEW, updated_at__lt=cutoff)
+                .order_by("updated_at")[: settings.RECONCILE_BATCH_SIZE]
+            )
+            for workflow in batch:
+                workflow_finish(
+                    workflow=workflow,
+                    name="complete",
+                    actor=SWEEP_ACTOR,
+                    first=[Step("mark_no_results", REVIEW_EXPIRED)],
+                )
+                expired.append(workflow.id)
+        if len(batch) < settings.RECONCILE_BATCH_SIZE:
+            break
+    return expired
 
 
 def _stale(cutoff: dt.datetime) -> Q:
@@ -118,9 +159,17 @@ def _out_of_attempts(workflow: Workflow) -> bool:
     return workflow.attempts >= settings.WORKFLOW_MAX_ATTEMPTS
 
 
-def _reconcile_preview(cutoff: dt.datetime) -> ReconcileReport:
+def _reconcile_preview(cutoff: dt.datetime, now: dt.datetime) -> ReconcileReport:
     """What a sweep would do now, changing nothing (bounded like a real run)."""
-    report = ReconcileReport()
+    limit = settings.RECONCILE_BATCH_SIZE * MAX_BATCHES_PER_RUN
+    review_cutoff = now - dt.timedelta(seconds=settings.REVIEW_TIMEOUT_SECONDS)
+    report = ReconcileReport(
+        expired=list(
+            Workflow.objects.filter(status=Status.REVIEW, updated_at__lt=review_cutoff)
+            .order_by("updated_at")
+            .values_list("id", flat=True)[:limit]
+        )
+    )
     stale = Workflow.objects.filter(_stale(cutoff), status__in=SWEPT_STATES).order_by("updated_at")[
         : settings.RECONCILE_BATCH_SIZE * MAX_BATCHES_PER_RUN
     ]

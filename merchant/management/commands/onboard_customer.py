@@ -4,6 +4,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
+from merchant.models import ReviewBy
 from merchant.services import customer_onboard
 from merchant.webhook_urls import WebhookURLError
 
@@ -14,11 +15,21 @@ class Command(BaseCommand):
     def add_arguments(self, parser: ArgumentParser) -> None:
         parser.add_argument("--name", required=True)
         parser.add_argument("--webhook-url", required=True)
+        parser.add_argument(
+            "--review-by",
+            choices=ReviewBy.values,
+            default=ReviewBy.OPERATOR,
+            help="who decides the workflows sent to REVIEW (default: operator)",
+        )
         parser.add_argument("--json", action="store_true", help="print one JSON object")
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
-            credentials = customer_onboard(name=options["name"], webhook_url=options["webhook_url"])
+            credentials = customer_onboard(
+                name=options["name"],
+                webhook_url=options["webhook_url"],
+                review_by=options["review_by"],
+            )
         except (WebhookURLError, ValueError) as exc:
             raise CommandError(str(exc)) from exc
         print_credentials(self, credentials.as_dict(), as_json=options["json"])

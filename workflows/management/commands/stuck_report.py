@@ -19,7 +19,10 @@ def duration(value: str) -> int:
 
 
 class Command(BaseCommand):
-    help = "Pending workflows not updated for a while: counts by state and age, oldest ids."
+    help = (
+        "Pending workflows not updated for a while: counts by state and age, oldest ids; "
+        "and the reviews waiting, by reviewer and age."
+    )
 
     def add_arguments(self, parser: ArgumentParser) -> None:
         parser.add_argument(
@@ -42,3 +45,11 @@ class Command(BaseCommand):
             self.stdout.write(f"  age {bucket:<8} {count}")
         for workflow_id in report["oldest"]:
             self.stdout.write(f"  {workflow_id}")
+        reviews = report["reviews"]
+        self.stdout.write(
+            f"reviews waiting: {reviews['total']} (expire after {reviews['timeout_seconds']} s)"
+        )
+        for reviewer, count in sorted(reviews["by_reviewer"].items()):
+            self.stdout.write(f"  by {reviewer:<9} {count}")
+        for bucket, count in reviews["by_age"].items():
+            self.stdout.write(f"  age {bucket:<8} {count}")

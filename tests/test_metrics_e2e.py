@@ -1,7 +1,9 @@
 """Metrics end to end: gunicorn with two workers in multiprocess mode (config/gunicorn.py, as the
 Procfile starts it) and a real Celery worker serving its own metrics port, on a redis-server of
 their own (so that no other test's worker takes the messages), the FHIR stand-in and a webhook
-receiver. Not the package's `stack`: its worker has no metrics port."""
+receiver. Not the tests/e2e package's `stack`, and not in that package: its worker has no
+metrics port, and while that package runs its worker's dispatcher LISTENs on this same database
+and would take these workflows too (so they would never reach this test's worker)."""
 
 import subprocess
 from collections.abc import Iterator
