@@ -7,7 +7,7 @@ UV_VERSION := 0.13.8
 BIN := $(VENV)/bin
 export DJANGO_SETTINGS_MODULE ?= config.settings
 
-.PHONY: install wrk browser compose run demo test chaos fuzz bench lint typecheck migrate clean
+.PHONY: install wrk browser compose run demo demo-review test chaos fuzz bench lint typecheck migrate clean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -54,8 +54,8 @@ migrate: install
 # Local development: DEBUG on (development SECRET_KEY), webhooks to local hosts allowed.
 # Starts web (127.0.0.1:8000), worker, beat and the internal-system stand-in (127.0.0.1:8001)
 # from the Procfile; Ctrl-C stops them all.
-run demo: export DEBUG ?= true
-run demo: export WEBHOOK_ALLOW_PRIVATE_HOSTS ?= true
+run demo demo-review: export DEBUG ?= true
+run demo demo-review: export WEBHOOK_ALLOW_PRIVATE_HOSTS ?= true
 run: migrate
 	$(BIN)/python manage.py collectstatic --noinput -v0
 	$(BIN)/honcho start -f Procfile
@@ -63,6 +63,11 @@ run: migrate
 # With `make run` going in another terminal: one link request, start to verified webhook.
 demo: install
 	$(BIN)/python -m standin.demo
+
+# The same, for a customer that decides its own reviews: the ambiguous request's
+# link.review_required, its candidates, the customer's decision, link.completed.
+demo-review: install
+	$(BIN)/python -m standin.demo_review
 
 test: install wrk browser compose
 	$(BIN)/ruff check .

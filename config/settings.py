@@ -286,7 +286,12 @@ IDEMPOTENCY_TTL_SECONDS = env_int("IDEMPOTENCY_TTL_SECONDS", 86400, minimum=8640
 WEBHOOK_ALLOW_PRIVATE_HOSTS = env_bool("WEBHOOK_ALLOW_PRIVATE_HOSTS", False)
 # The body limit is enforced by our parser (413); Django's own limit is a backstop above it.
 LINK_MAX_BODY_BYTES = 64 * 1024
-DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * LINK_MAX_BODY_BYTES
+# POST /link/batch: at most this many items; its body may be 2 KiB per item on average (a
+# typical item is under 500 bytes) and hold 64 object members + array items per item.
+LINK_BATCH_MAX_ITEMS = env_int("LINK_BATCH_MAX_ITEMS", 1000, minimum=1)
+LINK_BATCH_MAX_BODY_BYTES = max(LINK_BATCH_MAX_ITEMS * 2048, LINK_MAX_BODY_BYTES)
+LINK_BATCH_MAX_JSON_ITEMS = LINK_BATCH_MAX_ITEMS * 64
+DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * LINK_BATCH_MAX_BODY_BYTES
 
 # --- Request data (the demographics): encrypted at rest, purged after the workflow ended -------
 # Keys of linking.LinkRequest.data (django-fernet-encrypted-fields derives each Fernet key from
@@ -324,11 +329,13 @@ CUSTOMER_CACHE_SECONDS = env_int("CUSTOMER_CACHE_SECONDS", 5, minimum=0)
 # --- Abuse limits (merchant/throttling.py, merchant/parsers.py) -------------------------------
 # Requests per customer (keyed by the token, not the address) in DRF's rate syntax, counted in
 # Redis; over it: 429 rate-limited with Retry-After. POST /link has its own budget; the reads
-# (status, patient) and de-link share the other. Empty turns a limit off.
+# (status, patient) and de-link share the other; POST /link/batch counts batches in a budget of
+# its own (each up to LINK_BATCH_MAX_ITEMS). Empty turns a limit off.
 RATE_LIMIT_LINK_CREATE = env_str("RATE_LIMIT_LINK_CREATE", "600/min")
+RATE_LIMIT_LINK_BATCH = env_str("RATE_LIMIT_LINK_BATCH", "10/min")
 RATE_LIMIT_READ = env_str("RATE_LIMIT_READ", "1200/min")
 _RATE_PERIODS = {"s", "sec", "second", "m", "min", "minute", "h", "hour", "d", "day"}
-for _name in ("RATE_LIMIT_LINK_CREATE", "RATE_LIMIT_READ"):
+for _name in ("RATE_LIMIT_LINK_CREATE", "RATE_LIMIT_LINK_BATCH", "RATE_LIMIT_READ"):
     _count, _, _period = globals()[_name].partition("/")
     if globals()[_name] and not (_count.isdigit() and int(_count) > 0 and _period in _RATE_PERIODS):
         raise ImproperlyConfigured(f"{_name} must be <count>/<s|min|hour|day>, e.g. 600/min")

@@ -14,6 +14,7 @@ os.environ.setdefault("SECURE_SSL_REDIRECT", "false")
 # The suite sends many requests per customer; the rate limit tests set low limits themselves.
 os.environ.setdefault("RATE_LIMIT_LINK_CREATE", "100000/min")
 os.environ.setdefault("RATE_LIMIT_READ", "100000/min")
+os.environ.setdefault("RATE_LIMIT_LINK_BATCH", "100000/min")
 # Tests change customers with queryset updates too (no signal): each request reads the row.
 # tests/merchant/test_customer_cache.py turns the cache on.
 os.environ.setdefault("CUSTOMER_CACHE_SECONDS", "0")

@@ -1,11 +1,14 @@
 """The link API, and the internal system's search callback. Views parse and call services."""
 
+import re
 from collections.abc import Mapping
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -14,24 +17,39 @@ from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook, WebhookV
 from config.metrics import AckMeteredApi
 from linking import services
 from linking.internal_search import InternalSearchError, parse_bundle
-from linking.selectors import link_status_for_customer
+from linking.selectors import (
+    LINKS_LIMIT_DEFAULT,
+    LINKS_LIMIT_MAX,
+    link_batch_status,
+    link_status_for_customer,
+    links_page,
+)
 from linking.serializers import (
+    LINKS_CURSOR_MAX_LENGTH,
+    LINKS_CURSOR_PATTERN,
     DelinkOutputSerializer,
     LinkAcceptedSerializer,
+    LinkBatchAcceptedSerializer,
+    LinkBatchInputSerializer,
+    LinkBatchStatusSerializer,
     LinkCreateInputSerializer,
     LinkDecisionInputSerializer,
+    LinksListOutputSerializer,
+    LinksListQuerySerializer,
     LinkStatusOutputSerializer,
     PatientOutputSerializer,
     SearchResultReceiptSerializer,
     SearchsetBundleSerializer,
 )
 from merchant.auth import request_customer
-from merchant.parsers import json_loads_limited
-from merchant.problems import Problem
+from merchant.models import Customer
+from merchant.parsers import BatchJSONParser, json_loads_limited
+from merchant.problems import Problem, problem_of
 from merchant.schema import problem_responses
 
 # What _idempotency_key accepts; no space at either end, as HTTP strips it from header values.
 IDEMPOTENCY_KEY_PATTERN = r"^[!-~]([ -~]{0,253}[!-~])?$"
+_IDEMPOTENCY_KEY_FORM = re.compile(IDEMPOTENCY_KEY_PATTERN.strip("^$"))
 CALLBACK_JSON_MAX_DEPTH = 64
 # Text that reaches PostgreSQL, which refuses NUL characters (400 bad-request).
 NO_NUL_PATTERN = r"^[^\x00]*$"
@@ -72,13 +90,40 @@ _ACCEPTED_HEADERS = [
 ]
 
 
-def _idempotency_key(request: Request) -> str:
-    key = request.headers.get("idempotency-key")
+def _path_id(name: str, description: str) -> OpenApiParameter:
+    """An id in the path, documented as a UUID (the URLconf takes any string: a malformed id
+    gets the same 404 as an unknown one)."""
+    return OpenApiParameter(name, OpenApiTypes.UUID, OpenApiParameter.PATH, description=description)
+
+
+def _idempotency_key(key: object) -> str:
+    """The Idempotency-Key header's value (or a batch item's `idempotency-key`), checked."""
     if key is None:
         raise Problem("idempotency-key-missing")
-    if not 1 <= len(key) <= 255 or not all(" " <= ch <= "~" for ch in key):
+    if not isinstance(key, str) or not _IDEMPOTENCY_KEY_FORM.fullmatch(key):
         raise Problem("idempotency-key-invalid")
     return key
+
+
+def _refusal_problem(exc: services.LinkRefused) -> Problem:
+    """What POST /link answers for a request refused before anything was written."""
+    if isinstance(exc, services.InsufficientDemographics):
+        return Problem("insufficient-demographics", str(exc))
+    if isinstance(exc, services.IdempotencyKeyReused):
+        return Problem("idempotency-key-reused")
+    if isinstance(exc, services.PatientAlreadyLinked):
+        return Problem("patient-already-linked", extra={"workflow-id": str(exc.workflow_id)})
+    if isinstance(exc, services.LinkInProgress):
+        return Problem(
+            "link-in-progress",
+            extra={"workflow-id": str(exc.workflow_id)},
+            headers={"Retry-After": str(services.STATUS_RETRY_AFTER_SECONDS)},
+        )
+    # RequestInFlight, the only other refusal: the same key is being accepted right now.
+    return Problem(
+        "idempotency-request-in-flight",
+        headers={"Retry-After": str(services.IN_FLIGHT_RETRY_AFTER_SECONDS)},
+    )
 
 
 class LinkCreateApi(AckMeteredApi):  # counts and times every answer (config/metrics.py)
@@ -119,7 +164,7 @@ class LinkCreateApi(AckMeteredApi):  # counts and times every answer (config/met
         ],
     )
     def post(self, request: Request) -> Response:
-        key = _idempotency_key(request)
+        key = _idempotency_key(request.headers.get("idempotency-key"))
         serializer = LinkCreateInputSerializer(
             data=request.data, context={"customer": request_customer(request)}
         )
@@ -131,26 +176,85 @@ class LinkCreateApi(AckMeteredApi):  # counts and times every answer (config/met
                 body=request.data,
                 request_data=serializer.canonical(),
             )
-        except services.InsufficientDemographics as exc:
-            raise Problem("insufficient-demographics", str(exc)) from exc
-        except services.IdempotencyKeyReused as exc:
-            raise Problem("idempotency-key-reused") from exc
-        except services.RequestInFlight as exc:
-            raise Problem(
-                "idempotency-request-in-flight",
-                headers={"Retry-After": str(services.IN_FLIGHT_RETRY_AFTER_SECONDS)},
-            ) from exc
-        except services.PatientAlreadyLinked as exc:
-            raise Problem(
-                "patient-already-linked", extra={"workflow-id": str(exc.workflow_id)}
-            ) from exc
-        except services.LinkInProgress as exc:
-            raise Problem(
-                "link-in-progress",
-                extra={"workflow-id": str(exc.workflow_id)},
-                headers={"Retry-After": str(services.STATUS_RETRY_AFTER_SECONDS)},
-            ) from exc
+        except services.LinkRefused as exc:
+            raise _refusal_problem(exc) from exc
         return Response(accepted.body, status=accepted.status, headers=accepted.headers)
+
+
+class LinkBatchCreateApi(APIView):
+    throttle_scope = "link-batch"  # merchant/throttling.py: batches, in a budget of their own
+    parser_classes = [BatchJSONParser]
+
+    @extend_schema(
+        operation_id="link_batch_create",
+        summary="Ask for many customer patients to be linked at once",
+        description="Each item of `requests` is exactly a POST /link: the same validation, "
+        "the same refusals, its own `idempotency-key` (a replay answers its first workflow), "
+        "the same workflow and webhooks. A refused item is answered with its problem and never "
+        "refuses the others; every accepted item is durable before the 202 (one transaction). "
+        "At most LINK_BATCH_MAX_ITEMS (1000) items. The batch's own Idempotency-Key replays "
+        "the whole answer. GET /link/batch/{batch_id} reports the items' progress.",
+        parameters=[_IDEMPOTENCY_KEY],
+        request=LinkBatchInputSerializer,
+        responses={
+            (202, "application/json"): OpenApiResponse(
+                LinkBatchAcceptedSerializer,
+                description="Accepted: every item's workflow-id or problem. Headers: "
+                "`Location` (the batch's status URL), `Idempotent-Replayed: true` on a replay.",
+            ),
+            **problem_responses(400, 401, 409, 413, 415, 422, 503),
+        },
+    )
+    def post(self, request: Request) -> Response:
+        key = _idempotency_key(request.headers.get("idempotency-key"))
+        envelope = LinkBatchInputSerializer(data=request.data)
+        envelope.is_valid(raise_exception=True)
+        customer = request_customer(request)
+        items = [_batch_item(raw, customer) for raw in envelope.validated_data["requests"]]
+        try:
+            accepted = services.link_accept_batch(
+                customer=customer,
+                idempotency_key=key,
+                fingerprint=services.request_fingerprint(request.data),
+                items=items,
+                refusal_problem=lambda exc: problem_of(_refusal_problem(exc)),
+            )
+        except services.LinkRefused as exc:  # the batch's own key: reused, or in flight
+            raise _refusal_problem(exc) from exc
+        return Response(accepted.body, status=accepted.status, headers=accepted.headers)
+
+
+def _batch_item(
+    raw: dict[str, Any], customer: Customer
+) -> services.LinkItem | services.BatchRefusal:
+    """Validate one batch item as POST /link validates its header and body."""
+    body = {name: value for name, value in raw.items() if name != "idempotency-key"}
+    try:
+        key = _idempotency_key(raw.get("idempotency-key"))
+        serializer = LinkCreateInputSerializer(data=body, context={"customer": customer})
+        serializer.is_valid(raise_exception=True)
+    except (Problem, ValidationError) as exc:
+        return services.BatchRefusal(problem=problem_of(exc))
+    return services.LinkItem(idempotency_key=key, body=body, request_data=serializer.canonical())
+
+
+class LinkBatchStatusApi(APIView):
+    throttle_scope = "read"  # merchant/throttling.py
+
+    @extend_schema(
+        operation_id="link_batch_status",
+        summary="Read a batch's progress",
+        parameters=[_path_id("batch_id", "The `batch-id` returned by POST /link/batch.")],
+        responses={
+            (200, "application/json"): LinkBatchStatusSerializer,
+            **problem_responses(401, 404, 503),
+        },
+    )
+    def get(self, request: Request, batch_id: str) -> Response:
+        data = link_batch_status(customer=request_customer(request), batch_id=batch_id)
+        if data is None:
+            raise Problem("not-found")
+        return Response(data)
 
 
 class LinkStatusApi(APIView):
@@ -159,14 +263,7 @@ class LinkStatusApi(APIView):
     @extend_schema(
         operation_id="link_status",
         summary="Read a link request's status",
-        parameters=[
-            OpenApiParameter(
-                "workflow_id",
-                OpenApiTypes.UUID,
-                OpenApiParameter.PATH,
-                description="The `workflow-id` returned by POST /link.",
-            )
-        ],
+        parameters=[_path_id("workflow_id", "The `workflow-id` returned by POST /link.")],
         responses={
             (200, "application/json"): LinkStatusOutputSerializer,
             **problem_responses(401, 404, 503),
@@ -191,14 +288,7 @@ class LinkDecisionApi(APIView):
         "`reject: true` to end the workflow with no match. The workflow then completes and "
         "`link.completed` is sent. Idempotent: the same decision again answers the same 200; "
         "another decision after one was taken is a 409.",
-        parameters=[
-            OpenApiParameter(
-                "workflow_id",
-                OpenApiTypes.UUID,
-                OpenApiParameter.PATH,
-                description="The `workflow-id` in REVIEW.",
-            )
-        ],
+        parameters=[_path_id("workflow_id", "The `workflow-id` in REVIEW.")],
         request=LinkDecisionInputSerializer,
         responses={
             (200, "application/json"): LinkStatusOutputSerializer,
@@ -246,12 +336,7 @@ class PatientDetailApi(APIView):
         "internal system at call time (no cache). Every call is audited. Unknown, not linked and "
         "another customer's ids get the same 404.",
         parameters=[
-            OpenApiParameter(
-                "patient_id",
-                OpenApiTypes.UUID,
-                OpenApiParameter.PATH,
-                description="The customer's own patient id (`patient.id` of POST /link).",
-            )
+            _path_id("patient_id", "The customer's own patient id (`patient.id` of POST /link).")
         ],
         responses={
             (200, "application/json"): PatientOutputSerializer,
@@ -284,12 +369,7 @@ class LinkDeleteApi(APIView):
         "Idempotent: calling it again answers the same. A new POST /link for the patient is "
         "accepted afterwards.",
         parameters=[
-            OpenApiParameter(
-                "patient_id",
-                OpenApiTypes.UUID,
-                OpenApiParameter.PATH,
-                description="The customer's own patient id.",
-            ),
+            _path_id("patient_id", "The customer's own patient id."),
             OpenApiParameter(
                 "reason",
                 {"type": "string", "maxLength": 500, "pattern": NO_NUL_PATTERN},
@@ -415,3 +495,68 @@ def _verify_callback_signature(body: bytes, headers: Mapping[str, str]) -> None:
     except (WebhookVerificationError, ValueError) as exc:
         # ValueError: a body that is not UTF-8, a signature that is not `v1,<base64>`.
         raise Problem("unauthorized", "Bad or missing webhook signature.") from exc
+
+
+class LinksListApi(APIView):
+    throttle_scope = "read"  # merchant/throttling.py
+
+    @extend_schema(
+        operation_id="links_list",
+        summary="List the customer's links, newest change first",
+        description="The customer's patient links (LINKED and DE-LINKED mappings), newest "
+        "`updated-at` first, a page at a time. Pages are keyset-paginated: pass `next-cursor` "
+        "as `cursor`, with the same `status` and `updated-since`, for the next page; links "
+        "made or changed meanwhile sort before the cursor, so later pages neither repeat nor "
+        "skip one (they are seen by listing again, e.g. with `updated-since`). A cursor does "
+        "not expire. Unknown or repeated query parameters, a cursor that was not given to this "
+        "customer or was given with other filters, and a time without a time zone are a 400 "
+        "`validation-error` naming the parameter.",
+        parameters=[
+            OpenApiParameter(
+                "status",
+                str,
+                OpenApiParameter.QUERY,
+                enum=["LINKED", "DE-LINKED"],
+                description="Only links in this status (both when absent).",
+            ),
+            OpenApiParameter(
+                "updated-since",
+                OpenApiTypes.DATETIME,
+                OpenApiParameter.QUERY,
+                description="Only links whose `updated-at` is at or after this time (RFC 3339, "
+                "with `Z` or an offset).",
+            ),
+            OpenApiParameter(
+                "limit",
+                {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": LINKS_LIMIT_MAX,
+                    "default": LINKS_LIMIT_DEFAULT,
+                },
+                OpenApiParameter.QUERY,
+                description=f"Links per page, 1-{LINKS_LIMIT_MAX} ({LINKS_LIMIT_DEFAULT} by "
+                "default).",
+            ),
+            OpenApiParameter(
+                "cursor",
+                {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": LINKS_CURSOR_MAX_LENGTH,
+                    "pattern": LINKS_CURSOR_PATTERN,
+                },
+                OpenApiParameter.QUERY,
+                description="The `next-cursor` of the previous page (opaque).",
+            ),
+        ],
+        responses={
+            (200, "application/json"): LinksListOutputSerializer,
+            **problem_responses(400, 401, 503),
+        },
+    )
+    def get(self, request: Request) -> Response:
+        customer = request_customer(request)
+        query = LinksListQuerySerializer(data=request.query_params, context={"customer": customer})
+        query.is_valid(raise_exception=True)
+        return Response(links_page(customer=customer, **query.validated_data))

@@ -58,6 +58,34 @@ class IdempotencyRecord(models.Model):
         return f"{self.customer_id}:{self.key}"
 
 
+class LinkBatch(models.Model):
+    """One POST /link/batch: its answer (replayed for its Idempotency-Key) and, by its id, the
+    items GET /link/batch/<id> reports on. Ids and problems only, never the request data."""
+
+    id = models.UUIDField(primary_key=True, editable=False)
+    # Indexed by link_batch_customer_key, which starts with it.
+    customer = models.ForeignKey(
+        "merchant.Customer", on_delete=models.CASCADE, related_name="link_batches", db_index=False
+    )
+    # Null once the replay window has passed: the key is free again, the batch still readable.
+    idempotency_key = models.CharField(max_length=255, null=True)
+    fingerprint = models.CharField(max_length=64)
+    # Text, as IdempotencyRecord's: the replay is the first answer as it was.
+    response_body = models.TextField()
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["customer", "idempotency_key"], name="link_batch_customer_key"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return str(self.id)
+
+
 class MappingStatus(models.TextChoices):
     LINKED = "LINKED"
     DELINKED = "DE-LINKED"

@@ -1,13 +1,18 @@
 """Reads of the link API."""
 
+import datetime as dt
+import json
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
+from django.core import signing
 from django.db import connection
+from django.db.models import Q
 from django.utils.crypto import salted_hmac
 from rest_framework.fields import DateTimeField
 
-from linking.models import SearchCandidate
+from linking.models import LinkBatch, PatientMapping, SearchCandidate
 from merchant.models import Customer, ReviewBy
 from workflows.models import Status, Workflow
 
@@ -49,6 +54,44 @@ def link_status_for_customer(*, customer: Customer, workflow_id: str) -> dict[st
     return document
 
 
+def link_batch_status(*, customer: Customer, batch_id: str) -> dict[str, Any] | None:
+    """GET /link/batch/<id>: each item as accepted, with its workflow's current status; None
+    for another customer's batch, an unknown or a malformed id (the same 404). Two queries."""
+    try:
+        batch_uuid = uuid.UUID(batch_id)
+    except ValueError:
+        return None
+    body = (
+        LinkBatch.objects.filter(id=batch_uuid, customer=customer)
+        .values_list("response_body", flat=True)
+        .first()
+    )
+    if body is None:
+        return None
+    answer = json.loads(body)
+    current = {
+        str(workflow_id): (status, result)
+        for workflow_id, status, result in Workflow.objects.filter(
+            customer=customer,
+            id__in=[item["workflow-id"] for item in answer["items"] if "workflow-id" in item],
+        ).values_list("id", "status", "result")
+    }
+    by_status: dict[str, int] = {}
+    items = []
+    for item in answer["items"]:
+        if "workflow-id" in item and item["workflow-id"] in current:
+            status, result = current[item["workflow-id"]]
+            by_status[status] = by_status.get(status, 0) + 1
+            item = {**item, "status": status, "result": result}
+        items.append(item)
+    return {
+        "batch-id": answer["batch-id"],
+        "total": len(items),
+        "by-status": by_status,
+        "items": items,
+    }
+
+
 def review_candidates(*, workflow_id: uuid.UUID) -> list[SearchCandidate]:
     """The candidates of the workflow's latest search, best first: what a reviewer picks from."""
     searches = SearchCandidate.objects.filter(workflow_id=workflow_id)
@@ -79,3 +122,104 @@ def review_candidates_public(*, workflow_id: uuid.UUID) -> list[dict[str, Any]]:
         }
         for c in review_candidates(workflow_id=workflow_id)
     ]
+
+
+# --- GET /links ---------------------------------------------------------------------------------
+
+LINKS_LIMIT_DEFAULT = 100
+LINKS_LIMIT_MAX = 500
+# Per customer: one customer's cursor is no cursor for another (and says nothing of its rows).
+_LINKS_CURSOR_SALT = "linking.links-cursor:{customer}"
+
+
+@dataclass(frozen=True)
+class LinksFilter:
+    status: str | None = None
+    updated_since: dt.datetime | None = None  # inclusive; aware
+
+
+@dataclass(frozen=True)
+class LinksPosition:
+    """The last row of a page: the next page starts strictly after it, in (updated_at, id)
+    descending order."""
+
+    updated_at: dt.datetime
+    id: int
+
+
+class LinksCursorInvalid(ValueError):
+    """Not a cursor this customer was given, or given with other filters; the message says
+    which."""
+
+
+def links_cursor_make(*, customer: Customer, filters: LinksFilter, after: LinksPosition) -> str:
+    """An opaque, signed (SECRET_KEY, SECRET_KEY_FALLBACKS) and URL-safe cursor: the position
+    and the filters it was made with."""
+    since = filters.updated_since.isoformat() if filters.updated_since else None
+    payload = [after.updated_at.isoformat(), after.id, filters.status, since]
+    return signing.dumps(payload, salt=_LINKS_CURSOR_SALT.format(customer=customer.pk))
+
+
+def links_cursor_read(*, customer: Customer, filters: LinksFilter, cursor: str) -> LinksPosition:
+    """The position a cursor names; LinksCursorInvalid for a tampered or foreign one, or one
+    made with other filters (its position would mean nothing for these)."""
+    try:
+        updated_at, id_, status, since = signing.loads(
+            cursor, salt=_LINKS_CURSOR_SALT.format(customer=customer.pk)
+        )
+        position = LinksPosition(updated_at=dt.datetime.fromisoformat(updated_at), id=int(id_))
+        made_since = dt.datetime.fromisoformat(since) if since is not None else None
+    except (signing.BadSignature, ValueError, TypeError) as exc:
+        raise LinksCursorInvalid("Not a cursor of this endpoint.") from exc
+    if status != filters.status or made_since != filters.updated_since:
+        raise LinksCursorInvalid(
+            "Made with other filters: send the status and updated-since of the request that "
+            "gave it."
+        )
+    return position
+
+
+def links_page(
+    *, customer: Customer, filters: LinksFilter, limit: int, after: LinksPosition | None = None
+) -> dict[str, Any]:
+    """GET /links: a page of the customer's mappings, newest change first, in one query.
+
+    Keyset pagination on (updated_at, id) (sorted: no index of its own, README): a row written after
+    the first page sorts before the cursor, so later pages neither repeat nor skip a row that
+    was already there. Nothing of the internal patient is read."""
+    rows = PatientMapping.objects.filter(customer=customer)
+    if filters.status is not None:
+        rows = rows.filter(status=filters.status)
+    if filters.updated_since is not None:
+        rows = rows.filter(updated_at__gte=filters.updated_since)
+    if after is not None:
+        # (updated_at, id) < (t, i), spelled so that `updated_at <= t` bounds the index scan.
+        rows = rows.filter(
+            Q(updated_at__lt=after.updated_at) | Q(id__lt=after.id),
+            updated_at__lte=after.updated_at,
+        )
+    found = list(
+        rows.order_by("-updated_at", "-id").values_list(
+            "id", "customer_patient_id", "status", "workflow_id", "created_at", "updated_at"
+        )[: limit + 1]
+    )
+    page, more = found[:limit], len(found) > limit
+    next_cursor = None
+    if more:
+        last_id, *_, last_updated_at = page[-1]
+        position = LinksPosition(updated_at=last_updated_at, id=last_id)
+        next_cursor = links_cursor_make(customer=customer, filters=filters, after=position)
+    return {
+        "data": [
+            {
+                "customer-patient-id": str(patient_id),
+                "status": status,
+                "workflow-id": str(workflow_id),
+                "linked-at": _DATETIME.to_representation(created_at),
+                "updated-at": _DATETIME.to_representation(updated_at),
+            }
+            for _id, patient_id, status, workflow_id, created_at, updated_at in page
+        ],
+        "has-more": more,
+        "next-cursor": next_cursor,
+    }

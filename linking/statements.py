@@ -114,3 +114,53 @@ WITH request AS (
 )
 SELECT count(*) FROM (SELECT pg_notify(%(channel)s, %(message)s) FROM record) AS announced
 """
+
+# Accept the items of a POST /link/batch at once: ACCEPT's rows for each item, in one statement.
+# The items come distinct (no key or patient twice: the service sends the later ones through
+# ACCEPT, after this, so they see these rows). An item is taken under its key's advisory lock
+# unless its key is known, its patient linked or pending; the others insert nothing and go
+# through ACCEPT one by one, which tells why. `fresh` is evaluated once (a CTE with a volatile
+# call is materialized). Returns the workflows inserted, each announced to the dispatcher.
+ACCEPT_MANY = """
+WITH fresh AS (
+  SELECT * FROM unnest(
+    %(request)b::uuid[], %(workflow)b::uuid[], %(patient)b::uuid[], %(key)b::text[],
+    %(lock)b::text[], %(data)b::text[], %(webhook_url)b::text[], %(fingerprint)b::text[],
+    %(body)b::text[], %(headers)b::text[]
+  ) AS v(request_id, workflow_id, patient_id, key, lock, data, webhook_url, fingerprint, body,
+         headers)
+   WHERE pg_try_advisory_xact_lock(hashtextextended(v.lock, 0))
+     AND NOT EXISTS (SELECT 1 FROM linking_idempotencyrecord
+                      WHERE customer_id = %(customer)s AND key = v.key)
+     AND NOT EXISTS (SELECT 1 FROM linking_patientmapping
+                      WHERE customer_id = %(customer)s AND customer_patient_id = v.patient_id
+                        AND status = %(linked)s)
+     AND NOT EXISTS (SELECT 1 FROM workflows_workflow
+                      WHERE customer_id = %(customer)s AND patient_id = v.patient_id
+                        AND status = ANY(%(pending)s::text[]))
+), request AS (
+  INSERT INTO linking_linkrequest (request_id, customer_id, data, created_at)
+  SELECT request_id, %(customer)s::uuid, data, %(now)s::timestamptz FROM fresh
+), workflow AS (
+  INSERT INTO workflows_workflow
+         (id, request_id, customer_id, patient_id, request_type, status, result, reason,
+          attempts, requeues, claim_id, claimed_until, webhook_url, search_id, created_at,
+          updated_at)
+  SELECT workflow_id, request_id, %(customer)s::uuid, patient_id, %(request_type)s,
+         %(received)s, NULL, '', 0, 0, NULL, NULL, webhook_url, NULL, %(now)s::timestamptz,
+         %(now)s::timestamptz
+    FROM fresh
+  RETURNING id
+), timeline AS (
+  INSERT INTO workflows_workflowtransition (workflow_id, source, target, reason, actor, at)
+  SELECT id, '', %(received)s, 'accepted', 'api', %(now)s::timestamptz FROM workflow
+), record AS (
+  INSERT INTO linking_idempotencyrecord
+         (customer_id, key, fingerprint, workflow_id, response_status, response_body,
+          response_headers, created_at, expires_at)
+  SELECT %(customer)s::uuid, key, fingerprint, workflow_id, %(status)s, body, headers::jsonb,
+         %(now)s::timestamptz, %(expires)s::timestamptz
+    FROM fresh
+)
+SELECT id, pg_notify(%(channel)s, id::text) FROM workflow
+"""

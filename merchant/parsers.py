@@ -84,6 +84,10 @@ class LimitedJSONParser(JSONParser):
     """JSONParser that refuses bodies over LINK_MAX_BODY_BYTES (413) and over
     JSON_MAX_DEPTH or JSON_MAX_ITEMS (400 bad-request, saying which limit)."""
 
+    def limits(self) -> tuple[int, int]:
+        """The largest body in bytes, and the most object members + array items in it."""
+        return settings.LINK_MAX_BODY_BYTES, settings.JSON_MAX_ITEMS
+
     def parse(
         self,
         stream: Any,
@@ -91,12 +95,12 @@ class LimitedJSONParser(JSONParser):
         parser_context: Mapping[str, Any] | None = None,
     ) -> Any:
         context = parser_context or {}
-        limit = settings.LINK_MAX_BODY_BYTES
+        limit, max_items = self.limits()
         # DRF hands a JSON parser the whole body, which Django read (or refused: 413 from the
-        # exception handler) under DATA_UPLOAD_MAX_MEMORY_SIZE, twice this limit.
+        # exception handler) under DATA_UPLOAD_MAX_MEMORY_SIZE, twice the largest limit.
         raw = stream.read(limit + 1)
         if len(raw) > limit:
-            raise Problem("payload-too-large")
+            raise Problem("payload-too-large", f"The body is larger than {limit // 1024} KiB.")
         encoding = context.get("encoding", settings.DEFAULT_CHARSET)
         try:
             # bytes.decode refuses bytes-to-bytes codecs (bz2_codec...): no decompression bomb.
@@ -104,8 +108,16 @@ class LimitedJSONParser(JSONParser):
         except (LookupError, UnicodeError) as exc:
             raise ParseError("The body is not text in the declared charset.") from exc
         try:
-            return json_loads_limited(text, strict=self.strict)
+            return json_loads_limited(text, strict=self.strict, max_items=max_items)
         except JSONTooComplex as exc:
             raise Problem("bad-request", str(exc)) from exc
         except ValueError as exc:
             raise ParseError(f"JSON parse error - {exc}") from exc
+
+
+class BatchJSONParser(LimitedJSONParser):
+    """POST /link/batch's: the limits of LINK_BATCH_MAX_ITEMS single requests, as the batch's
+    items are (the depth limit is the same: an item nests one level deeper than a body)."""
+
+    def limits(self) -> tuple[int, int]:
+        return settings.LINK_BATCH_MAX_BODY_BYTES, settings.LINK_BATCH_MAX_JSON_ITEMS

@@ -235,6 +235,20 @@ def _validation_errors(detail: Any, prefix: str = "") -> list[dict[str, str]]:
     return [{"field": prefix or "body", "detail": str(detail)}]
 
 
+def problem_of(
+    exc: Problem | exceptions.ValidationError, *, instance: str | None = None
+) -> dict[str, Any]:
+    """The problem+json body the API answers for a Problem or a validation error (also what a
+    POST /link/batch item that fails says, in the batch's answer)."""
+    if isinstance(exc, Problem):
+        return problem_body(
+            exc.problem.slug, detail=str(exc.detail), instance=instance, **exc.extra
+        )
+    return problem_body(
+        "validation-error", instance=instance, errors=_validation_errors(exc.detail)
+    )
+
+
 _DRF_SLUGS: dict[type[exceptions.APIException], str] = {
     exceptions.NotAuthenticated: "unauthorized",
     exceptions.AuthenticationFailed: "unauthorized",
@@ -252,17 +266,13 @@ def problem_exception_handler(exc: Exception, context: Mapping[str, Any]) -> Res
     """DRF exception handler: every failure becomes problem+json, never a stack trace."""
     request = context.get("request")
     instance = request.path if request is not None else None
-    if isinstance(exc, Problem):
-        return problem_response(
-            exc.problem.slug,
-            detail=str(exc.detail),
-            instance=instance,
-            headers=exc.headers,
-            **exc.extra,
-        )
-    if isinstance(exc, exceptions.ValidationError):
-        return problem_response(
-            "validation-error", instance=instance, errors=_validation_errors(exc.detail)
+    if isinstance(exc, (Problem, exceptions.ValidationError)):
+        body = problem_of(exc, instance=instance)
+        return Response(
+            body,
+            status=body["status"],
+            headers=exc.headers if isinstance(exc, Problem) else {},
+            content_type=PROBLEM_CONTENT_TYPE,
         )
     if isinstance(exc, Http404):
         return problem_response("not-found", instance=instance)

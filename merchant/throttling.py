@@ -43,7 +43,11 @@ logger = logging.getLogger(__name__)
 # A view's `throttle_scope` -> the setting holding its rate. One budget per scope and customer:
 # status, patient and de-link reads share "read". A customer view without a scope counts as a
 # read, so an endpoint added later is limited before anyone thinks of it.
-SCOPE_SETTINGS = {"link-create": "RATE_LIMIT_LINK_CREATE", "read": "RATE_LIMIT_READ"}
+SCOPE_SETTINGS = {
+    "link-create": "RATE_LIMIT_LINK_CREATE",
+    "link-batch": "RATE_LIMIT_LINK_BATCH",
+    "read": "RATE_LIMIT_READ",
+}
 DEFAULT_SCOPE = "read"
 
 # DRF's rate syntax, `<count>/<period>`, where the period's first letter counts (config/settings.py

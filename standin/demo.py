@@ -2,7 +2,8 @@
 
 Onboards a demo customer (with the same management command ops use), runs a webhook receiver
 that verifies each delivery's signature, posts a link request, and prints the status as it moves
-RECEIVED -> ... -> COMPLETED, then the verified webhook.
+RECEIVED -> ... -> COMPLETED, then the verified webhook. `make demo-review` (standin/demo_review.py)
+shares the parts below to show a customer review instead.
 """
 
 from __future__ import annotations
@@ -14,33 +15,46 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Collection
 from typing import Any
 
 import requests
 
-from standin.receiver import make_receiver
+from standin.receiver import Delivery, ReceiverServer, make_receiver
 
 API = os.environ.get("DEMO_API_URL", "http://127.0.0.1:8000")
 RECEIVER_PORT = int(os.environ.get("DEMO_RECEIVER_PORT", "9000"))
 TERMINAL = {"COMPLETED", "FAILED"}
 
 
-def onboard(webhook_url: str) -> dict[str, str]:
-    output = subprocess.run(  # noqa: S603 -- our own manage.py, fixed arguments
-        [
-            sys.executable,
-            "manage.py",
-            "onboard_customer",
-            "--name",
-            f"Demo {time.strftime('%H:%M:%S')}",
-            "--webhook-url",
-            webhook_url,
-            "--json",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+class DemoFailed(Exception):
+    """Why a demo stopped, in one line (printed as `<demo> FAILED: <reason>`, exit status 1)."""
+
+
+def onboard(
+    webhook_url: str, *, name: str = "Demo", review_by: str | None = None
+) -> dict[str, str]:
+    review = ["--review-by", review_by] if review_by else []
+    try:
+        output = subprocess.run(  # noqa: S603 -- our own manage.py, fixed arguments
+            [
+                sys.executable,
+                "manage.py",
+                "onboard_customer",
+                "--name",
+                f"{name} {time.strftime('%H:%M:%S')}",
+                "--webhook-url",
+                webhook_url,
+                *review,
+                "--json",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    except subprocess.CalledProcessError as exc:
+        lines = (exc.stderr or "").strip().splitlines() or [f"exit status {exc.returncode}"]
+        raise DemoFailed(f"onboard_customer: {lines[-1]}") from exc
     credentials: dict[str, str] = json.loads(output)
     return credentials
 
@@ -57,23 +71,103 @@ def service_up(*, timeout: float) -> bool:
     return False
 
 
-def main() -> int:
+def demo_main(
+    play: Callable[[str, ReceiverServer], int],
+    *,
+    label: str = "demo",
+    customer: str = "Demo",
+    review_by: str | None = None,
+    echo: bool = True,
+) -> int:
+    """Onboard a customer whose webhooks go to a verifying receiver on RECEIVER_PORT, then
+    `play(token, receiver)`; a DemoFailed, or the service or the receiver's port failing,
+    ends it with one line."""
     if not service_up(timeout=30):
         print(f"No service at {API}: start it with `make run` in another terminal.")
         return 1
-    receiver = make_receiver(port=RECEIVER_PORT, echo=True)
+    try:
+        receiver = make_receiver(port=RECEIVER_PORT, echo=echo)
+    except OSError as exc:
+        print(f"{label} FAILED: webhook receiver on port {RECEIVER_PORT}: {exc.strerror or exc}")
+        return 1
     threading.Thread(target=receiver.serve_forever, args=(0.1,), daemon=True).start()
     try:
-        credentials = onboard(f"{receiver.url}/webhooks")
+        credentials = onboard(f"{receiver.url}/webhooks", name=customer, review_by=review_by)
         receiver.state.secret = credentials["webhook_secret"]
-        print(f"onboarded customer {credentials['customer_id']}")
-        return run(credentials["token"], receiver)
+        print(
+            f"onboarded customer {credentials['customer_id']}"
+            + (f" (--review-by {review_by})" if review_by else "")
+        )
+        return play(credentials["token"], receiver)
+    except DemoFailed as exc:
+        print(f"{label} FAILED: {exc}")
+        return 1
+    except requests.RequestException as exc:
+        print(f"{label} FAILED: {API}: {exc.__class__.__name__}")
+        return 1
     finally:
         receiver.shutdown()
         receiver.server_close()
 
 
-def run(token: str, receiver: Any) -> int:
+def status_of(token: str, workflow_id: str) -> dict[str, Any]:
+    """GET /link/status/<workflow-id>, the document."""
+    response = requests.get(
+        f"{API}/link/status/{workflow_id}", headers={"customer-token": token}, timeout=10
+    )
+    if response.status_code != 200:
+        raise DemoFailed(f"GET /link/status/{workflow_id} answered {response.status_code}")
+    document: dict[str, Any] = response.json()
+    return document
+
+
+def follow(
+    token: str,
+    workflow_id: str,
+    seen: list[str],
+    *,
+    until: Collection[str] = TERMINAL,
+    deadline: float,
+) -> dict[str, Any]:
+    """Poll the status until it is one of `until` or the deadline passes; print and append to
+    `seen` each status it moves to. The last status document read."""
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status = status_of(token, workflow_id)
+        if seen[-1] != status["status"]:
+            seen.append(status["status"])
+            print(f"status: {status['status']} (result: {status['result']})")
+        if status["status"] in until:
+            break
+        time.sleep(0.05)
+    return status
+
+
+def wait_webhook(
+    receiver: ReceiverServer, workflow_id: str, event_type: str, *, deadline: float
+) -> Delivery:
+    """The first delivery of `event_type` for the workflow, its signature verified."""
+    while time.monotonic() < deadline:
+        for delivery in receiver.deliveries():
+            payload = delivery.json()
+            if (
+                payload.get("type") == event_type
+                and payload.get("data", {}).get("workflow-id") == workflow_id
+            ):
+                if not delivery.verified:
+                    raise DemoFailed(
+                        f"{event_type} webhook {delivery.headers.get('webhook-id')} did not verify"
+                    )
+                return delivery
+        time.sleep(0.1)
+    raise DemoFailed(f"no {event_type} webhook for {workflow_id} in time")
+
+
+def main() -> int:
+    return demo_main(run)
+
+
+def run(token: str, receiver: ReceiverServer) -> int:
     headers = {"customer-token": token, "Idempotency-Key": f"demo-{uuid.uuid4()}"}
     body = {
         "patient": {
@@ -95,22 +189,10 @@ def run(token: str, receiver: Any) -> int:
     workflow_id = response.json()["workflow-id"]
     seen: list[str] = [response.json()["status"]]
     deadline = time.monotonic() + 60
-    status: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        status = requests.get(
-            f"{API}/link/status/{workflow_id}", headers={"customer-token": token}, timeout=10
-        ).json()
-        if seen[-1] != status["status"]:
-            seen.append(status["status"])
-            print(f"status: {status['status']} (result: {status['result']})")
-        if status["status"] in TERMINAL:
-            break
-        time.sleep(0.05)
+    status = follow(token, workflow_id, seen, deadline=deadline)
     print("path: " + " -> ".join(seen))
-    while time.monotonic() < deadline and not receiver.deliveries():
-        time.sleep(0.1)
-    deliveries = receiver.deliveries()
-    ok = status.get("status") == "COMPLETED" and bool(deliveries) and deliveries[0].verified
+    wait_webhook(receiver, workflow_id, "link.completed", deadline=deadline)
+    ok = status.get("status") == "COMPLETED"
     print("demo " + ("succeeded" if ok else "FAILED"))
     return 0 if ok else 1
 

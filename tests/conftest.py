@@ -188,6 +188,16 @@ class LinkClient:
     def status(self, workflow_id: str) -> Any:
         return self.client.get(f"/link/status/{workflow_id}", HTTP_CUSTOMER_TOKEN=self.token)
 
+    def post_batch(self, body: Any, *, key: str | None = "batch-1") -> Any:
+        extra: dict[str, Any] = {"HTTP_CUSTOMER_TOKEN": self.token}
+        if key is not None:
+            extra["HTTP_IDEMPOTENCY_KEY"] = key
+        payload = body if isinstance(body, (str, bytes)) else json.dumps(body)
+        return self.client.post("/link/batch", payload, content_type="application/json", **extra)
+
+    def batch(self, batch_id: str) -> Any:
+        return self.client.get(f"/link/batch/{batch_id}", HTTP_CUSTOMER_TOKEN=self.token)
+
     def decide(self, workflow_id: str, body: Any) -> Any:
         return self.client.post(
             f"/link/{workflow_id}/decision",

@@ -201,6 +201,8 @@ def test_nginx_conf():
         assert re.search(rf"proxy_set_header {header} \$", conf), header
     size = re.search(r"client_max_body_size (\d+)k;", conf)
     assert size and int(size.group(1)) * 1024 == settings.LINK_MAX_BODY_BYTES
+    batch = re.search(r"location = /link/batch \{[^}]*client_max_body_size (\d+)k;", conf)
+    assert batch and int(batch.group(1)) * 1024 == settings.LINK_BATCH_MAX_BODY_BYTES
     assert "/problems/payload-too-large" in conf
     # The metrics are scraped from the containers, never served to the outside.
     metrics = re.search(r"location = /metrics \{(.*?)\}", conf, re.S)

@@ -207,11 +207,11 @@ class RecordingClient:
         self.answers.append(response)
         return response
 
-    def post(self, body: Any, key: str, *, raw: bool = False) -> Any:
+    def post(self, body: Any, key: str, *, raw: bool = False, path: str = "/link") -> Any:
         payload = body if raw else json.dumps(body)
         return self._keep(
             self.client.post(
-                "/link",
+                path,
                 payload,
                 content_type="application/json",
                 HTTP_CUSTOMER_TOKEN=self.token,
@@ -423,6 +423,21 @@ def test_a_canary_patient_leaves_no_trace(
     assert customer.post(canary(), "ack-crash").status_code == 500
     monkeypatch.undo()
 
+    # 9. A batch: one item accepted and processed, the others refused each with its problem
+    #    (the answer is kept for replay and GET /link/batch: nothing of the items in it).
+    batch_items = [
+        {"idempotency-key": "batch-ok", **canary()},
+        {"idempotency-key": "batch-bad", **canary(dob=DOB + "x")},
+        {"idempotency-key": "batch-thin", **canary(full_name="Xandervoltz", contact={})},
+        {"idempotency-key": "batch-bad-phone", **refused[0][0]},
+    ]
+    batch = customer.post({"requests": batch_items}, "batch", path="/link/batch")
+    assert (batch.status_code, batch.json()["accepted"], batch.json()["refused"]) == (202, 1, 3)
+    ended["batch item"] = Workflow.objects.get(id=batch.json()["items"][0]["workflow-id"])
+    worker.wait(ended["batch item"])
+    worker.run_all()
+    assert customer.get(f"/link/batch/{batch.json()['batch-id']}").status_code == 200
+
     # Every workflow's status, as the customer reads it.
     for workflow in ended.values():
         assert customer.get(f"/link/status/{workflow.id}").status_code == 200
@@ -439,6 +454,7 @@ def test_a_canary_patient_leaves_no_trace(
     assert outcomes["crash"] == (Status.COMPLETED, Result.NO_RESULTS, 2)
     assert outcomes["review"][:2] == (Status.COMPLETED, Result.LINKED)
     assert outcomes["asynchronous search"][:2] == (Status.COMPLETED, Result.NO_RESULTS)
+    assert outcomes["batch item"][:2] == (Status.COMPLETED, Result.NO_RESULTS)
     assert any(
         name == process_workflows.name and kwargs.get("claims")
         for name, _args, kwargs in worker.tasks_run
@@ -455,7 +471,7 @@ def test_a_canary_patient_leaves_no_trace(
     with connection.cursor() as cursor:
         cursor.execute("SELECT t::text FROM linking_linkrequest t")
         stored = [row for (row,) in cursor.fetchall()]
-    assert len(stored) == 7  # every accepted request (refused ones store nothing)
+    assert len(stored) == 8  # every accepted request (refused ones store nothing)
     assert leaks(*stored) == set()
     decrypted = json.dumps([r.data for r in LinkRequest.objects.all()])
     assert all(c in decrypted for c in STORED_CANARIES)
@@ -477,7 +493,7 @@ def test_a_canary_patient_leaves_no_trace(
 
     # Once the workflows have ended and the retention passed, the data itself is gone.
     later = timezone.now() + dt.timedelta(days=settings.REQUEST_DATA_RETENTION_DAYS + 1)
-    assert request_data_purge_expired(now=later) == 7
+    assert request_data_purge_expired(now=later) == 8
     assert database_leaks(skip=()) == {}
 
 

@@ -54,6 +54,7 @@ ENDPOINTS: dict[str, Callable[[LinkClient, str], Any]] = {
     "patient-detail": lambda c, i: c.client.get(f"/patient/{i}", HTTP_CUSTOMER_TOKEN=c.token),
     "link-delete": lambda c, i: c.client.delete(f"/link/{i}", HTTP_CUSTOMER_TOKEN=c.token),
     "link-decision": lambda c, i: c.decide(i, {"reject": True}),
+    "link-batch-status": lambda c, i: c.batch(i),
 }
 
 

@@ -7,6 +7,7 @@ from linking.services.accept import (
     InsufficientDemographics,
     LinkAcceptance,
     LinkInProgress,
+    LinkItem,
     LinkRefused,
     PatientAlreadyLinked,
     RequestInFlight,
@@ -14,6 +15,7 @@ from linking.services.accept import (
     link_accept,
     request_fingerprint,
 )
+from linking.services.batch import BatchRefusal, link_accept_batch
 from linking.services.links import Delinked, LinkNotFound, link_delink, link_history_record
 from linking.services.patients import PatientNotFound, patient_details, patient_read
 from linking.services.process import (
@@ -49,6 +51,7 @@ from linking.services.search_results import (
 __all__ = [
     "IN_FLIGHT_RETRY_AFTER_SECONDS",
     "STATUS_RETRY_AFTER_SECONDS",
+    "BatchRefusal",
     "CallbackReplayed",
     "DecisionConflict",
     "Delinked",
@@ -56,6 +59,7 @@ __all__ = [
     "InsufficientDemographics",
     "LinkAcceptance",
     "LinkInProgress",
+    "LinkItem",
     "LinkNotFound",
     "LinkRefused",
     "NotInReview",
@@ -73,6 +77,7 @@ __all__ = [
     "UnknownCandidate",
     "idempotency_purge_expired",
     "link_accept",
+    "link_accept_batch",
     "link_delink",
     "link_history_record",
     "link_process",

@@ -5,6 +5,7 @@ import datetime as dt
 import hashlib
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from linking.quality import demographics_quality
 from merchant.models import Customer
 from workflows.models import PENDING_STATES, RequestType, Status, Workflow
 from workflows.services import workflow_announcement
+from workflows.statements import execute
 
 # What a client is told to wait before polling the status (or retrying an in-flight request).
 STATUS_RETRY_AFTER_SECONDS = 5
@@ -63,6 +65,16 @@ class LinkAcceptance:
     replayed: bool = False
 
 
+@dataclass(frozen=True)
+class LinkItem:
+    """One link request as validated: its key, its body as sent (the fingerprint's input),
+    and its validated, canonical form (what is stored)."""
+
+    idempotency_key: str
+    body: Any
+    request_data: dict[str, Any]
+
+
 def request_fingerprint(body: Any) -> str:
     """SHA-256 of the canonical JSON of the body as sent (key order and spacing ignored)."""
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -104,6 +116,61 @@ def link_accept(
     return _accepted_response(workflow_id)
 
 
+def link_accept_distinct(
+    *, customer: Customer, items: Sequence[LinkItem]
+) -> list[uuid.UUID | None]:
+    """Accept many requests in one statement (statements.ACCEPT_MANY), in the caller's
+    transaction: each item's new workflow id, or None for an item it did not take (its key
+    known or in flight, its patient linked or pending, its demographics too thin, or all of
+    them when a concurrent request won a unique constraint meanwhile). The caller sends those
+    through link_accept, which takes or refuses them one by one and says why. No two items may
+    share a key or a patient (the statement would not see one from the other)."""
+    taken = [
+        demographics_quality(item.request_data["patient"]).refusal(settings.MIN_DEMOGRAPHICS_SCORE)
+        is None
+        for item in items
+    ]
+    rows = [item for item, ok in zip(items, taken, strict=True) if ok]
+    if not rows:
+        return [None] * len(items)
+    now = timezone.now()
+    workflows = [uuid.uuid4() for _ in rows]
+    channel, _ = workflow_announcement(workflow_id=workflows[0])
+    accepted = [_accepted_response(workflow_id) for workflow_id in workflows]
+    params = {
+        "request": [uuid.uuid4() for _ in rows],
+        "workflow": workflows,
+        "patient": [uuid.UUID(item.request_data["patient"]["id"]) for item in rows],
+        "key": [item.idempotency_key for item in rows],
+        "lock": [_lock_name(customer_id=customer.id, key=item.idempotency_key) for item in rows],
+        "data": [_REQUEST_DATA.get_db_prep_save(item.request_data, connection) for item in rows],
+        "webhook_url": [item.request_data.get("webhook", "") for item in rows],
+        "fingerprint": [request_fingerprint(item.body) for item in rows],
+        "body": [json.dumps(answer.body) for answer in accepted],
+        "headers": [json.dumps(answer.headers) for answer in accepted],
+        "customer": customer.id,
+        "request_type": RequestType.LINK.value,
+        "received": Status.RECEIVED.value,
+        "linked": MappingStatus.LINKED.value,
+        "pending": _PENDING,
+        "status": 202,
+        "now": now,
+        "expires": now + dt.timedelta(seconds=settings.IDEMPOTENCY_TTL_SECONDS),
+        "channel": channel,
+    }
+    try:
+        with transaction.atomic():
+            inserted = {row[0] for row in execute(statements.ACCEPT_MANY, params)}
+    except IntegrityError:
+        inserted = set()
+    new = iter(workflows)
+    outcome: list[uuid.UUID | None] = []
+    for ok in taken:
+        workflow_id = next(new) if ok else None
+        outcome.append(workflow_id if workflow_id in inserted else None)
+    return outcome
+
+
 def _accept_otherwise(
     *,
     customer: Customer,
@@ -117,7 +184,7 @@ def _accept_otherwise(
     be told apart."""
     try:
         with transaction.atomic():
-            if not _try_lock_key(customer_id=customer.id, key=key):
+            if not try_lock(_lock_name(customer_id=customer.id, key=key)):
                 raise RequestInFlight()
             replay = _replay(customer=customer, key=key, fingerprint=fingerprint)
             if replay is not None:
@@ -151,17 +218,14 @@ def _lock_name(*, customer_id: uuid.UUID, key: str) -> str:
     return f"idempotency:{customer_id}:{key}"
 
 
-def _try_lock_key(*, customer_id: uuid.UUID, key: str) -> bool:
-    """Take a transaction-scoped advisory lock on (customer, key) without waiting.
+def try_lock(name: str) -> bool:
+    """Take a transaction-scoped advisory lock on a (customer, key) name without waiting.
 
     Failing to get it means another request with the same key is being processed right now:
     the client gets 409 instead of waiting on our row locks.
     """
     with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))",
-            [_lock_name(customer_id=customer_id, key=key)],
-        )
+        cursor.execute("SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))", [name])
         row = cursor.fetchone()
     return bool(row and row[0])
 

@@ -15,6 +15,8 @@ E2E_MIN_RATIO = 0.10
 E2E_MAX_P99_S = 2.0
 CPU_MAX_MS = {"total": 6.0, "workers": 2.0, "postgres": 2.0}
 SWEEP_MAX_SECONDS = 1.0
+# Issue 19: a 1,000-item POST /link/batch acknowledged within this (the slowest of the stage's).
+BATCH_MAX_SECONDS = 1.0
 WEB_RSS_MAX_MIB = 120.0
 
 
@@ -99,6 +101,15 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
             Verdict("sweep", _SWEEP_TARGET, f"{seconds:.3f} s", seconds < SWEEP_MAX_SECONDS)
         )
 
+    batch = stages.get("batch")
+    if batch is None:
+        found.append(Verdict("batch ack", _BATCH_TARGET, "not measured", None))
+    else:
+        figure = f"max {batch['max_s']:.3f} s, median {batch['median_s']:.3f} s"
+        found.append(
+            Verdict("batch ack", _BATCH_TARGET, figure, batch["max_s"] <= BATCH_MAX_SECONDS)
+        )
+
     peak = results.get("rss", {}).get("web_worker_peak_mib")
     if peak is None:
         found.append(Verdict("web RSS", _RSS_TARGET, "not measured", None))
@@ -111,6 +122,7 @@ _ACK_TARGET = f">= {ACK_MIN_RATIO:.2f} x A, p99 <= {ACK_MAX_P99_MS:.0f} ms"
 _STATUS_TARGET = f">= {STATUS_MIN_RATIO:.2f} x A"
 _E2E_TARGET = f">= {E2E_MIN_RATIO:.2f} x A, p99 <= {E2E_MAX_P99_S:g} s"
 _SWEEP_TARGET = f"< {SWEEP_MAX_SECONDS:.0f} s"
+_BATCH_TARGET = f"1,000 items in <= {BATCH_MAX_SECONDS:g} s"
 _RSS_TARGET = f"< {WEB_RSS_MAX_MIB:.0f} MiB per web worker"
 
 
@@ -217,6 +229,14 @@ def render(results: dict[str, Any]) -> str:
             f"{_mib(e2e['celery_worker_peak_rss_mib'])}"
         )
     lines += _scaling_table(stages)
+    batch = stages.get("batch")
+    if batch is not None:
+        lines.append(
+            f"batch: {batch['batches']} x POST /link/batch of {batch['items']:,} items "
+            f"({batch['body_bytes'] / 1024:.0f} KiB each), 202 after "
+            + ", ".join(f"{s:.3f}" for s in batch["seconds"])
+            + " s"
+        )
     sweep = stages.get("sweep")
     if sweep is not None:
         lines.append(

@@ -173,6 +173,7 @@ def run_bench(config: BenchConfig, *, echo: Callable[[str], None] = _echo) -> di
             stage("yardstick", lambda: stages.yardstick(stack, load))
             stage("ack", lambda: stages.ack(stack, load))
             stage("status", lambda: stages.status(stack, load))
+            stage("batch", lambda: stages.batch(stack))
             results["rss"]["web_master_mib"] = next(iter(peak_rss([stack.web_group()])), None)
             stack.stop_web()
             stack.stop_dispatcher()

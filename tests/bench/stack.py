@@ -57,6 +57,7 @@ PRODUCTION_LIKE = {
     # One customer sends everything: its per-customer limits would measure the 429 path
     # (an empty rate turns a limit off, config/settings.py).
     "RATE_LIMIT_LINK_CREATE": "",
+    "RATE_LIMIT_LINK_BATCH": "",
     "RATE_LIMIT_READ": "",
     # The webhook receiver is on 127.0.0.1, over http.
     "WEBHOOK_ALLOW_PRIVATE_HOSTS": "true",

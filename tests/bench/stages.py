@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+import requests
 
 from tests.bench.procstat import (
     CpuMeter,
@@ -138,6 +139,58 @@ def ack(stack: BenchStack, load: Load) -> dict[str, Any]:
         env={"BENCH_PREFIX": secrets.token_hex(4)},
         settle=lambda: {"messages_published": _settle_queue(client) - before},
     )
+
+
+def batch(stack: BenchStack, *, items: int = 1000, batches: int = 5) -> dict[str, Any]:
+    """POST /link/batch, `batches` times `items` new patients (ack.lua's body), one after the
+    other over one kept connection: the time from sending each to its 202 (issue 19: a
+    1,000-item batch acknowledged in <= 1 s). The dispatcher publishes their messages."""
+    prefix = secrets.token_hex(4)
+    seconds: list[float] = []
+    session = requests.Session()
+    for number in range(batches):
+        body = {
+            "requests": [
+                {
+                    "idempotency-key": f"batch-{prefix}-{number}-{n}",
+                    "patient": {
+                        "id": f"{prefix}-{number:04x}-4000-8000-{n:012x}",
+                        "full_name": "Jane Q Doe",
+                        "dob": "1980-04-02",
+                        "contact": {
+                            "address": "1 Main St, Springfield",
+                            "phone": "+1-555-0100",
+                            "email": "jane@example.org",
+                        },
+                        "insurance": {"payer": "Acme Health", "member_id": "A123"},
+                    },
+                }
+                for n in range(items)
+            ]
+        }
+        payload = json.dumps(body).encode()
+        started = time.perf_counter()
+        answer = session.post(
+            f"{stack.base_url}/link/batch",
+            data=payload,
+            headers={
+                "Content-Type": "application/json",
+                "customer-token": stack.token,
+                "Idempotency-Key": f"batch-{prefix}-{number}",
+            },
+            timeout=30,
+        )
+        seconds.append(time.perf_counter() - started)
+        if answer.status_code != 202 or answer.json()["accepted"] != items:
+            raise StageFailed(f"batch {number}: {answer.status_code} {answer.text[:300]}")
+    return {
+        "items": items,
+        "batches": batches,
+        "body_bytes": len(payload),
+        "seconds": [round(s, 3) for s in seconds],
+        "median_s": round(sorted(seconds)[len(seconds) // 2], 3),
+        "max_s": round(max(seconds), 3),
+    }
 
 
 def _settle_queue(client: redis.Redis, *, timeout: float = 15) -> int:
@@ -435,7 +488,7 @@ def _sweep_rows(
 ) -> Iterator[str]:
     """COPY text lines: `stale` pending rows untouched for longer than the sweep's threshold;
     the rest mostly COMPLETED over the last 30 days, 1% FAILED, 1% recent pending ones, and
-    0.1% old REVIEW ones (which the sweep must leave to the operator)."""
+    0.1% REVIEW ones, days old but not expired (which the sweep must leave to the reviewer)."""
     recent = max(1, rows // 100)
     review = max(1, rows // 1000)
     failed = max(1, rows // 100)
@@ -467,7 +520,9 @@ def _sweep_rows(
             state = ("RECEIVED", "IN_PROGRESS")[index % 2]
             created = updated = now - dt.timedelta(seconds=rng.randrange(60))
         else:
-            created = now - dt.timedelta(seconds=old + rng.randrange(month))
+            # Reviews within REVIEW_TIMEOUT_SECONDS (7 days): older ones the sweep would expire.
+            spread = 6 * 86400 - old if kind == _REVIEW else month
+            created = now - dt.timedelta(seconds=old + rng.randrange(spread))
             updated = created + dt.timedelta(seconds=1)
             state = {_REVIEW: "REVIEW", _FAILED: "FAILED", _COMPLETED: "COMPLETED"}[kind]
         if state == "RECEIVED":

@@ -77,6 +77,10 @@ def test_every_stage_runs_and_reports(tmp_path: Any) -> None:
         assert run["completed"] == run["posted"] >= 20 and not run["timed_out"], run["by_status"]
         assert run["cpu_seconds"]["workers"] > 0
 
+    batch = stages["batch"]
+    assert batch["items"] == 1000 and len(batch["seconds"]) == batch["batches"] == 5
+    assert 0 < batch["median_s"] <= batch["max_s"]
+
     sweep = stages["sweep"]
     assert sweep["requeued"] == sweep["stale_rows_requeued_in_db"] == 10
     assert sweep["rows_requeued_in_db"] == 10 and sweep["failed"] == 0
@@ -91,12 +95,13 @@ def test_every_stage_runs_and_reports(tmp_path: Any) -> None:
         "CPU workers",
         "CPU postgres",
         "sweep",
+        "batch ack",
         "web RSS",
     ]
     assert all(v.passed is not None for v in found), found
     table = render(results)
     assert "A: yardstick" in table and "POST /link" in table and "GET /link/status" in table
-    assert "scaling (end to end" in table
+    assert "scaling (end to end" in table and "POST /link/batch of 1,000 items" in table
     json.dumps(results)  # what `--json` writes
 
 

@@ -11,6 +11,11 @@ onboarding, and one Idempotency-Key per body (the generated key with the body's 
 nearly all of them would stop at a 422 (webhook-url-refused, idempotency-key-reused) and the
 accepting path would hardly be fuzzed. Those 422s have tests of their own.
 
+GET /links takes a `cursor` only as the service gave it (signed, for this customer and these
+filters): no schema can say which strings those are, so a positive case is sent without the
+cursor it drew, else each would get its rightful 400 (tests/linking/test_links_list.py follows
+real cursors, and refuses tampered and foreign ones). Negative cases go as generated.
+
 The search callback is authenticated by a Standard Webhooks signature over the exact body, not
 by a token: unsigned, every fuzzed callback would stop at the 401 and the parser behind it would
 never see hostile input. So every case whose signature headers were generated valid gets a
@@ -109,6 +114,14 @@ def before_call(context: Any, case: Case, kwargs: dict[str, Any]) -> None:
         _link_rules(case)
     elif (case.operation.path, case.method.upper()) == (CALLBACK_PATH, "POST"):
         _sign_callback(case, kwargs)
+    elif (case.operation.path, case.method.upper()) == ("/links", "GET") and _is_positive(case):
+        _without_cursor(case, kwargs)
+
+
+def _without_cursor(case: Case, kwargs: dict[str, Any]) -> None:
+    for query in (case.query, kwargs.get("params")):
+        if isinstance(query, dict):
+            query.pop("cursor", None)
 
 
 def _sign_callback(case: Case, kwargs: dict[str, Any]) -> None:

@@ -58,15 +58,17 @@ def test_a_new_request_is_one_statement(api: LinkClient) -> None:
     assert statements[0].lstrip().startswith("WITH request AS (")
 
 
+@pytest.mark.parametrize("statement", ["ACCEPT", "ACCEPT_MANY"])
 @pytest.mark.parametrize(
     "model",
     [LinkRequest, Workflow, WorkflowTransition, IdempotencyRecord],
     ids=lambda m: m.__name__,
 )
-def test_the_statement_writes_every_column(model: Any) -> None:
-    # A column added to a model without a database default must be added to ACCEPT too.
+def test_the_statement_writes_every_column(model: Any, statement: str) -> None:
+    # A column added to a model without a database default must be added to ACCEPT and
+    # ACCEPT_MANY (POST /link/batch's) too.
     table = model._meta.db_table
-    found = re.search(rf"INSERT INTO {table}\s*\(([^)]*)\)", statements.ACCEPT)
+    found = re.search(rf"INSERT INTO {table}\s*\(([^)]*)\)", getattr(statements, statement))
     assert found, table
     written = [name.strip() for name in found.group(1).split(",")]
     columns = [

@@ -346,6 +346,11 @@ def endpoints(c: Ctx) -> list[tuple[str, str]]:
         ("get", f"/link/status/{c.workflow_id}"),
         ("get", f"/patient/{c.patient_id}"),
         ("delete", f"/link/{c.patient_id}"),
+        ("post", "/link/batch"),
+        # No batch has this id: a 404, never the 401, should a case slip through.
+        ("get", f"/link/batch/{c.workflow_id}"),
+        ("post", f"/link/{c.workflow_id}/decision"),
+        ("get", "/links"),
     ]
 
 
