@@ -42,7 +42,6 @@ from linking.serializers import (
     SearchsetBundleSerializer,
 )
 from merchant.auth import request_customer
-from merchant.models import Customer
 from merchant.parsers import BatchJSONParser, json_loads_limited
 from merchant.problems import Problem, problem_of
 from merchant.schema import problem_responses
@@ -209,11 +208,11 @@ class LinkBatchCreateApi(APIView):
         key = _idempotency_key(request.headers.get("idempotency-key"))
         envelope = LinkBatchInputSerializer(data=request.data)
         envelope.is_valid(raise_exception=True)
-        customer = request_customer(request)
-        items = [_batch_item(raw, customer) for raw in envelope.validated_data["requests"]]
+        validator = LinkCreateInputSerializer(context={"customer": request_customer(request)})
+        items = [_batch_item(raw, validator) for raw in envelope.validated_data["requests"]]
         try:
             accepted = services.link_accept_batch(
-                customer=customer,
+                customer=request_customer(request),
                 idempotency_key=key,
                 fingerprint=services.request_fingerprint(request.data),
                 items=items,
@@ -225,17 +224,16 @@ class LinkBatchCreateApi(APIView):
 
 
 def _batch_item(
-    raw: dict[str, Any], customer: Customer
+    raw: dict[str, Any], validator: LinkCreateInputSerializer
 ) -> services.LinkItem | services.BatchRefusal:
     """Validate one batch item as POST /link validates its header and body."""
     body = {name: value for name, value in raw.items() if name != "idempotency-key"}
     try:
         key = _idempotency_key(raw.get("idempotency-key"))
-        serializer = LinkCreateInputSerializer(data=body, context={"customer": customer})
-        serializer.is_valid(raise_exception=True)
+        request_data = validator.validate_another(body)
     except (Problem, ValidationError) as exc:
         return services.BatchRefusal(problem=problem_of(exc))
-    return services.LinkItem(idempotency_key=key, body=body, request_data=serializer.canonical())
+    return services.LinkItem(idempotency_key=key, body=body, request_data=request_data)
 
 
 class LinkBatchStatusApi(APIView):

@@ -238,3 +238,14 @@ def test_an_item_of_the_batch_writes_what_post_link_writes(api: LinkClient) -> N
         written["record"].pop("key")
         written["record"].pop("fingerprint")
     assert rows[0] == rows[1]
+
+
+def test_one_items_webhook_refusal_is_its_own(api: LinkClient) -> None:
+    """Items are validated by one serializer in turn: what one item's webhook was refused for
+    must not refuse the next."""
+    refused = {**item("hook-0"), "webhook": "https://elsewhere.example/hooks"}
+    body = accepted(api.post_batch({"requests": [refused, item("hook-1"), item("hook-2")]}))
+    first = body["items"][0]["problem"]
+    assert first["type"] == "/problems/webhook-url-refused", first
+    assert first["errors"][0]["field"] == "webhook"
+    assert ["workflow-id" in i for i in body["items"]] == [False, True, True]
