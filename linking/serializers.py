@@ -411,8 +411,14 @@ class LinkDecisionInputSerializer(StrictSerializer):
 
     locals().update(
         {
-            "candidate-id": serializers.CharField(
-                required=False, max_length=64, help_text="A `candidate-id` of the status."
+            # Printable ASCII, untrimmed: what the schema says is what is checked (a
+            # CharField would strip a control character to blank after the schema let it by).
+            "candidate-id": serializers.RegexField(
+                r"^[!-~]{1,64}$",
+                required=False,
+                max_length=64,
+                trim_whitespace=False,
+                help_text="A `candidate-id` of the status.",
             ),
             "reject": serializers.BooleanField(
                 required=False, help_text="true: none of the candidates is the patient."
