@@ -121,6 +121,10 @@ SELECT count(*) FROM (SELECT pg_notify(%(channel)s, %(message)s) FROM record) AS
 # unless its key is known, its patient linked or pending; the others insert nothing and go
 # through ACCEPT one by one, which tells why. `fresh` is evaluated once (a CTE with a volatile
 # call is materialized). Returns the workflows inserted, each announced to the dispatcher.
+# `OFFSET 0` keeps each NOT EXISTS a lookup of its item in the index that fits (PostgreSQL does
+# not turn such a subquery into a join): as joins, with statistics not yet analyzed after a
+# burst of batches, the planner compared every item with every pending workflow of the
+# customer (`make bench`: 15,000,000 comparisons, 0.9 s for 1,000 items; 13 ms as lookups).
 ACCEPT_MANY = """
 WITH fresh AS (
   SELECT * FROM unnest(
@@ -131,13 +135,13 @@ WITH fresh AS (
          headers)
    WHERE pg_try_advisory_xact_lock(hashtextextended(v.lock, 0))
      AND NOT EXISTS (SELECT 1 FROM linking_idempotencyrecord
-                      WHERE customer_id = %(customer)s AND key = v.key)
+                      WHERE customer_id = %(customer)s AND key = v.key OFFSET 0)
      AND NOT EXISTS (SELECT 1 FROM linking_patientmapping
                       WHERE customer_id = %(customer)s AND customer_patient_id = v.patient_id
-                        AND status = %(linked)s)
+                        AND status = %(linked)s OFFSET 0)
      AND NOT EXISTS (SELECT 1 FROM workflows_workflow
                       WHERE customer_id = %(customer)s AND patient_id = v.patient_id
-                        AND status = ANY(%(pending)s::text[]))
+                        AND status = ANY(%(pending)s::text[]) OFFSET 0)
 ), request AS (
   INSERT INTO linking_linkrequest (request_id, customer_id, data, created_at)
   SELECT request_id, %(customer)s::uuid, data, %(now)s::timestamptz FROM fresh

@@ -4,6 +4,7 @@ The ack and the worker's whole path (accept, claim, search, link, end, webhook) 
 patient of a customer who already has hundreds of workflows (pending and ended), mappings
 (linked and de-linked), idempotency records and history lines; every statement is first run
 under EXPLAIN ANALYZE (in a savepoint, rolled back) and the rows its scans read are counted.
+The same for POST /link/batch: its statements read its patients' rows.
 
 `make bench` found two ways to read a whole customer: a query with no index that fits (a
 patient's linked and de-linked mappings: 1,500 rows read per workflow), and an index on
@@ -96,8 +97,9 @@ def _existing_rows(credentials: CustomerCredentials) -> None:
 
 
 def _rows_read(node: dict[str, Any]) -> int:
-    """Rows the scans under a plan node read: returned, or read and then filtered out."""
-    rows = 0
+    """Rows the scans under a plan node read: returned, or read and then filtered out; and the
+    rows a join compared and threw away (a batch joined against a customer's rows)."""
+    rows = node.get("Rows Removed by Join Filter", 0) * node.get("Actual Loops", 1)
     if "Scan" in node["Node Type"] and node.get("Relation Name"):
         loops = node.get("Actual Loops", 1)
         rows += (node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0)) * loops
@@ -128,6 +130,10 @@ def _explaining(reads: list[tuple[int, str]]) -> Callable[..., Any]:
     return wrapper
 
 
+def _heavy(reads: list[tuple[int, str]], limit: int) -> list[tuple[int, str]]:
+    return [(rows, sql[:200]) for rows, sql in reads if rows > limit]
+
+
 def test_a_link_request_reads_one_patients_rows(
     standin: Any, credentials: CustomerCredentials, api: LinkClient
 ) -> None:
@@ -142,5 +148,30 @@ def test_a_link_request_reads_one_patients_rows(
     statements = [sql for _, sql in reads]
     assert any("linking_idempotencyrecord" in sql for sql in statements)  # the ack's
     assert any("INSERT INTO linking_patientmapping" in sql for sql in statements)  # the link's
-    heavy = [(rows, sql[:200]) for rows, sql in reads if rows > MAX_ROWS_READ]
-    assert heavy == [], heavy
+    assert _heavy(reads, MAX_ROWS_READ) == []
+
+
+BATCH = 10
+
+
+def test_a_batch_reads_its_patients_rows(
+    standin: Any, credentials: CustomerCredentials, api: LinkClient
+) -> None:
+    # `make bench` found ACCEPT_MANY's refusal checks joined against every pending workflow of
+    # the customer (15,000,000 comparisons for a 1,000-item batch, 0.9 s) while the table's
+    # statistics, not yet analyzed, said it was empty.
+    _existing_rows(credentials)
+    reads: list[tuple[int, str]] = []
+    requests = [
+        {"idempotency-key": f"batch-item-{n}", "patient": link_body()["patient"]}
+        for n in range(BATCH)
+    ]
+    with connection.execute_wrapper(_explaining(reads)):
+        response = api.post_batch({"requests": requests}, key="new-batch")
+    assert response.status_code == 202, response.content
+    assert response.json()["accepted"] == BATCH
+    assert any("unnest(" in sql and "linking_idempotencyrecord" in sql for _, sql in reads)
+    # None per item but the inserts'; a customer's rows are >= EXISTING. (The worker's batch
+    # statements select by arrays of primary keys: on tables this small a sequential scan is
+    # the planner's right choice, so this does not bound them; `make bench` runs them at scale.)
+    assert _heavy(reads, MAX_ROWS_READ + 3 * BATCH) == []
