@@ -292,6 +292,9 @@ LINK_BATCH_MAX_ITEMS = env_int("LINK_BATCH_MAX_ITEMS", 1000, minimum=1)
 LINK_BATCH_MAX_BODY_BYTES = max(LINK_BATCH_MAX_ITEMS * 2048, LINK_MAX_BODY_BYTES)
 LINK_BATCH_MAX_JSON_ITEMS = LINK_BATCH_MAX_ITEMS * 64
 DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * LINK_BATCH_MAX_BODY_BYTES
+# GET /link/batch/<id> answers this long after the batch; beat's idempotency purge then deletes
+# the batch record (its items' workflows stay, each readable by its own id).
+LINK_BATCH_RETENTION_DAYS = env_int("LINK_BATCH_RETENTION_DAYS", 30, minimum=1)
 
 # --- Request data (the demographics): encrypted at rest, purged after the workflow ended -------
 # Keys of linking.LinkRequest.data (django-fernet-encrypted-fields derives each Fernet key from

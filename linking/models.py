@@ -132,6 +132,8 @@ class PatientMapping(models.Model):
             # A patient's mappings whatever their status (link_record reads the linked and the
             # de-linked ones): without it PostgreSQL read every mapping of the customer.
             models.Index(fields=["customer", "customer_patient_id"], name="mapping_patient"),
+            # GET /links' pages (keyset on updated_at, id): the page's rows, not the customer's.
+            models.Index(fields=["customer", "-updated_at", "-id"], name="mapping_listing"),
         ]
 
     def __str__(self) -> str:

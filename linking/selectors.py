@@ -184,7 +184,7 @@ def links_page(
 ) -> dict[str, Any]:
     """GET /links: a page of the customer's mappings, newest change first, in one query.
 
-    Keyset pagination on (updated_at, id) (sorted: no index of its own, README): a row written after
+    Keyset pagination on (updated_at, id) (index mapping_listing): a row written after
     the first page sorts before the cursor, so later pages neither repeat nor skip a row that
     was already there. Nothing of the internal patient is read."""
     rows = PatientMapping.objects.filter(customer=customer)

@@ -35,7 +35,10 @@ SELECT workflow_id, attempt, rank, internal_patient_id, score, match_grade, agre
 # linked already (by another workflow: only an operator's actions on old workflows can do
 # that) keeps its one LINKED mapping (mapping_one_linked_per_patient) and gets nothing: the
 # workflows that did link are returned. `relinked` when the patient was linked before and
-# de-linked since.
+# de-linked since: its history has a de-link (link_delink writes one with each). Read from the
+# history, whose only index by customer is by patient: the mappings' listing index starts with
+# the customer too, and with stale statistics the planner took it to read every mapping of the
+# customer for each link (tests/test_query_scale.py).
 LINK = """
 WITH v AS (
   SELECT * FROM unnest(
@@ -57,9 +60,9 @@ WITH v AS (
           internal_patient_id, score, actor, reason, at)
   SELECT m.customer_id, m.customer_patient_id,
          CASE WHEN EXISTS (
-           SELECT 1 FROM linking_patientmapping p
-            WHERE p.customer_id = m.customer_id AND p.customer_patient_id = m.customer_patient_id
-              AND p.status = 'DE-LINKED') THEN 'relinked' ELSE 'linked' END,
+           SELECT 1 FROM linking_linkhistory h
+            WHERE h.customer_id = m.customer_id AND h.customer_patient_id = m.customer_patient_id
+              AND h.event = 'delinked') THEN 'relinked' ELSE 'linked' END,
          m.id, m.workflow_id, m.internal_patient_id, m.score, %(actor)s, v.reason, %(now)s
     FROM mapped m JOIN v ON v.workflow_id = m.workflow_id
 )

@@ -4,6 +4,7 @@ from celery import shared_task
 
 from linking.services import (
     idempotency_purge_expired,
+    link_batches_purge_expired,
     request_data_purge_expired,
     search_callbacks_purge,
 )
@@ -11,8 +12,9 @@ from linking.services import (
 
 @shared_task(name="linking.purge_idempotency_records")
 def purge_idempotency_records() -> int:
-    # Also the search callbacks' ids: the same kind of short-lived replay protection.
-    return idempotency_purge_expired() + search_callbacks_purge()
+    # Also the search callbacks' ids (the same kind of short-lived replay protection) and the
+    # batch records past LINK_BATCH_RETENTION_DAYS.
+    return idempotency_purge_expired() + search_callbacks_purge() + link_batches_purge_expired()
 
 
 @shared_task(name="linking.purge_request_data")

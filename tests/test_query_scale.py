@@ -175,3 +175,20 @@ def test_a_batch_reads_its_patients_rows(
     # statements select by arrays of primary keys: on tables this small a sequential scan is
     # the planner's right choice, so this does not bound them; `make bench` runs them at scale.)
     assert _heavy(reads, MAX_ROWS_READ + 3 * BATCH) == []
+
+
+def test_a_page_of_links_reads_that_page(credentials: CustomerCredentials, api: LinkClient) -> None:
+    # mapping_listing: without it each page read and sorted every mapping of the customer.
+    _existing_rows(credentials)
+    reads: list[tuple[int, str]] = []
+    pages = []
+    with connection.execute_wrapper(_explaining(reads)):
+        query = "?limit=5"
+        for _ in range(2):
+            response = api.client.get(f"/links{query}", HTTP_CUSTOMER_TOKEN=api.token)
+            assert response.status_code == 200, response.content
+            pages.append(response.json())
+            query = f"?limit=5&cursor={response.json()['next-cursor']}"
+    assert [len(page["data"]) for page in pages] == [5, 5] and pages[1]["has-more"]
+    assert sum("linking_patientmapping" in sql for _, sql in reads) == 2
+    assert _heavy(reads, MAX_ROWS_READ) == []

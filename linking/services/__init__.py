@@ -15,7 +15,7 @@ from linking.services.accept import (
     link_accept,
     request_fingerprint,
 )
-from linking.services.batch import BatchRefusal, link_accept_batch
+from linking.services.batch import BatchRefusal, link_accept_batch, link_batches_purge_expired
 from linking.services.links import Delinked, LinkNotFound, link_delink, link_history_record
 from linking.services.patients import PatientNotFound, patient_details, patient_read
 from linking.services.process import (
@@ -78,6 +78,7 @@ __all__ = [
     "idempotency_purge_expired",
     "link_accept",
     "link_accept_batch",
+    "link_batches_purge_expired",
     "link_delink",
     "link_history_record",
     "link_process",

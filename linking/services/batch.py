@@ -112,6 +112,14 @@ def link_accept_batch(
     return LinkAcceptance(status=202, body=body, headers=_headers(batch_id))
 
 
+def link_batches_purge_expired(*, now: dt.datetime | None = None) -> int:
+    """Delete the batch records made more than LINK_BATCH_RETENTION_DAYS ago (their workflows
+    stay); returns how many were deleted."""
+    cutoff = (now or timezone.now()) - dt.timedelta(days=settings.LINK_BATCH_RETENTION_DAYS)
+    deleted, _ = LinkBatch.objects.filter(created_at__lt=cutoff).delete()
+    return deleted
+
+
 def _headers(batch_id: uuid.UUID) -> dict[str, str]:
     return {"Location": f"/link/batch/{batch_id}"}
 

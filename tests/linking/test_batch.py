@@ -2,14 +2,17 @@
 (validation, refusals, per-item idempotency), a refused item never refusing the others, every
 accepted item durable before the 202 and in one transaction, the batch's own key replaying."""
 
+import datetime as dt
 import json
 import uuid
 from typing import Any
 
 import pytest
+from django.utils import timezone
 
 from linking.models import IdempotencyRecord, LinkBatch, LinkRequest
 from linking.services import link_process
+from linking.tasks import purge_idempotency_records
 from tests.conftest import LinkClient, link_body
 from tests.linking.test_ack_path import _rows
 from tests.merchant.test_abuse_limits import assert_rate_limited
@@ -249,3 +252,17 @@ def test_one_items_webhook_refusal_is_its_own(api: LinkClient) -> None:
     assert first["type"] == "/problems/webhook-url-refused", first
     assert first["errors"][0]["field"] == "webhook"
     assert ["workflow-id" in i for i in body["items"]] == [False, True, True]
+
+
+def test_a_batch_record_is_purged_after_its_retention(api: LinkClient, settings: Any) -> None:
+    settings.LINK_BATCH_RETENTION_DAYS = 30
+    old = accepted(api.post_batch({"requests": [item("old")]}, key="old-batch"))
+    new = accepted(api.post_batch({"requests": [item("new")]}, key="new-batch"))
+    LinkBatch.objects.filter(id=old["batch-id"]).update(
+        created_at=timezone.now() - dt.timedelta(days=30, seconds=1)
+    )
+    assert purge_idempotency_records() == 1  # the beat task: the old batch only
+    assert api.batch(old["batch-id"]).status_code == 404
+    assert api.batch(new["batch-id"]).status_code == 200
+    # Its workflow stays, readable by its own id.
+    assert api.status(old["items"][0]["workflow-id"]).status_code == 200
