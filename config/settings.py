@@ -39,6 +39,9 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    # Swagger UI's and ReDoc's files, pinned, served as our static files: the docs render on a
+    # network without the public CDN drf-spectacular would otherwise load `@latest` from.
+    "drf_spectacular_sidecar",
     "django_celery_beat",
     "merchant",
     "workflows",
@@ -383,6 +386,9 @@ SPECTACULAR_SETTINGS = {
     ),
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
     # Several responses carry a workflow's status: one named enum for all of them.
     "ENUM_NAME_OVERRIDES": {

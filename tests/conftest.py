@@ -3,6 +3,7 @@
 import base64
 import json
 import logging
+import shutil
 import threading
 import time
 import uuid
@@ -14,6 +15,8 @@ import pytest
 import redis
 from django.conf import settings
 from rest_framework.test import APIClient
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
 
 from merchant.services import CustomerCredentials, customer_onboard
 from standin.server import make_server
@@ -240,3 +243,42 @@ def every_logger_into(handler: logging.Handler) -> Iterator[None]:
             logger.setLevel(level)
             logger.disabled = disabled
             logger.removeHandler(handler)
+
+
+@pytest.fixture
+def browser() -> Iterator[webdriver.Chrome]:
+    """Headless Chromium (Debian's `chromium` and `chromium-driver`, installed by `make test`)
+    that reaches 127.0.0.1 (localhost) only: any other host name resolves to nothing, so a
+    page that needs the internet shows it. Its console and its network requests are logged
+    (`browser_requests`)."""
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(argument)
+    options.add_argument("--window-size=1400,1000")
+    options.add_argument(
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost"
+    )
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    # Debian's driver, found by path: Selenium Manager must not try to download one.
+    service = Service(executable_path=shutil.which("chromedriver") or "/usr/bin/chromedriver")
+    driver = webdriver.Chrome(options=options, service=service)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def browser_requests(driver: webdriver.Chrome) -> list[str]:
+    """The URLs the pages asked for since the last call (Chromium's performance log), but those
+    the browser refused to send itself (a Content-Security-Policy, say): they never left it."""
+    sent: dict[str, str] = {}
+    refused: set[str] = set()
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        params = message["params"]
+        if message["method"] == "Network.requestWillBeSent":
+            sent[params["requestId"]] = params["request"]["url"]
+        elif message["method"] == "Network.loadingFailed" and params.get("blockedReason"):
+            refused.add(params["requestId"])
+    return [url for request_id, url in sent.items() if request_id not in refused]

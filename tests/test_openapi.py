@@ -3,6 +3,8 @@
 import pytest
 from rest_framework.test import APIClient
 
+from merchant.schema import DOCS_CONTENT_SECURITY_POLICY
+
 pytestmark = pytest.mark.django_db
 
 
@@ -44,10 +46,15 @@ def test_schema_describes_link_api() -> None:
     assert "candidates" in status_body
 
 
-def test_swagger_ui_is_served() -> None:
-    response = APIClient().get("/api/docs/")
+@pytest.mark.parametrize(
+    ("path", "asset"), [("/api/docs/", b"swagger-ui"), ("/api/redoc/", b"redoc")]
+)
+def test_the_docs_pages_load_only_our_files(path: str, asset: bytes) -> None:
+    response = APIClient().get(path)
     assert response.status_code == 200
-    assert b"swagger" in response.content.lower()
+    assert b"/static/drf_spectacular_sidecar/" + asset in response.content
+    assert b"https://" not in response.content  # no CDN, no web fonts (tests/test_docs_browser.py)
+    assert response["Content-Security-Policy"] == DOCS_CONTENT_SECURITY_POLICY
 
 
 def test_schema_generates_without_warnings(tmp_path) -> None:
