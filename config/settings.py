@@ -470,6 +470,14 @@ LOGGING = {
         # Django logs the request line and, on errors, request details: keep it at WARNING so
         # that nothing but ids reaches the logs.
         "django.request": {"level": "ERROR"},
+        # Celery's line per task sent by beat, received and succeeded: every few seconds for
+        # the periodic housekeeping while nothing happens, once per message under load. What a
+        # task does worth telling, it logs itself; a task that fails is still logged (ERROR).
+        # Shown with LOG_LEVEL=DEBUG.
+        **{
+            name: {"level": "DEBUG" if LOG_LEVEL == "DEBUG" else "WARNING"}
+            for name in ("celery.beat", "celery.worker.strategy", "celery.app.trace")
+        },
     },
 }
 
