@@ -27,6 +27,16 @@ workflow_id: ContextVar[str | None] = ContextVar("workflow_id", default=None)
 CONTEXT_FIELDS = ("request_id", "workflow_id", "customer_id")
 
 
+class BeatSendsFilter(logging.Filter):
+    """Drops beat's INFO line per task it sends ("Scheduler: Sending due task ..."): periodic
+    noise while nothing happens (LOGGING leaves it out at LOG_LEVEL=DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or not str(record.msg).startswith(
+            "Scheduler: Sending due task"
+        )
+
+
 class ContextFilter(logging.Filter):
     """Adds request_id, workflow_id and customer_id to a record, each only when known."""
 

@@ -453,7 +453,10 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     # config/log_context.py: the ids come from context variables (request, customer, task).
-    "filters": {"context": {"()": "config.log_context.ContextFilter"}},
+    "filters": {
+        "context": {"()": "config.log_context.ContextFilter"},
+        "beat_sends": {"()": "config.log_context.BeatSendsFilter"},
+    },
     "formatters": {
         "json": {"()": "config.log_context.json_formatter"},
         "text": {"()": "config.log_context.text_formatter"},
@@ -473,11 +476,16 @@ LOGGING = {
         # Celery's line per task sent by beat, received and succeeded: every few seconds for
         # the periodic housekeeping while nothing happens, once per message under load. What a
         # task does worth telling, it logs itself; a task that fails is still logged (ERROR).
-        # Shown with LOG_LEVEL=DEBUG.
-        **{
-            name: {"level": "DEBUG" if LOG_LEVEL == "DEBUG" else "WARNING"}
-            for name in ("celery.beat", "celery.worker.strategy", "celery.app.trace")
-        },
+        # Shown with LOG_LEVEL=DEBUG. Beat's other lines (starting, connected) stay.
+        **(
+            {}
+            if LOG_LEVEL == "DEBUG"
+            else {
+                "celery.beat": {"filters": ["beat_sends"]},
+                "celery.worker.strategy": {"level": "WARNING"},
+                "celery.app.trace": {"level": "WARNING"},
+            }
+        ),
     },
 }
 

@@ -22,7 +22,7 @@ def _idle_output(tmp_path: Path, level: str) -> str:
         running(celery_beat_args(tmp_path / f"schedule-{level}"), env=env, log=beat_log.open("wb")),
     ):
         wait_for_text(worker_log, "ready.")
-        wait_for_text(beat_log, "is starting.")  # its banner (its INFO line is quiet too)
+        wait_for_text(beat_log, "beat: Starting...")
         time.sleep(1)  # the start-up lines are out
         start = {log: log.stat().st_size for log in (worker_log, beat_log)}
         time.sleep(IDLE_SECONDS)

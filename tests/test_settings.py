@@ -1,8 +1,10 @@
 """Settings that cannot work are refused at start-up, not discovered at the first request."""
 
 import base64
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +103,14 @@ def test_plain_http_is_redirected_to_https(client, settings):
     response = client.get("/api/schema/")
     assert response.status_code == 301
     assert response["Location"] == "https://testserver/api/schema/"
+
+
+def test_the_env_example_names_every_setting_read_from_the_environment() -> None:
+    root = Path(__file__).resolve().parent.parent
+    read = set(
+        re.findall(r'env_[a-z_]+\(\s*"([A-Z0-9_]+)"', (root / "config/settings.py").read_text())
+    )
+    assert len(read) > 50  # the pattern still finds them
+    example = (root / ".env.example").read_text()
+    listed = set(re.findall(r"^#? ?([A-Z0-9_]+)=", example, flags=re.MULTILINE))
+    assert sorted(read - listed) == []
