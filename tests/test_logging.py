@@ -204,10 +204,11 @@ def test_a_worker_logs_json_lines_with_the_workflow_id(
     tmp_path: Path, redis_db: redis.Redis
 ) -> None:
     """A real worker: Celery leaves LOGGING in place (JSON, the context filter) at the level of
-    its `--loglevel` (INFO here, above LOG_LEVEL), and the lines of a process_workflow run carry
-    the id of the workflow in its message."""
+    its `--loglevel` (INFO here), and the lines of a process_workflow run carry the id of the
+    workflow in its message. LOG_LEVEL=DEBUG: Celery's own lines per task received and
+    succeeded are shown only then (tests/test_quiet_logs.py)."""
     log = tmp_path / "worker.log"
-    env = processes.child_env(LOG_FORMAT="json", LOG_LEVEL="WARNING")
+    env = processes.child_env(LOG_FORMAT="json", LOG_LEVEL="DEBUG")
     workflow = str(uuid.uuid4())  # unknown: the task finds nothing to do and succeeds
     with log.open("wb") as out, processes.running(processes.celery_worker_args(), env=env, log=out):
         processes.wait_for_text(log, "ready.")

@@ -228,7 +228,12 @@ def async_stack(
         beat_log = logs / "beat.log"
         stack.enter_context(running(celery_worker_args(), env=env, log=worker_log.open("wb")))
         stack.enter_context(
-            running(celery_beat_args(logs / "beat-schedule"), env=env, log=beat_log.open("wb"))
+            # LOG_LEVEL=DEBUG: beat's line per task sent, by which tests count the sweeps.
+            running(
+                celery_beat_args(logs / "beat-schedule"),
+                env={**env, "LOG_LEVEL": "DEBUG"},
+                log=beat_log.open("wb"),
+            )
         )
         wait_for_text(worker_log, "ready.")
         wait_for_text(beat_log, "beat: Starting")
