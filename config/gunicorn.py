@@ -1,7 +1,8 @@
 """gunicorn's configuration (the Procfile's `web` line: `--config config/gunicorn.py`).
 
-Only the multiprocess metrics' bookkeeping (config/metrics.py, README "Metrics"); every other
-option stays on the command line. Imports nothing of the project: the master serves no request.
+Only the multiprocess metrics' bookkeeping (config/metrics.py, docs/operations.md "Metrics");
+every other option stays on the command line. Imports nothing of the project: the master serves
+no request.
 """
 
 import glob

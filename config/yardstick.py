@@ -1,4 +1,4 @@
-"""The benchmark's yardstick (`make bench`, README "Performance"): the cheapest answer this stack
+"""The benchmark's yardstick (`make bench`, docs/performance.md): the cheapest answer this stack
 can give, served by the same gunicorn as the API, so every figure is a ratio to it measured in
 the same run on the same (shared, noisy) machine.
 

@@ -1,4 +1,5 @@
-"""An encrypted JSON document field for the request data (README "Request data at rest").
+"""An encrypted JSON document field for the request data (docs/operations.md, "Request data
+at rest").
 
 The keys are django-fernet-encrypted-fields' own: Fernet keys derived (PBKDF2-SHA256) from
 SECRET_KEY (then SECRET_KEY_FALLBACKS) with each SALT_KEY (settings.REQUEST_DATA_KEYS); the first

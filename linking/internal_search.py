@@ -1,4 +1,4 @@
-"""Client of the internal system's FHIR R4 `Patient/$match` (contracts/internal-search.md)."""
+"""Client of the internal system's FHIR R4 `Patient/$match` (docs/internal-search-contract.md)."""
 
 import json
 import re

@@ -2,7 +2,7 @@
 
 After the HL7 FHIR Identity Matching guide's idea of weighted demographics: each element that
 tells patients apart adds weight; a request below MIN_DEMOGRAPHICS_SCORE, or one whose name is a
-known placeholder, is refused before anything is stored or searched (README "Input quality").
+known placeholder, is refused before anything is stored or searched (docs/api.md "Input quality").
 """
 
 import re
@@ -10,7 +10,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
-# Weights per element (README "Input quality").
+# Weights per element (docs/api.md "Input quality").
 WEIGHTS = {
     "full name (given and family)": 3,
     "single name": 1,

@@ -27,7 +27,7 @@ from standin.receiver import Delivery, ReceiverServer
 # the best candidate is the one the customer's own data points to.
 PATIENT = {"full_name": "Alex Rivera", "dob": "1975-09-14", "contact": {"phone": "+1-555-0141"}}
 SECONDS_PER_STEP = 60
-# The README's order of the agreement's fields (the stored document keeps its own key order).
+# docs/api.md's order of the agreement's fields (the stored document keeps its own key order).
 FIELDS = ("family", "given", "birth-date", "phone", "email", "address")
 
 

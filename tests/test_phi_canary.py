@@ -90,7 +90,7 @@ def canary(**overrides: Any) -> dict[str, Any]:
 
 
 # The stand-in scores on name and birth date (and phone, email, address); canary contact and
-# insurance change nothing for these two (README "stand-in"):
+# insurance change nothing for these two (standin/README.md "Scoring"):
 JANE = {"full_name": "Jane Q Doe", "dob": "1980-04-02"}  # one `certain` candidate: linked
 RIVERA = {"full_name": "Alex Rivera", "dob": "1975-09-14"}  # two `certain` at 0.97: review
 

@@ -76,7 +76,7 @@ class Workflow(ConcurrentTransitionMixin, models.Model):
     claimed_until = models.DateTimeField(null=True, blank=True)
     # Where this request's webhook goes when it is not the customer's registered URL.
     webhook_url = models.URLField(max_length=2000, blank=True, default="")
-    # The internal system's asynchronous search job (seed 6.2); NULL until a search answers 202.
+    # The internal system's asynchronous search job; NULL until a search answers 202.
     search_id = models.CharField(max_length=200, null=True, blank=True, unique=True)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(default=timezone.now)

@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 @shared_task(name="workflows.process_workflows")
 def process_workflows(workflow_ids: list[str], claims: dict[str, str] | None = None) -> None:
-    """Consume one batch of workflows (seed 3.3); the message carries their ids only.
+    """Consume one batch of workflows; the message carries their ids only.
 
     `claims` are our own claims on some of them, riding along a retry so that it resumes that
     work instead of waiting out the claim's lease. Each workflow that must be retried is sent

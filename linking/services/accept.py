@@ -84,7 +84,7 @@ def request_fingerprint(body: Any) -> str:
 def link_accept(
     *, customer: Customer, idempotency_key: str, body: Any, request_data: dict[str, Any]
 ) -> LinkAcceptance:
-    """Accept a link request durably, or replay/refuse it (seed 3.2).
+    """Accept a link request durably, or replay/refuse it.
 
     The workflow, the request data and the idempotency record are written in one transaction
     (one statement: statements.ACCEPT) that also announces the workflow to the dispatcher

@@ -40,8 +40,8 @@ def link_accept_batch(
     items: Sequence[LinkItem | BatchRefusal],
     refusal_problem: Callable[[LinkRefused], dict[str, Any]],
 ) -> LinkAcceptance:
-    """Accept every valid item as POST /link would, all in one transaction (seed 3.2 for each
-    item; durable together before the 202), or replay the batch's first answer.
+    """Accept every valid item as POST /link would, all in one transaction (each
+    item durable, all together, before the 202), or replay the batch's first answer.
 
     The answer is the one accepting the items one by one, in order, with link_accept would
     give: a later item sees the earlier ones (the same patient twice is link-in-progress for

@@ -1,4 +1,4 @@
-"""Patient details after a link (seed 6.3): read from the internal system, mapped, audited."""
+"""Patient details after a link: read from the internal system, mapped, audited."""
 
 import uuid
 from typing import Any
@@ -60,7 +60,7 @@ def _dicts(value: Any) -> list[dict[str, Any]]:
 
 
 def patient_details(*, patient_id: str, resource: dict[str, Any]) -> dict[str, Any]:
-    """FHIR Patient -> the API's patient shape (README "GET /patient")."""
+    """FHIR Patient -> the API's patient shape (docs/api.md "GET /patient")."""
     names = _dicts(resource.get("name"))
     name = next((n for n in names if n.get("use") == "official"), names[0] if names else {})
     return {

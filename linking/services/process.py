@@ -1,4 +1,4 @@
-"""Processing link requests (seed 3.3), a batch at a time: claim, search, decide, record,
+"""Processing link requests, a batch at a time: claim, search, decide, record,
 complete, notify.
 
 One queue message names up to WORKER_BATCH_SIZE workflows. The batch is claimed in one

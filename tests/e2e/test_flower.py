@@ -1,5 +1,5 @@
-"""Flower as README "Flower" runs it: basic auth, events left off, against the Redis broker of the
-end-to-end stack and its real worker."""
+"""Flower as docs/operations.md "Flower" runs it: basic auth, events left off, against the Redis
+broker of the end-to-end stack and its real worker."""
 
 from collections.abc import Iterator
 from pathlib import Path

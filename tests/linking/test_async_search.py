@@ -1,6 +1,6 @@
-"""Asynchronous internal search (contracts/internal-search.md section 2): the `$match` job client,
-the consumer's REQUESTED state and its polls, the signed result callback, and the exactly-once
-effect of a callback racing a poll of the same job.
+"""Asynchronous internal search (docs/internal-search-contract.md section 2): the `$match` job
+client, the consumer's REQUESTED state and its polls, the signed result callback, and the
+exactly-once effect of a callback racing a poll of the same job.
 
 Real PostgreSQL, the real stand-in over HTTP on an ephemeral 127.0.0.1 port, no mocks of our own
 code. The stand-in's jobs stay pending until /_control/complete-jobs unless a test says otherwise.

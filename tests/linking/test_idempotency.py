@@ -1,4 +1,4 @@
-"""Idempotency-Key semantics (design.md section 5), against the real PostgreSQL."""
+"""Idempotency-Key semantics (docs/api.md "POST /link"), against the real PostgreSQL."""
 
 import datetime as dt
 import threading

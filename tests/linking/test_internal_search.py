@@ -1,4 +1,4 @@
-"""The FHIR `Patient/$match` client (contracts/internal-search.md): the request body it builds,
+"""The FHIR `Patient/$match` client (docs/internal-search-contract.md): the request body it builds,
 how it reads a searchset Bundle, and how every kind of answer of a real server is classified
 (permanent or transient), against the stand-in on an ephemeral 127.0.0.1 port."""
 

@@ -1,4 +1,4 @@
-"""The reconciliation sweep (seed 4.1) and the operator's re-queue / mark-failed services, on the
+"""The reconciliation sweep and the operator's re-queue / mark-failed services, on the
 real PostgreSQL (row locks, SKIP LOCKED) and the real Redis broker."""
 
 import datetime as dt

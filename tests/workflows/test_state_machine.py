@@ -21,7 +21,8 @@ from workflows.services import Step, workflow_finish, workflow_transition
 pytestmark = pytest.mark.django_db
 
 S = Status
-# (transition, its keyword arguments) -> allowed sources and the target (design.md "Statuses").
+# (transition, its keyword arguments) -> allowed sources and the target (docs/api.md, "Workflow
+# states").
 TRANSITIONS: dict[str, tuple[dict[str, Any], set[str], str]] = {
     "start": ({}, {S.RECEIVED}, S.IN_PROGRESS),
     # REQUESTED -> REQUESTED: a lost job searched again.

@@ -9,7 +9,7 @@ local token = os.getenv("BENCH_TOKEN")
 local prefix = os.getenv("BENCH_PREFIX")
 local sent = 0
 
--- The README's example request: a full name and a birth date (enough to be accepted), contact
+-- README.md's example request: a full name and a birth date (enough to be accepted), contact
 -- and insurance; the stand-in finds exactly one certain match for it (standin/README.md).
 local body_format = '{"patient":{"id":"%s","full_name":"Jane Q Doe","dob":"1980-04-02",' ..
   '"contact":{"address":"1 Main St, Springfield","phone":"+1-555-0100",' ..
