@@ -7,7 +7,7 @@ UV_VERSION := 0.13.8
 BIN := $(VENV)/bin
 export DJANGO_SETTINGS_MODULE ?= config.settings
 
-.PHONY: install wrk browser compose run demo demo-review test chaos fuzz bench lint typecheck migrate clean
+.PHONY: install wrk browser compose compose-check run demo demo-review test chaos fuzz bench lint typecheck migrate clean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -47,17 +47,26 @@ compose:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			docker-compose >/dev/null; }
 
+# docker/compose.yaml as compose resolves it (syntax, anchors, variables): no engine needed.
+COMPOSE = $(shell docker compose version >/dev/null 2>&1 && echo docker compose || echo docker-compose)
+compose-check: compose
+	$(COMPOSE) -f docker/compose.yaml config --quiet
+	@echo "docker/compose.yaml: valid"
+
 migrate: install
 	$(BIN)/python manage.py ensure_database
 	$(BIN)/python manage.py migrate --noinput
 
 # Local development: DEBUG on (development SECRET_KEY), webhooks to local hosts allowed.
 # Starts web (127.0.0.1:8000), worker, beat and the internal-system stand-in (127.0.0.1:8001)
-# from the Procfile; Ctrl-C stops them all.
+# from the Procfile; Ctrl-C stops them all. Settings in .env (cp .env.example .env) are read by
+# honcho for every step, and win over the environment, as honcho does.
 run demo demo-review: export DEBUG ?= true
 run demo demo-review: export WEBHOOK_ALLOW_PRIVATE_HOSTS ?= true
-run: migrate
-	$(BIN)/python manage.py collectstatic --noinput -v0
+run: install
+	$(BIN)/honcho run $(BIN)/python manage.py ensure_database
+	$(BIN)/honcho run $(BIN)/python manage.py migrate --noinput
+	$(BIN)/honcho run $(BIN)/python manage.py collectstatic --noinput -v0
 	$(BIN)/honcho start -f Procfile
 
 # With `make run` going in another terminal: one link request, start to verified webhook.
@@ -85,7 +94,7 @@ chaos: install
 fuzz: install
 	$(BIN)/python -m tests.fuzz $(FUZZ_ARGS)
 
-# The benchmark (tests/bench, README "Performance"): the real stack with production settings on a
+# The benchmark (tests/bench, docs/performance.md): the real stack with production settings on a
 # fresh database, wrk against the yardstick, the ack path and the status read, N workflows end to
 # end, the sweep over 1,000,000 rows. Prints the table, writes bench-results.json. Targets are
 # reported, not enforced: it fails only when a stage could not run. BENCH_ARGS="--duration 30".

@@ -1,4 +1,11 @@
-"""Typed readers for settings taken from the environment (12-factor, no extra dependency)."""
+"""Typed readers for settings taken from the environment (12-factor, no extra dependency).
+
+Hand-written, not django-environ or environs: django-environ has no bounds (a zero time limit
+would load), environs brings marshmallow for these six readers and refuses with its own error
+where every other refusal of a settings file is ImproperlyConfigured (config/setting_rules.py).
+`.env` files are read by honcho (`make run`) and compose (`env_file`), not here, so the test
+suite never picks up a developer's `.env`.
+"""
 
 import os
 

@@ -1,4 +1,4 @@
-"""Health endpoints for the load balancer (README "Health checks and logs").
+"""Health endpoints for the load balancer (docs/operations.md "Health checks and logs").
 
 `GET /healthz`: the process is alive and serving; no I/O. `GET /readyz`: it can do its work:
 PostgreSQL answers, every migration is applied, Redis answers and the Celery broker is
@@ -12,6 +12,11 @@ CHECK_TIMEOUT_SECONDS even when a dependency is stalled (a black-holed host, a s
 a check still running then counts as a `timeout`. A check that outlives its deadline is not
 started again by the next probe, which waits on the same run: a stalled dependency holds one
 thread, not one per probe.
+
+Hand-written, not django-health-check: its view waits for every check to return (no deadline:
+a black-holed dependency holds the probe for its socket timeout), starts new threads per probe,
+answers 500 with its own JSON or HTML rather than 503 problem+json, and its database check
+writes rows into a table of its own migration.
 """
 
 import logging

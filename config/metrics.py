@@ -1,4 +1,4 @@
-"""Prometheus metrics (README "Metrics"): what is counted, and where it is exposed.
+"""Prometheus metrics (docs/operations.md "Metrics"): what is counted, and where it is exposed.
 
 Web: `GET /metrics` (a plain Django view: no customer token, throttle or schema entry), allowed
 with `Authorization: Bearer <METRICS_TOKEN>`, or, when METRICS_TOKEN is empty, from loopback and
@@ -10,6 +10,11 @@ random fraction); without it, each process's own registry is served.
 
 Labels are small fixed sets (outcome, status, operation, kind, state), never an id: no patient
 data, and no series per customer.
+
+Built on prometheus_client (the library), not django-prometheus: that adds per-view and
+per-model series through two middleware on every request, and serves its view to anyone (no
+token); the series that matter here (acks, time to a final state, search latency, webhook
+attempts, dispatcher and sweep counts) are ours either way.
 """
 
 import datetime as dt

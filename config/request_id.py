@@ -1,4 +1,10 @@
-"""X-Request-ID: every request gets an id, echoed in the answer and carried by its log lines."""
+"""X-Request-ID: every request gets an id, echoed in the answer and carried by its log lines.
+
+Hand-written, not django-guid: it either passes the caller's header through unchecked (into log
+lines and the response) or accepts only UUIDs, logs an INFO line on every request, never clears
+the id after the response, and carries only the request id (the customer and workflow ids of
+config/log_context.py would stay ours).
+"""
 
 import re
 import uuid

@@ -1,12 +1,12 @@
 """The relations between settings that the Guarantees rely on, checked when the settings load.
 
-One list: `config/settings.py` calls `check()` on itself, and the README's "What the deployment
-must provide" shows `render()` of the same list (tests/test_setting_rules.py keeps the two equal
-and proves each rule refuses a settings file that breaks it). A broken relation stops every
-process at start-up with an ImproperlyConfigured that names the settings and what to change,
-instead of a workflow failing days later.
+One list: `config/settings.py` calls `check()` on itself, and docs/guarantees.md's "What the
+deployment must provide" shows `render()` of the same list (tests/test_setting_rules.py keeps
+the two equal and proves each rule refuses a settings file that breaks it). A broken relation
+stops every process at start-up with an ImproperlyConfigured that names the settings and what to
+change, instead of a workflow failing days later.
 
-Run `python -m config.setting_rules` to print the README's list.
+Run `python -m config.setting_rules` to print docs/guarantees.md's list.
 """
 
 import re
@@ -100,6 +100,13 @@ RULES: tuple[Rule, ...] = (
         _amqp,
     ),
     Rule(
+        "LINK_BATCH_RETENTION_DAYS x 86400 >= IDEMPOTENCY_TTL_SECONDS",
+        "a batch's record outlives its Idempotency-Key: a retried POST /link/batch replays the"
+        " first answer for as long as its key does, instead of making a second batch record"
+        " (its items' own keys would still replay their workflows)",
+        lambda s: s["LINK_BATCH_RETENTION_DAYS"] * 86400 >= s["IDEMPOTENCY_TTL_SECONDS"],
+    ),
+    Rule(
         "REVIEW_MIN_SCORE <= AUTO_LINK_SCORE",
         "the review band lies below the automatic link band",
         lambda s: s["REVIEW_MIN_SCORE"] <= s["AUTO_LINK_SCORE"],
@@ -123,7 +130,7 @@ def check(settings: Settings) -> None:
 
 
 def render() -> str:
-    """The README's list (between its `setting-rules` markers)."""
+    """docs/guarantees.md's list (between its `setting-rules` markers)."""
     return "\n".join(f"- `{rule.rule}`: {rule.why}." for rule in RULES)
 
 

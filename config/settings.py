@@ -1,4 +1,4 @@
-"""Django settings, all read from the environment. Every setting is documented in README.md."""
+"""Django settings, all read from the environment; every one is documented in docs/settings.md."""
 
 import base64
 import binascii
@@ -115,8 +115,9 @@ CACHES = {
 
 # --- Celery ------------------------------------------------------------------------------------
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
-# Two brokers are supported, and some options mean something to one of them only (README
-# "Broker: RabbitMQ"). Anything else is refused rather than run with untested semantics.
+# Two brokers are supported, and some options mean something to one of them only
+# (docs/operations.md "Broker: RabbitMQ"). Anything else is refused rather than run with
+# untested semantics.
 _BROKER_SCHEME = CELERY_BROKER_URL.partition("://")[0].lower()
 BROKER_IS_REDIS = _BROKER_SCHEME in {"redis", "rediss"}
 BROKER_IS_AMQP = _BROKER_SCHEME in {"amqp", "amqps", "pyamqp"}
@@ -187,13 +188,13 @@ CELERY_BEAT_SCHEDULE = {
 
 # Celery's Django fix-up closes the worker's database connection after every task unless this is
 # set (it reads it from the app's configuration, not from the environment): a new PostgreSQL
-# connection per task cost ~4x the worker throughput (notes/measured-baseline) and 3/4 of
+# connection per task cost ~4x the worker throughput (measured on this stack) and 3/4 of
 # PostgreSQL's CPU per workflow in `make bench`. Broken or expired connections are still
 # replaced between tasks (config/celery.py).
 CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", 1000, minimum=0)
 # Task events (three broker messages per task) are off for throughput. Flower lists workers,
 # queues and stats without them (remote-control inspect); for the live task stream an operator
-# turns them on for a while: `celery -A config control enable_events` (README "Flower").
+# turns them on for a while: `celery -A config control enable_events` (docs/operations.md "Flower").
 CELERY_WORKER_SEND_TASK_EVENTS = False
 CELERY_TASK_SEND_SENT_EVENT = False
 
@@ -232,8 +233,8 @@ if INTERNAL_CALLBACK_SECRET or INTERNAL_SEARCH_ASYNC:
         )
 WORKFLOW_MAX_ATTEMPTS = env_int("WORKFLOW_MAX_ATTEMPTS", 5, minimum=1)
 # Workflows per queue message: the dispatcher and the sweep publish this many ids in one
-# message, and a worker claims, searches, ends and notifies them together (README
-# "How a request travels"). 1 works too: one message per workflow.
+# message, and a worker claims, searches, ends and notifies them together
+# (docs/architecture.md "How a request travels"). 1 works too: one message per workflow.
 WORKER_BATCH_SIZE = env_int("WORKER_BATCH_SIZE", 50, minimum=1)
 RETRY_BACKOFF_BASE_SECONDS = env_float("RETRY_BACKOFF_BASE_SECONDS", 2.0)
 RETRY_BACKOFF_MAX_SECONDS = env_float("RETRY_BACKOFF_MAX_SECONDS", 60.0)
@@ -349,12 +350,12 @@ for _name in ("RATE_LIMIT_LINK_CREATE", "RATE_LIMIT_LINK_BATCH", "RATE_LIMIT_REA
 JSON_MAX_DEPTH = 20
 JSON_MAX_ITEMS = 1000
 
-# --- Benchmark (`make bench`, README "Performance") -----------------------------------------
+# --- Benchmark (`make bench`, docs/performance.md) -----------------------------------------
 # Serves the yardstick (config/yardstick.py), a no-I/O endpoint every benchmark figure is a
 # ratio to. Off by default: it is not part of the API.
 BENCH_YARDSTICK = env_bool("BENCH_YARDSTICK", False)
 
-# --- Metrics (Prometheus: config/metrics.py, README "Metrics") ---------------------------------
+# --- Metrics (Prometheus: config/metrics.py, docs/operations.md "Metrics") -------------------
 # Where every process writes its samples so that a scrape adds up all of gunicorn's workers
 # (prometheus_client reads the variable itself, at import). Empty: each process serves its own.
 # Emptied at each start (config/gunicorn.py for web); web and workers each need their own.
@@ -489,5 +490,5 @@ LOGGING = {
     },
 }
 
-# --- Relations between the settings above (config/setting_rules.py, README "Guarantees") ------
+# --- Relations between the settings above (config/setting_rules.py, docs/guarantees.md) ------
 setting_rules.check(globals())

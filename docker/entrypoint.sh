@@ -6,6 +6,8 @@
 #   beat     Celery beat (django-celery-beat's database scheduler): exactly ONE per deployment
 #   migrate  `manage.py migrate --noinput` (first `ensure_database` when ENSURE_DATABASE=true)
 #   standin  the local FHIR stand-in of the internal system on 0.0.0.0:$STANDIN_PORT (8001)
+#   receiver a demo customer webhook receiver on 0.0.0.0:$RECEIVER_PORT (9000): prints each
+#            delivery, verified against $RECEIVER_SECRET (the customer's whsec_) when set
 #   other    run as given (`entrypoint.sh python manage.py shell`, `entrypoint.sh sh`)
 #
 # The options are the Procfile's; each role ends in `exec`, so the server is the container's
@@ -79,6 +81,9 @@ migrate)
     ;;
 standin)
     exec python -m standin --host 0.0.0.0 --port "${STANDIN_PORT:-8001}" "$@"
+    ;;
+receiver)
+    exec python -m standin.receiver --host 0.0.0.0 --port "${RECEIVER_PORT:-9000}" "$@"
     ;;
 *)
     exec "$role" "$@"

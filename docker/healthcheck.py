@@ -2,6 +2,7 @@
 
     python docker/healthcheck.py web [PATH]   GET http://127.0.0.1:$PORT/healthz (or PATH): 200
     python docker/healthcheck.py standin      GET the stand-in's /_control/stats: 200
+    python docker/healthcheck.py receiver     GET the demo receiver's /_control/stats: 200
 
 Exit 0 when healthy, 1 (with one line on stderr) when not. The slim image has no curl, and
 this imports nothing but the standard library: it runs every few seconds and must stay cheap.
@@ -49,8 +50,10 @@ def main(argv: list[str]) -> int:
         problem = check_web(argv[1] if len(argv) > 1 else "/healthz")
     elif what == "standin":
         problem = check_http(int(os.environ.get("STANDIN_PORT", "8001")), "/_control/stats")
+    elif what == "receiver":
+        problem = check_http(int(os.environ.get("RECEIVER_PORT", "9000")), "/_control/stats")
     else:
-        print("usage: healthcheck.py web [PATH] | standin", file=sys.stderr)
+        print("usage: healthcheck.py web [PATH] | standin | receiver", file=sys.stderr)
         return 2
     if problem:
         print(f"unhealthy: {problem}", file=sys.stderr)

@@ -3,8 +3,11 @@
 One policy for every URL a customer can set, used when it is registered or given (literal
 addresses) and when a delivery resolves its host (every resolved address). The tables are
 explicit, not `ipaddress.is_global` alone: that property varies across Python versions (3.11
-calls multicast 224.0.0.1, NAT64 64:ff9b::7f00:1 and 6to4 2002:7f00:1:: global) and knows
-nothing of cloud metadata endpoints.
+calls multicast 224.0.0.1, NAT64 64:ff9b::7f00:1 and 6to4 2002:7f00:1:: global; 3.13 calls every
+6to4 address non-global) and knows nothing of cloud metadata endpoints.
+
+Hand-written, not advocate: archived in August 2023 (unmaintained), and its blacklist is the
+same kind of table with fewer entries (no NAT64, Teredo or metadata names).
 """
 
 import ipaddress
@@ -91,9 +94,11 @@ def address_refusal(address: IPAddress) -> str | None:
             inner = address_refusal(address.ipv4_mapped)
             return f"{inner} (IPv4-mapped)" if inner else None
         if address in _SIX_TO_FOUR and address.sixtofour is not None:
+            # Judged by its v4 host alone: Python 3.13's is_global calls all of 2002::/16
+            # non-global where 3.11 and 3.12 call it global, and the answer must not depend
+            # on the interpreter.
             inner = address_refusal(address.sixtofour)
-            if inner:
-                return f"{inner} (6to4)"
+            return f"{inner} (6to4)" if inner else None
         table: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...] = _IPV6_REFUSED
     else:
         table = _IPV4_REFUSED

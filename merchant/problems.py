@@ -2,6 +2,10 @@
 
 Each type URI is relative (`/problems/<slug>`), resolves against the API's own origin and serves
 a short description there, so a client can always dereference it.
+
+Hand-written, not drf-standardized-errors: that library renders its own format
+(`{"type": "validation_error", "errors": [...]}`), not RFC 9457 problem+json with a
+dereferenceable `type` per kind, which is this API's contract.
 """
 
 import logging

@@ -15,6 +15,9 @@ proxies, and one customer's flood must not cost another anything.
 Redis down means no limit (fail open, with a warning): failing closed would turn a Redis outage
 into a refusal of every request, while the 202 only needs PostgreSQL. An unlimited request is
 only load; the durable promise matters more than the limit.
+
+Kept over DRF's SimpleRateThrottle for the reason above; django-ratelimit is a view decorator
+outside DRF's throttle flow (its refusal is a 403 unless wired to a handler).
 """
 
 import logging

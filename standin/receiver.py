@@ -6,12 +6,15 @@ library — the receiver side of Standard Webhooks, as a customer would write it
 of `standin/`, it needs the project's virtualenv (for `standardwebhooks`).
 
     python -m standin.receiver --port 9000 --secret whsec_...   # prints each verified delivery
+
+The secret may come from RECEIVER_SECRET instead (the compose stack's `receiver` service).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -93,6 +96,21 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
 
+    def do_GET(self) -> None:
+        """`GET /_control/stats`: how many deliveries arrived (the container healthcheck's
+        probe, docker/healthcheck.py); any other GET is a 404, as on a customer's endpoint."""
+        if self.path != "/_control/stats":
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = json.dumps({"deliveries": len(self.server.deliveries())}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY_BYTES:
@@ -139,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m standin.receiver", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)
-    parser.add_argument("--secret", help="the customer's whsec_ secret, to verify signatures")
+    parser.add_argument(
+        "--secret",
+        default=os.environ.get("RECEIVER_SECRET") or None,
+        help="the customer's whsec_ secret, to verify signatures (default: $RECEIVER_SECRET)",
+    )
     args = parser.parse_args(argv)
     server = make_receiver(args.host, args.port, secret=args.secret, echo=True)
     print(f"receiver listening on {server.url}", flush=True)

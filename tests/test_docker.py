@@ -3,6 +3,8 @@ run for real against the local PostgreSQL and a redis-server of its own (no Dock
 the roles run as plain processes with the virtualenv on PATH), and the Dockerfile's text (it
 cannot be built here)."""
 
+import base64
+import datetime as dt
 import os
 import re
 import shutil
@@ -16,6 +18,7 @@ import pytest
 import requests
 import yaml
 from django.conf import settings
+from standardwebhooks.webhooks import Webhook
 
 from tests import processes
 from tests.processes import (
@@ -31,7 +34,7 @@ from tests.processes import (
 
 DOCKER = ROOT / "docker"
 ENTRYPOINT = DOCKER / "entrypoint.sh"
-LONG_RUNNING = {"postgres", "redis", "web", "worker", "beat", "standin", "nginx"}
+LONG_RUNNING = {"postgres", "redis", "web", "worker", "beat", "standin", "receiver", "nginx"}
 APP_ROLES = {"web", "worker", "beat"}
 
 
@@ -91,7 +94,7 @@ def _replicas(service: dict[str, Any]) -> int:
 def test_compose_has_the_services(compose_config):
     services = compose_config["services"]
     assert set(services) == LONG_RUNNING | {"migrate"}
-    for name in ("migrate", *APP_ROLES, "standin"):
+    for name in ("migrate", *APP_ROLES, "standin", "receiver"):
         assert _command(services[name]) == [name], name
         assert services[name]["build"]["dockerfile"] == "docker/Dockerfile"
     assert _replicas(services["web"]) >= 2
@@ -168,7 +171,7 @@ def test_app_settings_come_from_the_env_file(compose_config):
 
 def test_web_does_not_run_as_root(compose_config):
     # compose leaves the image's USER alone unless a service sets `user`.
-    for name in ("migrate", *APP_ROLES, "standin"):
+    for name in ("migrate", *APP_ROLES, "standin", "receiver"):
         user = str(compose_config["services"][name].get("user", dockerfile_user()))
         assert user.split(":")[0] not in ("", "root", "0"), name
 
@@ -354,6 +357,34 @@ def test_entrypoint_standin(role_env, tmp_path):
         check = [str(BIN / "python"), str(DOCKER / "healthcheck.py"), "standin"]
         result = subprocess.run(check, env=env, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr + log_path.read_text()
+
+
+def test_entrypoint_receiver(role_env, tmp_path):
+    """The demo receiver role: serves on RECEIVER_PORT, passes its healthcheck, and verifies a
+    delivery signed with RECEIVER_SECRET (and flags one that is not)."""
+    secret = "whsec_" + base64.b64encode(b"r" * 32).decode()
+    env = {**role_env, "RECEIVER_PORT": str(free_port()), "RECEIVER_SECRET": secret}
+    base = f"http://127.0.0.1:{env['RECEIVER_PORT']}"
+    log_path = tmp_path / "receiver.log"
+    with log_path.open("wb") as log, running([str(ENTRYPOINT), "receiver"], env=env, log=log) as rc:
+        wait_http(f"{base}/_control/stats")
+        assert "-m standin.receiver --host 0.0.0.0" in _cmdline(rc.pid)
+        check = [str(BIN / "python"), str(DOCKER / "healthcheck.py"), "receiver"]
+        result = subprocess.run(check, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr + log_path.read_text()
+        body, when = '{"type": "link.completed"}', dt.datetime.now(dt.UTC)
+        signed = Webhook(secret).sign("msg_1", when, body)
+        for msg_id, signature in (("msg_1", signed), ("msg_2", "v1,bm90LWEtc2lnbmF0dXJl")):
+            headers = {
+                "webhook-id": msg_id,
+                "webhook-timestamp": str(int(when.timestamp())),
+                "webhook-signature": signature,
+            }
+            answer = requests.post(f"{base}/hooks", data=body, headers=headers, timeout=5)
+            assert answer.status_code == 200
+        assert requests.get(f"{base}/_control/stats", timeout=5).json() == {"deliveries": 2}
+        wait_for_text(log_path, "msg_2 (BAD SIGNATURE)", timeout=10)
+        assert "webhook msg_1 (verified)" in log_path.read_text()
 
 
 # --- docker/Dockerfile (text: no engine here to build it) -------------------------------------

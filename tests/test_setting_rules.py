@@ -1,5 +1,5 @@
-"""Every relation the Guarantees rely on refuses a settings file that breaks it, and the README
-lists exactly the relations that are checked (config/setting_rules.py)."""
+"""Every relation the Guarantees rely on refuses a settings file that breaks it, and
+docs/guarantees.md lists exactly the relations that are checked (config/setting_rules.py)."""
 
 import re
 
@@ -31,6 +31,10 @@ BREAKING: dict[str, dict[str, str]] = {
         "CELERY_TASK_SOFT_TIME_LIMIT": "15",
         "RETRY_BACKOFF_MAX_SECONDS": "100",
         "CELERY_VISIBILITY_TIMEOUT": "100",
+    },
+    "LINK_BATCH_RETENTION_DAYS x 86400 >= IDEMPOTENCY_TTL_SECONDS": {
+        "LINK_BATCH_RETENTION_DAYS": "1",
+        "IDEMPOTENCY_TTL_SECONDS": "172800",
     },
     "RABBITMQ_CONSUMER_TIMEOUT >= 4 x CELERY_TASK_TIME_LIMIT (RabbitMQ broker)": {
         "CELERY_BROKER_URL": AMQP,
@@ -70,10 +74,12 @@ def test_the_defaults_keep_every_rule() -> None:
     assert load_settings(CELERY_BROKER_URL=AMQP).returncode == 0
 
 
-def test_the_readme_lists_exactly_the_checked_rules() -> None:
-    readme = (ROOT / "README.md").read_text()
+def test_the_guarantees_list_exactly_the_checked_rules() -> None:
+    guarantees = (ROOT / "docs/guarantees.md").read_text()
     found = re.search(
-        r"<!-- setting-rules:start -->\n(.*?)\n<!-- setting-rules:end -->", readme, re.S
+        r"<!-- setting-rules:start -->\n(.*?)\n<!-- setting-rules:end -->", guarantees, re.S
     )
-    assert found, "README.md has no setting-rules block"
-    assert found.group(1) == render(), "run `python -m config.setting_rules` into the README"
+    assert found, "docs/guarantees.md has no setting-rules block"
+    assert found.group(1) == render(), (
+        "run `python -m config.setting_rules` into docs/guarantees.md"
+    )

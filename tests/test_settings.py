@@ -1,6 +1,8 @@
 """Settings that cannot work are refused at start-up, not discovered at the first request."""
 
 import base64
+import json
+import os
 import re
 import subprocess
 import sys
@@ -114,3 +116,50 @@ def test_the_env_example_names_every_setting_read_from_the_environment() -> None
     example = (root / ".env.example").read_text()
     listed = set(re.findall(r"^#? ?([A-Z0-9_]+)=", example, flags=re.MULTILINE))
     assert sorted(read - listed) == []
+
+
+# Every setting config/settings.py derives, as JSON: the .env.example run and a bare run compare.
+_DUMP_SETTINGS = """
+import json
+from django.conf import settings
+names = [k for k in dir(settings) if k.isupper() and not k.startswith("_")]
+print(json.dumps({k: getattr(settings, k) for k in names}, default=repr))
+"""
+
+
+def _settings_under(args: list[str], env: dict[str, str], tmp_path: Path) -> dict[str, object]:
+    result = subprocess.run(
+        [*args, sys.executable, "-c", _DUMP_SETTINGS],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def test_make_run_can_use_the_env_example_as_is(tmp_path: Path) -> None:
+    """`cp .env.example .env`: honcho, the way `make run` starts every step, reads it and the
+    settings come out as config/settings.py's defaults with DEBUG and private webhook hosts on,
+    what `make run` sets without a .env file."""
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / ".env").write_text((root / ".env.example").read_text())
+    # Only what a shell needs: no setting of this suite's environment may leak in.
+    bare = {
+        "PATH": os.environ["PATH"],
+        "HOME": os.environ.get("HOME", "/root"),
+        "PYTHONPATH": str(root),
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+    }
+    honcho = str(Path(sys.executable).with_name("honcho"))
+    from_example = _settings_under([honcho, "run"], bare, tmp_path)
+    defaults = _settings_under(
+        [], {**bare, "DEBUG": "true", "WEBHOOK_ALLOW_PRIVATE_HOSTS": "true"}, tmp_path
+    )
+    assert from_example["DEBUG"] is True and from_example["WEBHOOK_ALLOW_PRIVATE_HOSTS"] is True
+    assert "127.0.0.1" in from_example["ALLOWED_HOSTS"]  # type: ignore[operator]
+    assert from_example["SECURE_SSL_REDIRECT"] is False
+    differing = sorted(k for k in defaults if from_example.get(k) != defaults[k])
+    assert differing == []

@@ -1,6 +1,6 @@
 """The dispatcher: publishes the queue message of every accepted workflow.
 
-Design decision 2's outbox. The ack path only writes to PostgreSQL: its single statement inserts
+The outbox. The ack path only writes to PostgreSQL: its single statement inserts
 the workflow and calls pg_notify with the workflow's queue message (ids only), which PostgreSQL
 delivers when, and only if, the transaction commits. The dispatcher LISTENs on that channel and
 publishes what arrived together as messages of WORKER_BATCH_SIZE workflow ids each, the unit of
@@ -13,6 +13,12 @@ published once. When the leader dies its connection closes, the lock is released
 takes over within LEADER_RETRY_SECONDS; notifications sent meanwhile had no listener, so a new
 leader first publishes every RECEIVED workflow younger than RECONCILE_STALE_AFTER_SECONDS (older
 ones are the reconciliation sweep's). Duplicates are harmless: consumers claim the row.
+
+Hand-written: Celery has no outbox (`transaction.on_commit` + `delay()` loses the message when
+the process dies between commit and publish), and the Django outbox libraries found
+(django-outbox-pattern publishes over STOMP, not Celery; jaiminho polls a second table of
+serialized calls) would add a table and polling latency where this rides on the workflows row
+and a notification.
 """
 
 import logging

@@ -13,6 +13,10 @@ ssl module's own hostname check (requests-toolbelt's HostHeaderSSLAdapter is the
 resolve the name itself), connect and read timeouts. Connections are kept alive per checked
 address (one pool each, shared by the process's threads); an answer's body is read only when it
 is short and declared (REUSE_BODY_BYTES), to keep its connection, and otherwise never.
+
+Hand-written, not advocate (the SSRF-guarding wrapper of requests): archived by its author in
+August 2023 and unmaintained; requests itself has no guard. The address policy is
+merchant/netguard.py.
 """
 
 import datetime as dt
