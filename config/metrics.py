@@ -24,7 +24,7 @@ import ipaddress
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
 from django.conf import settings
@@ -201,49 +201,6 @@ def workflow_ended(*, status: str, created_at: Any) -> None:
         WORKFLOW_TERMINAL_SECONDS.labels(str(status)).observe(max(0.0, seconds))
 
     transaction.on_commit(observe)
-
-
-def _search_error_kind(exc: BaseException) -> str:
-    from urllib3.exceptions import HTTPError as TransportError
-    from urllib3.exceptions import NewConnectionError
-    from urllib3.exceptions import TimeoutError as TransportTimeout
-
-    from linking.internal_search import InternalSearchError, SearchJobLost
-
-    if isinstance(exc, SearchJobLost):
-        return "job_lost"
-    if not isinstance(exc, InternalSearchError):
-        return "other"
-    cause = exc.__cause__
-    # NewConnectionError is still a ConnectTimeoutError in urllib3 2: a refusal is no timeout.
-    if isinstance(cause, TransportTimeout) and not isinstance(cause, NewConnectionError):
-        return "timeout"
-    if isinstance(cause, TransportError | OSError):
-        return "connection"
-    if isinstance(cause, ValueError | TypeError | KeyError):
-        return "invalid_response"
-    return "refused" if exc.permanent else "unavailable"  # 4xx / 5xx, 408, 429
-
-
-def internal_call_metered(operation: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Decorator of a call to the internal system: its latency, and its errors by kind."""
-    seconds = INTERNAL_SEARCH_SECONDS.labels(operation)
-
-    def decorate(func: Callable[P, R]) -> Callable[P, R]:
-        @functools.wraps(func)
-        def metered(*args: P.args, **kwargs: P.kwargs) -> R:
-            started = time.perf_counter()
-            try:
-                return func(*args, **kwargs)
-            except Exception as exc:
-                INTERNAL_SEARCH_ERRORS.labels(operation, _search_error_kind(exc)).inc()
-                raise
-            finally:
-                seconds.observe(time.perf_counter() - started)
-
-        return metered
-
-    return decorate
 
 
 _WEBHOOK_OUTCOMES = {"PENDING": "retrying"}

@@ -1,9 +1,12 @@
 """Client of the internal system's FHIR R4 `Patient/$match` (docs/internal-search-contract.md)."""
 
+import functools
 import json
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
 import urllib3
@@ -12,8 +15,11 @@ from urllib3.exceptions import HTTPError as TransportError
 from urllib3.exceptions import NewConnectionError
 from urllib3.exceptions import TimeoutError as TransportTimeout
 
-from config.metrics import internal_call_metered
+from config import metrics
 from workflows import concurrent
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 MATCH_GRADE_URL = "http://hl7.org/fhir/StructureDefinition/match-grade"
 MATCH_GRADES = {"certain", "probable", "possible", "certainly-not"}
@@ -31,6 +37,44 @@ class InternalSearchError(Exception):
         self.reason = reason
         self.permanent = permanent
         self.retry_after = retry_after
+
+
+def _search_error_kind(exc: BaseException) -> str:
+    """The `kind` label of merchant_internal_search_errors (config/metrics.SEARCH_ERROR_KINDS)."""
+    if isinstance(exc, SearchJobLost):
+        return "job_lost"
+    if not isinstance(exc, InternalSearchError):
+        return "other"
+    cause = exc.__cause__
+    # NewConnectionError is still a ConnectTimeoutError in urllib3 2: a refusal is no timeout.
+    if isinstance(cause, TransportTimeout) and not isinstance(cause, NewConnectionError):
+        return "timeout"
+    if isinstance(cause, TransportError | OSError):
+        return "connection"
+    if isinstance(cause, ValueError | TypeError | KeyError):
+        return "invalid_response"
+    return "refused" if exc.permanent else "unavailable"  # 4xx / 5xx, 408, 429
+
+
+def internal_call_metered(operation: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorator of a call to the internal system: its latency, and its errors by kind."""
+    seconds = metrics.INTERNAL_SEARCH_SECONDS.labels(operation)
+
+    def decorate(func: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(func)
+        def metered(*args: P.args, **kwargs: P.kwargs) -> R:
+            started = time.perf_counter()
+            try:
+                return func(*args, **kwargs)
+            except Exception as exc:
+                metrics.INTERNAL_SEARCH_ERRORS.labels(operation, _search_error_kind(exc)).inc()
+                raise
+            finally:
+                seconds.observe(time.perf_counter() - started)
+
+        return metered
+
+    return decorate
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,44 @@
-"""Periodic link tasks run by beat."""
+"""The consumer of the workflows queue, and the periodic link tasks run by beat."""
+
+import uuid
 
 from celery import shared_task
 
 from linking.services import (
     idempotency_purge_expired,
     link_batches_purge_expired,
+    links_process,
     request_data_purge_expired,
     search_callbacks_purge,
 )
+
+# The names are the queue's contract, kept from when the consumer lived in workflows/: a message
+# already queued under them must still find its task. workflows_publish sends to the first.
+
+
+@shared_task(name="workflows.process_workflows")
+def process_workflows(workflow_ids: list[str], claims: dict[str, str] | None = None) -> None:
+    """Consume one batch of workflows; the message carries their ids only.
+
+    `claims` are our own claims on some of them, riding along a retry so that it resumes that
+    work instead of waiting out the claim's lease. Each workflow that must be retried is sent
+    again on its own, after its own backoff: attempts are counted in PostgreSQL, not by Celery.
+    """
+    renew = {uuid.UUID(k): uuid.UUID(v) for k, v in (claims or {}).items()}
+    for retry in links_process(workflow_ids=workflow_ids, claims=renew):
+        process_workflows.apply_async(
+            args=([str(retry.workflow_id)],),
+            kwargs={"claims": {str(retry.workflow_id): str(retry.claim_id)}},
+            countdown=retry.retry_in,
+        )
+
+
+@shared_task(name="workflows.process_workflow")
+def process_workflow(message: dict[str, str], claim: str | None = None) -> None:
+    """A message of the one-workflow format that came before batches (still queued across an
+    upgrade): worked as a batch of one."""
+    workflow_id = message["workflow-id"]
+    process_workflows(workflow_ids=[workflow_id], claims={workflow_id: claim} if claim else None)
 
 
 @shared_task(name="linking.purge_idempotency_records")

@@ -20,12 +20,13 @@ from rest_framework.test import APIClient
 
 from config import log_context
 from linking import services as linking_services
+from linking.tasks import process_workflow
 from merchant.services import CustomerCredentials
 from tests import processes
 from tests.conftest import LinkClient, every_logger_into
 from tests.test_phi_canary import CANARIES, canary, leaks
 from tests.test_settings import load_settings
-from workflows.tasks import deliver_webhook, process_workflow
+from workflows.tasks import deliver_webhook
 
 HEX_ID = re.compile(r"[0-9a-f]{32}")
 

@@ -36,6 +36,7 @@ from linking.services import (
     request_data_purge_expired,
 )
 from linking.services.review import review_candidates, review_case_read
+from linking.tasks import process_workflows
 from merchant.models import Customer
 from merchant.services import customer_onboard
 from standin.receiver import ReceiverServer, make_receiver
@@ -44,7 +45,6 @@ from tests.processes import serving
 from workflows.dispatcher import Dispatcher
 from workflows.models import Result, Status, WebhookDelivery, Workflow
 from workflows.services import workflows_reconcile
-from workflows.tasks import process_workflows
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -100,8 +100,6 @@ def ops_dashboard(*, sample: int = 20) -> dict[str, Any]:
     and why, which customers' webhook endpoints fail, and the reviews waiting. A handful of
     queries, each bounded (terminal counts over the last day only), so it stays quick on a large
     table."""
-    from linking.models import LinkReview
-
     now = timezone.now()
     buckets: dict[str, Any] = {}
     lower = 0
@@ -150,7 +148,7 @@ def ops_dashboard(*, sample: int = 20) -> dict[str, Any]:
         )
         .order_by("-last_failure")[:sample]
     )
-    reviews = LinkReview.objects.filter(status=Status.REVIEW)
+    reviews = Workflow.objects.filter(status=Status.REVIEW)
     return {
         "now": now,
         "age_labels": [label for label, _ in DASHBOARD_AGES],

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from celery import current_app
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
@@ -21,6 +22,10 @@ from workflows.models import (
     Workflow,
 )
 from workflows.services.webhooks import webhook_delivery_new, webhook_delivery_send_later
+
+# The task that consumes the queue: the request type's (linking/tasks.py), named by the queue's
+# contract so that this app never imports the one above it.
+PROCESS_WORKFLOWS_TASK = "workflows.process_workflows"
 
 logger = logging.getLogger(__name__)
 
@@ -209,21 +214,19 @@ def workflow_publish(*, workflow: Workflow) -> bool:
 
 def workflows_publish(*, workflow_ids: Sequence[uuid.UUID | str]) -> int:
     """Send these workflows to the queue, WORKER_BATCH_SIZE ids per message (each message is
-    one task, `workflows.process_workflows`); how many ids the broker took.
+    one task of PROCESS_WORKFLOWS_TASK); how many ids the broker took.
 
     Messages carry ids only, never demographics. A failure is logged and swallowed, and its
     batch counts as none sent: a duplicate message is harmless (consumers claim the rows), and
     the sweep re-queues whatever was lost."""
-    from workflows.tasks import process_workflows
-
     ids = [str(workflow_id) for workflow_id in workflow_ids]
     size = settings.WORKER_BATCH_SIZE
     sent = 0
     try:
-        with process_workflows.app.producer_or_acquire() as producer:
+        with current_app.producer_or_acquire() as producer:
             for start in range(0, len(ids), size):
                 batch = ids[start : start + size]
-                process_workflows.apply_async(args=(batch,), producer=producer)
+                current_app.send_task(PROCESS_WORKFLOWS_TASK, args=(batch,), producer=producer)
                 sent += len(batch)
     except Exception as exc:
         logger.warning(

@@ -1,0 +1,120 @@
+"""The apps' imports point one way (docs/architecture.md "Boundaries"): merchant < workflows <
+linking < config. A module may import from its own package and the packages below it, never
+above: an import the other way fails here with the module, line and target, and so does a cycle.
+
+Read from the source (ast), every import in every function included, so a lazy import inside a
+function cannot hide an arrow. The imports of config's helpers by the apps are the one known
+exception still to be removed; they are listed, and the list must shrink with the code (an entry
+that no longer exists fails too, so it cannot outlive its import)."""
+
+import ast
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.processes import ROOT
+
+LAYERS = ("merchant", "workflows", "linking", "config")
+
+# App modules that still import one of config's helpers (metrics, log context, SQL rendering):
+# (importing module, imported module). To go: each helper moves to the app that owns it.
+KNOWN_UPWARD: set[tuple[str, str]] = {
+    ("linking.apis", "config.metrics"),
+    ("linking.internal_search", "config.metrics"),
+    ("linking.services.process", "config.metrics"),
+    ("merchant.auth", "config.log_context"),
+    ("workflows.dispatcher", "config.metrics"),
+    ("workflows.services.reconcile", "config.metrics"),
+    ("workflows.services.webhooks", "config.metrics"),
+    ("workflows.services.workflows", "config.metrics"),
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _is_module(dotted: str) -> bool:
+    base = ROOT.joinpath(*dotted.split("."))
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
+
+def imports_of(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, imported module) for every import in the file; `from a import b` names a.b when
+    b is a module, else a."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:  # relative: resolve against the importing package
+                base = _module_name(path).split(".")
+                if path.name != "__init__.py":
+                    base.pop()
+                base = base[: len(base) - node.level + 1]
+                module = ".".join([*base, module] if module else base)
+            for alias in node.names:
+                candidate = f"{module}.{alias.name}"
+                yield node.lineno, candidate if _is_module(candidate) else module
+
+
+def app_imports() -> list[tuple[str, int, str]]:
+    """(importing module, line, imported module) across the four packages, migrations aside."""
+    found = []
+    for layer in LAYERS:
+        for path in sorted((ROOT / layer).rglob("*.py")):
+            if "migrations" in path.parts:
+                continue
+            for line, target in imports_of(path):
+                if target.split(".")[0] in LAYERS:
+                    found.append((_module_name(path), line, target))
+    return found
+
+
+def _rank(module: str) -> int:
+    return LAYERS.index(module.split(".")[0])
+
+
+def test_no_app_imports_a_layer_above_it() -> None:
+    upward = [
+        f"{source}:{line} imports {target}"
+        for source, line, target in app_imports()
+        if _rank(target) > _rank(source) and (source, target) not in KNOWN_UPWARD
+    ]
+    assert upward == [], "imports against the layers " + " < ".join(LAYERS)
+
+
+def test_the_known_exceptions_still_exist() -> None:
+    present = {(source, target) for source, _, target in app_imports()}
+    assert sorted(KNOWN_UPWARD - present) == [], "remove these from KNOWN_UPWARD"
+
+
+def test_the_packages_form_no_cycle_but_the_known_one() -> None:
+    """Package -> package arrows, the known exceptions left out: a graph without a cycle."""
+    arrows: dict[str, set[str]] = defaultdict(set)
+    for source, _, target in app_imports():
+        if (source, target) not in KNOWN_UPWARD:
+            arrows[source.split(".")[0]].add(target.split(".")[0])
+    for package in LAYERS:
+        arrows[package].discard(package)
+
+    def reaches(start: str, goal: str, seen: frozenset[str] = frozenset()) -> bool:
+        return any(
+            step == goal or (step not in seen and reaches(step, goal, seen | {step}))
+            for step in arrows[start]
+        )
+
+    assert [package for package in LAYERS if reaches(package, package)] == []
+
+
+def test_the_check_sees_lazy_and_relative_imports(tmp_path: Path) -> None:
+    """The reader finds an import inside a function and resolves a relative one."""
+    source = tmp_path / "probe.py"
+    source.write_text("def f():\n    from linking.services import links_process\n")
+    assert list(imports_of(source)) == [(2, "linking.services")]
+    found = {target for _, target in imports_of(ROOT / "workflows" / "services" / "__init__.py")}
+    assert any(target.startswith("workflows.services.") for target in found), found
