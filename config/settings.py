@@ -2,6 +2,7 @@
 
 import base64
 import binascii
+import os
 from pathlib import Path
 
 import dj_database_url
@@ -360,6 +361,14 @@ BENCH_YARDSTICK = env_bool("BENCH_YARDSTICK", False)
 # (prometheus_client reads the variable itself, at import). Empty: each process serves its own.
 # Emptied at each start (config/gunicorn.py for web); web and workers each need their own.
 PROMETHEUS_MULTIPROC_DIR = env_str("PROMETHEUS_MULTIPROC_DIR", "")
+# prometheus_client picks its storage when first imported, from the variable's mere presence:
+# an empty one (`PROMETHEUS_MULTIPROC_DIR=` from an env file) would put the files in the working
+# directory. Empty means off; settled here, before any app module (each defines its metrics)
+# imports the client. The directory is made if missing (a missing one fails on the first sample).
+if PROMETHEUS_MULTIPROC_DIR:
+    os.makedirs(PROMETHEUS_MULTIPROC_DIR, exist_ok=True)
+else:
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 # GET /metrics needs `Authorization: Bearer <METRICS_TOKEN>`; empty: only loopback and private
 # client addresses are served (a proxy in front must then refuse /metrics itself).
 METRICS_TOKEN = env_str("METRICS_TOKEN", "")

@@ -14,9 +14,9 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook, WebhookVerificationError
 
-from config.metrics import AckMeteredApi
 from linking import services
 from linking.internal_search import InternalSearchError, parse_bundle
+from linking.metrics import AckMeteredApi
 from linking.selectors import (
     LINKS_LIMIT_DEFAULT,
     LINKS_LIMIT_MAX,
@@ -125,7 +125,7 @@ def _refusal_problem(exc: services.LinkRefused) -> Problem:
     )
 
 
-class LinkCreateApi(AckMeteredApi):  # counts and times every answer (config/metrics.py)
+class LinkCreateApi(AckMeteredApi):  # counts and times every answer (linking/metrics.py)
     throttle_scope = "link-create"  # merchant/throttling.py
 
     @extend_schema(

@@ -15,7 +15,7 @@ from urllib3.exceptions import HTTPError as TransportError
 from urllib3.exceptions import NewConnectionError
 from urllib3.exceptions import TimeoutError as TransportTimeout
 
-from config import metrics
+from linking import metrics
 from workflows import concurrent
 
 P = ParamSpec("P")
@@ -40,7 +40,7 @@ class InternalSearchError(Exception):
 
 
 def _search_error_kind(exc: BaseException) -> str:
-    """The `kind` label of merchant_internal_search_errors (config/metrics.SEARCH_ERROR_KINDS)."""
+    """The `kind` label of merchant_internal_search_errors (linking.metrics.SEARCH_ERROR_KINDS)."""
     if isinstance(exc, SearchJobLost):
         return "job_lost"
     if not isinstance(exc, InternalSearchError):

@@ -1,5 +1,6 @@
-"""Prometheus metrics (config/metrics.py): the ack counter and histogram, the workflow gauges,
-who may scrape /metrics, multiprocess aggregation, and the example alert rules."""
+"""Prometheus metrics (linking/metrics.py, workflows/metrics.py, served by config/metrics.py): the
+ack counter and histogram, the workflow gauges, who may scrape /metrics, multiprocess
+aggregation, and the example alert rules."""
 
 import datetime as dt
 import re
@@ -284,10 +285,11 @@ def test_only_get_not_in_the_schema_no_redirect_no_store(settings: Any) -> None:
 _RECORD = """
 import django, sys, time
 django.setup()
-from config import metrics
+from linking import metrics as link_metrics
+from workflows import metrics as workflow_metrics
 for _ in range(int(sys.argv[1])):
-    metrics._ack_observe("accepted", 202, time.perf_counter())
-metrics.webhook_attempt_settled("DELIVERED")
+    link_metrics._ack_observe("accepted", 202, time.perf_counter())
+workflow_metrics.webhook_attempt_settled("DELIVERED")
 """
 
 _SCRAPE = """

@@ -30,7 +30,7 @@ from typing import Any
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connections
 
-from config import metrics
+from workflows import metrics
 from workflows.models import Status, Workflow
 from workflows.services.workflows import WORKFLOW_CHANNEL, workflows_publish
 

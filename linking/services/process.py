@@ -23,7 +23,6 @@ from django.conf import settings
 from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 
-from config import metrics
 from linking import statements
 from linking.agreement import candidate_agreement
 from linking.fields import EncryptedJSONDocumentField
@@ -38,7 +37,7 @@ from linking.internal_search import (
 from linking.models import LinkRequest
 from linking.policy import Bands, Outcome, link_decide
 from merchant.models import Customer, ReviewBy
-from workflows import concurrent
+from workflows import concurrent, metrics
 from workflows import statements as workflow_statements
 from workflows.models import Status, WebhookDelivery, Workflow
 from workflows.services import (

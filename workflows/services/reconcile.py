@@ -10,7 +10,7 @@ from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from config import metrics
+from workflows import metrics
 from workflows.models import PENDING_STATES, SWEPT_STATES, Status, Workflow, WorkflowTransition
 from workflows.services.workflows import (
     Step,

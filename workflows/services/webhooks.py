@@ -16,9 +16,8 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from config import metrics
 from merchant.models import Customer
-from workflows import concurrent, statements
+from workflows import concurrent, metrics, statements
 from workflows.models import (
     DeliveryStatus,
     Status,

@@ -14,8 +14,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 from django_fsm import ConcurrentTransition
 
-from config import metrics
-from workflows import statements
+from workflows import metrics, statements
 from workflows.models import (
     TERMINAL_STATES,
     WebhookDelivery,
