@@ -2,16 +2,15 @@
 to, ids only (never demographics).
 
 The ids live in context variables: the request-id middleware (config/request_id.py) sets the
-request's, authentication (merchant/auth.py) the customer's, and the Celery signals below a
-task's workflow. `ContextFilter`, on the console handler of LOGGING, copies whichever are known
-onto each record, where either formatter prints them.
+request's, authentication (merchant/auth.py, into merchant/context.py) the customer's, and the
+Celery signals below a task's workflow. `ContextFilter`, on the console handler of LOGGING,
+copies whichever are known onto each record, where either formatter prints them.
 
 LOGGING names this module, so Django's logging set-up imports it in every process (web, worker,
 beat, commands), and with it the Celery signal receivers.
 """
 
 import logging
-import uuid
 from contextvars import ContextVar
 from typing import Any
 
@@ -19,9 +18,10 @@ from celery.signals import setup_logging, task_postrun, task_prerun
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
+# The request's customer is authentication's to know (merchant/context.py); printed here.
+from merchant.context import customer_id as customer_id
+
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
-# The UUID itself: formatted only when a line is actually written, not on every request.
-customer_id: ContextVar[uuid.UUID | None] = ContextVar("customer_id", default=None)
 workflow_id: ContextVar[str | None] = ContextVar("workflow_id", default=None)
 
 CONTEXT_FIELDS = ("request_id", "workflow_id", "customer_id")

@@ -7,7 +7,7 @@ from rest_framework.authentication import BaseAuthentication
 from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.request import Request
 
-from config import log_context
+from merchant.context import customer_id
 from merchant.models import Customer
 from merchant.services import InvalidToken, token_verify
 
@@ -43,7 +43,7 @@ class CustomerTokenAuthentication(BaseAuthentication):
             # The reason is for operators; the client always gets the same 401 body.
             logger.info("customer token refused: %s", exc)
             raise AuthenticationFailed() from exc
-        log_context.customer_id.set(customer.pk)  # log lines of this request carry its id
+        customer_id.set(customer.pk)  # log lines of this request carry its id
         return customer, None
 
     def authenticate_header(self, request: Request) -> str:

@@ -3,9 +3,7 @@ linking < config. A module may import from its own package and the packages belo
 above: an import the other way fails here with the module, line and target, and so does a cycle.
 
 Read from the source (ast), every import in every function included, so a lazy import inside a
-function cannot hide an arrow. The import of config's log context by merchant.auth is the one
-known exception still to be removed; it is listed, and the list must shrink with the code (an
-entry that no longer exists fails too, so it cannot outlive its import)."""
+function cannot hide an arrow."""
 
 import ast
 from collections import defaultdict
@@ -15,12 +13,6 @@ from pathlib import Path
 from tests.processes import ROOT
 
 LAYERS = ("merchant", "workflows", "linking", "config")
-
-# App modules that still import one of config's helpers: (importing module, imported module).
-# To go: the log context (request, customer and workflow ids on every line) has no owner app yet.
-KNOWN_UPWARD: set[tuple[str, str]] = {
-    ("merchant.auth", "config.log_context"),
-}
 
 
 def _module_name(path: Path) -> str:
@@ -76,22 +68,16 @@ def test_no_app_imports_a_layer_above_it() -> None:
     upward = [
         f"{source}:{line} imports {target}"
         for source, line, target in app_imports()
-        if _rank(target) > _rank(source) and (source, target) not in KNOWN_UPWARD
+        if _rank(target) > _rank(source)
     ]
     assert upward == [], "imports against the layers " + " < ".join(LAYERS)
 
 
-def test_the_known_exceptions_still_exist() -> None:
-    present = {(source, target) for source, _, target in app_imports()}
-    assert sorted(KNOWN_UPWARD - present) == [], "remove these from KNOWN_UPWARD"
-
-
-def test_the_packages_form_no_cycle_but_the_known_one() -> None:
-    """Package -> package arrows, the known exceptions left out: a graph without a cycle."""
+def test_the_packages_form_no_cycle() -> None:
+    """Package -> package arrows: a graph without a cycle."""
     arrows: dict[str, set[str]] = defaultdict(set)
     for source, _, target in app_imports():
-        if (source, target) not in KNOWN_UPWARD:
-            arrows[source.split(".")[0]].add(target.split(".")[0])
+        arrows[source.split(".")[0]].add(target.split(".")[0])
     for package in LAYERS:
         arrows[package].discard(package)
 
