@@ -12,6 +12,7 @@ from django.db.models import Q
 from django.utils.crypto import salted_hmac
 from rest_framework.fields import DateTimeField
 
+from linking import statements
 from linking.models import LinkBatch, PatientMapping, SearchCandidate
 from merchant.models import Customer, ReviewBy
 from workflows.models import Status, Workflow
@@ -20,10 +21,7 @@ from workflows.models import Status, Workflow
 # LinkStatusOutputSerializer: compiling the query, building the model and deep-copying the
 # serializer's fields were ~60% of the request's own time in `make bench`'s profile. The
 # serializer still describes the answer in the OpenAPI document, and a test holds the two equal.
-_STATUS_SQL = (
-    f"SELECT id, status, result, reason, created_at, updated_at "  # noqa: S608 - constant
-    f"FROM {Workflow._meta.db_table} WHERE id = %s AND customer_id = %s"
-)
+# The query: linking.statements.STATUS.
 _DATETIME = DateTimeField()
 
 
@@ -35,7 +33,7 @@ def link_status_for_customer(*, customer: Customer, workflow_id: str) -> dict[st
     except ValueError:
         return None
     with connection.cursor() as cursor:
-        cursor.execute(_STATUS_SQL, [parsed, customer.pk])
+        cursor.execute(statements.STATUS, [parsed, customer.pk])
         row = cursor.fetchone()
     if row is None:
         return None

@@ -171,3 +171,14 @@ WITH fresh AS (
 )
 SELECT id, pg_notify(%(channel)s, id::text) FROM workflow
 """
+
+# GET /link/status, the read customers poll: one row of the customer's own workflow (a foreign
+# id reads nothing). Run on Django's cursor by linking.selectors.link_status_for_customer.
+STATUS = """
+SELECT id, status, result, reason, created_at, updated_at
+  FROM workflows_workflow
+ WHERE id = %s AND customer_id = %s
+"""
+
+# The (customer, Idempotency-Key) lock of an acceptance: transaction-scoped, never waited for.
+TRY_XACT_LOCK = "SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))"

@@ -30,8 +30,8 @@ from typing import Any
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connections
 
-from workflows import metrics
-from workflows.models import Status, Workflow
+from workflows import metrics, statements
+from workflows.models import Status
 from workflows.services.workflows import WORKFLOW_CHANNEL, workflows_publish
 
 logger = logging.getLogger(__name__)
@@ -47,12 +47,6 @@ LEADER_RETRY_SECONDS = 5.0
 # Longest wait between two attempts, to reconnect to PostgreSQL or to publish a refused batch.
 _BACKOFF_MAX = 30.0
 _LOCK = "workflows.dispatcher"
-
-_CATCH_UP_SQL = (
-    f"SELECT id, updated_at FROM {Workflow._meta.db_table} "  # noqa: S608
-    "WHERE status = %s AND updated_at > now() - make_interval(secs => %s) "
-    "AND (updated_at, id) > (%s, %s) ORDER BY updated_at, id LIMIT %s"
-)
 
 
 class Dispatcher:
@@ -110,9 +104,7 @@ class Dispatcher:
 
     def _lead(self, conn: Any) -> bool:
         while not self._stop.is_set():
-            row = conn.execute(
-                "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", [_LOCK]
-            ).fetchone()
+            row = conn.execute(statements.TRY_LEADER_LOCK, [_LOCK]).fetchone()
             if row and row[0]:
                 return True
             self._stop.wait(LEADER_RETRY_SECONDS)
@@ -145,7 +137,7 @@ class Dispatcher:
         total = 0
         while not self._stop.is_set():
             rows = conn.execute(
-                _CATCH_UP_SQL,
+                statements.DISPATCHER_CATCH_UP,
                 [
                     Status.RECEIVED.value,
                     settings.RECONCILE_STALE_AFTER_SECONDS,

@@ -144,6 +144,21 @@ UPDATE workflows_webhookdelivery AS d
 """
 
 
+# The dispatcher's lead: a session lock, held for as long as its connection lives.
+TRY_LEADER_LOCK = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
+
+# A new leader's catch-up: the RECEIVED workflows younger than the sweep's threshold, in
+# (updated_at, id) order from a cursor, a page at a time (their notifications may have had no
+# listener). Positional: the dispatcher runs it on its own psycopg connection.
+DISPATCHER_CATCH_UP = """
+SELECT id, updated_at FROM workflows_workflow
+ WHERE status = %s AND updated_at > now() - make_interval(secs => %s)
+   AND (updated_at, id) > (%s, %s)
+ ORDER BY updated_at, id
+ LIMIT %s
+"""
+
+
 def execute(sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
     """Run one statement on Django's connection, in its transaction; its rows (none for a
     statement without).

@@ -225,7 +225,7 @@ def try_lock(name: str) -> bool:
     the client gets 409 instead of waiting on our row locks.
     """
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))", [name])
+        cursor.execute(statements.TRY_XACT_LOCK, [name])
         row = cursor.fetchone()
     return bool(row and row[0])
 
