@@ -24,23 +24,26 @@ from linking.selectors import (
     link_status_for_customer,
     links_page,
 )
-from linking.serializers import (
-    LINKS_CURSOR_MAX_LENGTH,
-    LINKS_CURSOR_PATTERN,
-    DelinkOutputSerializer,
-    LinkAcceptedSerializer,
+from linking.serializers.batch import (
     LinkBatchAcceptedSerializer,
     LinkBatchInputSerializer,
     LinkBatchStatusSerializer,
+)
+from linking.serializers.links import (
+    DelinkOutputSerializer,
+    LinkAcceptedSerializer,
     LinkCreateInputSerializer,
     LinkDecisionInputSerializer,
+    LinkStatusOutputSerializer,
+)
+from linking.serializers.listing import (
+    LINKS_CURSOR_MAX_LENGTH,
+    LINKS_CURSOR_PATTERN,
     LinksListOutputSerializer,
     LinksListQuerySerializer,
-    LinkStatusOutputSerializer,
-    PatientOutputSerializer,
-    SearchResultReceiptSerializer,
-    SearchsetBundleSerializer,
 )
+from linking.serializers.patients import PatientOutputSerializer
+from linking.serializers.search import SearchResultReceiptSerializer, SearchsetBundleSerializer
 from merchant.auth import request_customer
 from merchant.parsers import BatchJSONParser, json_loads_limited
 from merchant.problems import Problem, problem_of

@@ -340,7 +340,7 @@ def test_no_pattern_depends_on_what_space_means(document: dict[str, Any]) -> Non
 
 
 def test_the_space_the_patterns_name_is_what_strip_trims() -> None:
-    from linking.serializers import _STRIPPED
+    from linking.serializers.fields import _STRIPPED
 
     space = re.compile(f"[{_STRIPPED}]")
     assert all(

@@ -212,7 +212,7 @@ def test_queue_and_exchange_are_durable(amqp_stack: dict[str, Any]) -> None:
 _UNANNOUNCED = """
 import json, sys
 import linking.services.accept as accept
-from linking.serializers import LinkCreateInputSerializer
+from linking.serializers.links import LinkCreateInputSerializer
 from merchant.models import Customer
 
 accept.workflow_announcement = lambda *, workflow_id: ["nobody_listens", "{}"]

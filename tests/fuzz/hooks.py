@@ -41,7 +41,7 @@ from tests.fuzz.driver import CALLBACK_SECRET_ENV, REGISTERED_WEBHOOK_ORIGIN
 
 CALLBACK_PATH = "/internal/search-results/{search_id}"
 CALLBACK_MEDIA_TYPE = "application/fhir+json"
-# linking.serializers.MAX_AGE_YEARS; this process has no Django to import it with.
+# linking.serializers.fields.MAX_AGE_YEARS; this process has no Django to import it with.
 MAX_AGE_YEARS = 150
 
 

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from linking.models import MappingStatus, PatientMapping
 from linking.selectors import LINKS_LIMIT_DEFAULT, LinksFilter, links_page
-from linking.serializers import LinksListItemSerializer, LinksListOutputSerializer
+from linking.serializers.listing import LinksListItemSerializer, LinksListOutputSerializer
 from merchant.models import Customer
 from merchant.services import CustomerCredentials
 from tests.conftest import LinkClient, link_body

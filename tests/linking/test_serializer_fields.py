@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from rest_framework import serializers
 
-from linking.serializers import LinkCreateInputSerializer, PatientSerializer
+from linking.serializers.links import LinkCreateInputSerializer, PatientSerializer
 from merchant.models import Customer
 from merchant.problems import Problem
 from tests.conftest import link_body

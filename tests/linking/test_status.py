@@ -4,7 +4,7 @@ import uuid
 
 import pytest
 
-from linking.serializers import LinkStatusOutputSerializer
+from linking.serializers.links import LinkStatusOutputSerializer
 from tests.conftest import LinkClient, link_body, not_found_body
 from workflows.models import Workflow
 from workflows.services import workflow_transition
