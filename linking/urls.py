@@ -1,16 +1,10 @@
 from django.urls import path
 
-from linking.apis import (
-    LinkBatchCreateApi,
-    LinkBatchStatusApi,
-    LinkCreateApi,
-    LinkDecisionApi,
-    LinkDeleteApi,
-    LinksListApi,
-    LinkStatusApi,
-    PatientDetailApi,
-    SearchResultCallbackApi,
-)
+from linking.apis.batch import LinkBatchCreateApi, LinkBatchStatusApi
+from linking.apis.links import LinkCreateApi, LinkDecisionApi, LinkDeleteApi, LinkStatusApi
+from linking.apis.listing import LinksListApi
+from linking.apis.patients import PatientDetailApi
+from linking.apis.search import SearchResultCallbackApi
 
 urlpatterns = [
     path("link", LinkCreateApi.as_view(), name="link-create"),

@@ -17,7 +17,7 @@ from django.core.exceptions import ImproperlyConfigured
 from rest_framework.request import Request
 from rest_framework.test import APIClient, APIRequestFactory
 
-from linking.apis import LinkStatusApi
+from linking.apis.links import LinkStatusApi
 from merchant import throttling
 from merchant.models import Customer
 from merchant.parsers import JSONTooComplex, json_depth, json_loads_limited
@@ -220,7 +220,7 @@ def test_bad_rate_settings_are_refused_at_start_up(env):
 
 
 def test_the_search_callback_is_not_throttled():
-    from linking.apis import SearchResultCallbackApi
+    from linking.apis.search import SearchResultCallbackApi
 
     assert SearchResultCallbackApi().get_throttles() == []
 
