@@ -1,5 +1,8 @@
-"""Real processes for tests: gunicorn, Celery workers, the stand-in, a redis-server of its own, a
-fresh database. Each is stopped by pid (or dropped) afterwards."""
+"""The one process harness of the tests, chaos, fuzz and bench suites: real processes (gunicorn,
+Celery workers and beat, the stand-in, a redis-server of its own) and a fresh database. Each
+process runs in its own process group, writes to a log file, is waited for by what it prints
+(a failure shows the log's tail), and is stopped by its group afterwards (or the database
+dropped). The suites configure what they start; none starts a process another way."""
 
 import os
 import signal
@@ -10,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -81,6 +85,64 @@ def stop_group(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
         proc.wait(timeout)
     except ProcessLookupError:
         pass
+
+
+class ProcessFailed(RuntimeError):
+    """A process exited, or did not get ready in time; the message ends with its log's tail."""
+
+
+@dataclass
+class Process:
+    """A process the harness started: its own process group, stdout and stderr in `log`."""
+
+    name: str
+    args: list[str]
+    log: Path
+    popen: subprocess.Popen[bytes]
+    # Stopped on purpose (the chaos suite's kills): a supervisor leaves it down.
+    expected_down: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+    def wait_for(self, text: str, *, timeout: float = 60) -> None:
+        """Wait until the log shows `text`; ProcessFailed with the tail if the process exits
+        first or the time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.tail(chars=1 << 30):
+                return
+            if not self.alive():
+                raise ProcessFailed(f"{self.name} exited:\n{self.tail()}")
+            time.sleep(0.1)
+        raise ProcessFailed(
+            f"{self.name}: {text!r} not in its log after {timeout}s:\n{self.tail()}"
+        )
+
+    def stop(self, timeout: float = 10) -> None:
+        stop_group(self.popen, timeout)
+
+
+def spawn(name: str, args: list[str], *, env: dict[str, str], log: Path) -> Process:
+    """Start `args` from the repository root in a process group of its own, appending its
+    output to `log`."""
+    with log.open("ab") as handle:
+        popen = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return Process(name, args, log, popen)
 
 
 def wait_http(url: str, *, timeout: float = 20) -> None:

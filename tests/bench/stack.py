@@ -25,11 +25,12 @@ import requests
 from tests.processes import (
     BIN,
     ROOT,
+    Process,
+    ProcessFailed,
     free_port,
     fresh_database,
     redis_server,
-    running,
-    wait_for_text,
+    spawn,
 )
 
 CORES = os.cpu_count() or 1
@@ -66,7 +67,7 @@ PRODUCTION_LIKE = {
 }
 
 
-class StackFailed(RuntimeError):
+class StackFailed(ProcessFailed):
     pass
 
 
@@ -98,20 +99,6 @@ def with_option(args: list[str], option: str, value: str) -> list[str]:
             continue
         out.append(arg)
     return [*out, option, value]
-
-
-@dataclass
-class Process:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def tail(self, chars: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
 
 
 @dataclass
@@ -246,21 +233,11 @@ class BenchStack:
     def _spawn(
         self, stack: ExitStack, name: str, args: list[str], settings: dict[str, str] | None = None
     ) -> Process:
-        log = self.workdir / f"{name}.log"
-        handle = stack.enter_context(log.open("ab"))
         env = {**self.env(), **(settings or {})}
-        popen = stack.enter_context(running(args, env=env, log=handle))
-        process = Process(name, popen, log)
+        process = spawn(name, args, env=env, log=self.workdir / f"{name}.log")
+        stack.callback(process.stop)
         self.processes[name] = process
         return process
-
-    def _wait(self, process: Process, text: str, *, timeout: float = 60) -> None:
-        if process.popen.poll() is not None:
-            raise StackFailed(f"{process.name} exited:\n{process.tail()}")
-        try:
-            wait_for_text(process.log, text, timeout=timeout)
-        except TimeoutError as exc:
-            raise StackFailed(f"{process.name} did not start:\n{process.tail()}") from exc
 
     # --- the processes -------------------------------------------------------------------------
 
@@ -269,12 +246,12 @@ class BenchStack:
         self.standin_url = f"http://127.0.0.1:{port}/fhir"
         args = [str(BIN / "python"), "-m", "standin", "--host", "127.0.0.1", "--port", str(port)]
         args += ["--latency-ms", str(self.standin_latency_ms)]
-        self._wait(self._spawn(self._stack, "standin", args), "standin listening")
+        self._spawn(self._stack, "standin", args).wait_for("standin listening")
 
     def _start_receiver(self, port: int, secret: str) -> None:
         args = [str(BIN / "python"), "-m", "standin.receiver", "--host", "127.0.0.1"]
         args += ["--port", str(port), "--secret", secret]
-        self._wait(self._spawn(self._stack, "receiver", args), "receiver listening")
+        self._spawn(self._stack, "receiver", args).wait_for("receiver listening")
 
     def start_web(self) -> None:
         port = free_port()
@@ -294,7 +271,7 @@ class BenchStack:
                     return
             except requests.RequestException:
                 pass
-            if web.popen.poll() is not None or time.monotonic() > deadline:
+            if not web.alive() or time.monotonic() > deadline:
                 raise StackFailed(f"gunicorn did not start:\n{web.tail()}")
             time.sleep(0.1)
 
@@ -323,8 +300,8 @@ class BenchStack:
             settings,
         )
         for worker in workers:
-            self._wait(worker, "ready.")
-        self._wait(beat, "beat: Starting")
+            worker.wait_for("ready.")
+        beat.wait_for("beat: Starting")
         return workers
 
     def stop_consumers(self) -> None:
@@ -334,7 +311,7 @@ class BenchStack:
         """The dispatcher on its own (`manage.py dispatch`), for the stages without Celery
         workers (each worker runs one): the ack path's messages are published by it."""
         dispatcher = self._spawn(self._dispatcher, "dispatcher", self.manage_args("dispatch"))
-        self._wait(dispatcher, "dispatcher leading", timeout=30)
+        dispatcher.wait_for("dispatcher leading", timeout=30)
         return dispatcher
 
     def stop_dispatcher(self) -> None:

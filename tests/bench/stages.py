@@ -27,8 +27,9 @@ from tests.bench.procstat import (
     peak_rss,
     reset_peak_rss,
 )
-from tests.bench.stack import YARDSTICK_PATH, BenchStack, Process
+from tests.bench.stack import YARDSTICK_PATH, BenchStack
 from tests.bench.wrk import WrkResult, interrupt, run_wrk
+from tests.processes import Process
 
 # Celery's default queue, where the ack stage's messages wait (no consumer runs meanwhile).
 _QUEUE = "celery"

@@ -31,7 +31,15 @@ from kombu import Connection
 
 from standin.receiver import ReceiverServer, make_receiver
 from standin.server import make_server
-from tests.processes import BIN, ROOT, celery_worker_args, free_port, stop_group, wait_for_text
+from tests.processes import (
+    BIN,
+    ROOT,
+    Process,
+    celery_worker_args,
+    free_port,
+    spawn,
+    wait_http,
+)
 
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 PG_BIN = Path(next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin")))))
@@ -64,24 +72,6 @@ def _run(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
 
 
 @dataclass
-class Proc:
-    name: str
-    args: list[str]
-    log: Path
-    popen: subprocess.Popen[bytes] | None = None
-    # Stopped on purpose by the scenario: the supervisor leaves it down.
-    expected_down: bool = False
-
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-
-@dataclass
 class Stack:
     """Start with `start()`, stop with `stop()` (also on failure: use it as a context manager)."""
 
@@ -97,15 +87,15 @@ class Stack:
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="chaos-")))
 
     def __post_init__(self) -> None:
-        self.procs: dict[str, Proc] = {}
+        self.procs: dict[str, Process] = {}
         self.restarts: dict[str, int] = {}
         self._supervising = threading.Event()
         self._supervisor: threading.Thread | None = None
         self.redis_port = free_port()
-        self.redis_proc: subprocess.Popen[bytes] | None = None
+        self.redis_proc: Process | None = None
         self.amqp_port = free_port()
         self.rabbitmq_node = f"chaos-{self.name}-{os.getpid()}@localhost"
-        self.rabbitmq_proc: subprocess.Popen[bytes] | None = None
+        self.rabbitmq_proc: Process | None = None
         self.pg_port = free_port() if self.own_postgres else 5432
         self.pg_dir = self.workdir / "pg"
         self.db_name = f"chaos_{self.name}_{os.getpid()}"
@@ -206,8 +196,7 @@ class Stack:
         if self._supervisor is not None:
             self._supervisor.join(5)
         for proc in list(self.procs.values()):
-            if proc.popen is not None:
-                stop_group(proc.popen)
+            proc.stop()
         self.stop_redis()
         self.stop_rabbitmq()
         if self.own_postgres and self.pg_dir.exists():
@@ -226,17 +215,8 @@ class Stack:
 
     # --- processes ---------------------------------------------------------------------------
 
-    def spawn(self, name: str, args: list[str]) -> Proc:
-        proc = Proc(name, args, self.workdir / f"{name}.log")
-        with proc.log.open("ab") as log:
-            proc.popen = subprocess.Popen(
-                args,
-                cwd=ROOT,
-                env=self.env(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+    def spawn(self, name: str, args: list[str]) -> Process:
+        proc = spawn(name, args, env=self.env(), log=self.workdir / f"{name}.log")
         self.procs[name] = proc
         return proc
 
@@ -256,16 +236,9 @@ class Stack:
                 "5",
             ],
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                requests.get(f"{self.base_url}/problems/not-found", timeout=2)
-                return
-            except requests.RequestException:
-                time.sleep(0.1)
-        raise TimeoutError("gunicorn did not start")
+        wait_http(f"{self.base_url}/problems/not-found", timeout=30)
 
-    def start_worker(self, index: int) -> Proc:
+    def start_worker(self, index: int) -> Process:
         name = f"worker{index}"
         proc = self.spawn(
             name,
@@ -273,21 +246,21 @@ class Stack:
                 concurrency=self.worker_concurrency, name=f"chaos{index}", pool=self.worker_pool
             ),
         )
-        wait_for_text(proc.log, "ready.", timeout=30)
+        proc.wait_for("ready.", timeout=30)
         return proc
 
-    def start_beat(self, name: str = "beat") -> Proc:
+    def start_beat(self, name: str = "beat") -> Process:
         proc = self.spawn(
             name,
             [str(BIN / "celery"), "-A", "config", "beat", "--loglevel", "INFO", "--pidfile", ""],
         )
-        wait_for_text(proc.log, "beat: Starting", timeout=30)
+        proc.wait_for("beat: Starting", timeout=30)
         return proc
 
     def kill(self, name: str, sig: int = signal.SIGKILL, *, group: bool = True) -> None:
         proc = self.procs[name]
         proc.expected_down = True
-        if proc.popen is None or proc.popen.poll() is not None:
+        if not proc.alive():
             return
         if group:
             os.killpg(proc.pid, sig)
@@ -299,7 +272,8 @@ class Stack:
     # --- Redis -------------------------------------------------------------------------------
 
     def start_redis(self) -> None:
-        self.redis_proc = subprocess.Popen(
+        self.redis_proc = spawn(
+            "redis",
             [
                 "redis-server",
                 "--bind",
@@ -315,9 +289,8 @@ class Stack:
                 "--maxmemory-policy",
                 "noeviction",
             ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
+            env=dict(os.environ),
+            log=self.workdir / "redis.log",
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -329,17 +302,17 @@ class Stack:
         raise TimeoutError("redis-server did not start")
 
     def stop_redis(self, sig: int = signal.SIGKILL) -> None:
-        if self.redis_proc is not None and self.redis_proc.poll() is None:
-            self.redis_proc.send_signal(sig)
-            self.redis_proc.wait(10)
+        if self.redis_proc is not None and self.redis_proc.alive():
+            self.redis_proc.popen.send_signal(sig)
+            self.redis_proc.popen.wait(10)
 
     def pause_redis(self) -> None:
         assert self.redis_proc is not None
-        self.redis_proc.send_signal(signal.SIGSTOP)
+        self.redis_proc.popen.send_signal(signal.SIGSTOP)
 
     def resume_redis(self) -> None:
         assert self.redis_proc is not None
-        self.redis_proc.send_signal(signal.SIGCONT)
+        self.redis_proc.popen.send_signal(signal.SIGCONT)
 
     # --- the queue, whichever the broker ---------------------------------------------------------
 
@@ -433,14 +406,12 @@ class Stack:
                 # The suite's own clock for held messages: settings.RABBITMQ_CONSUMER_TIMEOUT.
                 "consumer_timeout = 1800000\n"
             )
-        with (base / "server.log").open("ab") as log:
-            self.rabbitmq_proc = subprocess.Popen(
-                [str(RABBITMQ_BIN / "rabbitmq-server")],
-                env=self._rabbitmq_env(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.rabbitmq_proc = spawn(
+            "rabbitmq",
+            [str(RABBITMQ_BIN / "rabbitmq-server")],
+            env=self._rabbitmq_env(),
+            log=base / "server.log",
+        )
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -448,15 +419,15 @@ class Stack:
                 return
             except subprocess.CalledProcessError:
                 # Before the node has registered with epmd, await_startup fails at once.
-                if time.monotonic() > deadline or self.rabbitmq_proc.poll() is not None:
+                if time.monotonic() > deadline or not self.rabbitmq_proc.alive():
                     raise TimeoutError("rabbitmq-server did not start") from None
                 time.sleep(0.5)
 
     def stop_rabbitmq(self) -> None:
         proc = self.rabbitmq_proc
-        if proc is not None and proc.poll() is None:
+        if proc is not None and proc.alive():
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+            proc.popen.wait(10)
 
     def restart_rabbitmq_app(self, down_seconds: float) -> None:
         """The broker stops serving (every connection closed) and comes back: `rabbitmqctl
