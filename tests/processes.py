@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,18 +60,26 @@ def running(
     args: list[str], *, env: dict[str, str], log: IO[bytes] | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run a process in its own process group; stop the whole group afterwards."""
-    proc = subprocess.Popen(
-        args,
-        cwd=ROOT,
-        env=env,
-        stdout=log or subprocess.DEVNULL,
-        stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = _popen(args, env=env, out=log)
     try:
         yield proc
     finally:
         stop_group(proc)
+
+
+def _popen(
+    args: list[str], *, env: dict[str, str], out: IO[bytes] | None
+) -> subprocess.Popen[bytes]:
+    """`args` from the repository root, in a process group of its own (so that stopping the
+    group stops its children too), its output to `out` (none without)."""
+    return subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env=env,
+        stdout=out or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT if out else subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def stop_group(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
@@ -110,38 +118,21 @@ class Process:
         return self.popen.poll() is None
 
     def tail(self, chars: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+        return _tail(self.log, chars)
 
     def wait_for(self, text: str, *, timeout: float = 60) -> None:
-        """Wait until the log shows `text`; ProcessFailed with the tail if the process exits
-        first or the time runs out."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.tail(chars=1 << 30):
-                return
-            if not self.alive():
-                raise ProcessFailed(f"{self.name} exited:\n{self.tail()}")
-            time.sleep(0.1)
-        raise ProcessFailed(
-            f"{self.name}: {text!r} not in its log after {timeout}s:\n{self.tail()}"
-        )
+        """Wait until the log shows `text`: ProcessFailed with the tail if the process exits
+        first, TimeoutError with it if the time runs out."""
+        wait_for_text(self.log, text, timeout=timeout, exited=lambda: not self.alive())
 
     def stop(self, timeout: float = 10) -> None:
         stop_group(self.popen, timeout)
 
 
 def spawn(name: str, args: list[str], *, env: dict[str, str], log: Path) -> Process:
-    """Start `args` from the repository root in a process group of its own, appending its
-    output to `log`."""
+    """Start `args` (see _popen), appending its output to `log`."""
     with log.open("ab") as handle:
-        popen = subprocess.Popen(
-            args,
-            cwd=ROOT,
-            env=env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        popen = _popen(args, env=env, out=handle)
     return Process(name, args, log, popen)
 
 
@@ -176,15 +167,23 @@ def gunicorn(env: dict[str, str], log: IO[bytes] | None = None) -> Iterator[str]
         yield base
 
 
-def wait_for_text(path: Path, text: str, *, timeout: float = 30) -> None:
-    """Wait until a process's log file contains `text`."""
+def wait_for_text(
+    path: Path, text: str, *, timeout: float = 30, exited: Callable[[], bool] | None = None
+) -> None:
+    """Wait until a process's log file contains `text`; with `exited`, ProcessFailed as soon
+    as it says the process is gone. Both failures end with the log's tail."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists() and text in path.read_text(errors="replace"):
             return
+        if exited is not None and exited():
+            raise ProcessFailed(f"{path.stem} exited:\n{_tail(path)}")
         time.sleep(0.1)
-    tail = path.read_text(errors="replace")[-2000:] if path.exists() else "(no log)"
-    raise TimeoutError(f"{text!r} not in {path} after {timeout}s:\n{tail}")
+    raise TimeoutError(f"{text!r} not in {path} after {timeout}s:\n{_tail(path)}")
+
+
+def _tail(path: Path, chars: int = 3000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
 
 
 def celery_worker_args(

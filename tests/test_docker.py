@@ -10,6 +10,8 @@ import re
 import shutil
 import socket
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -348,30 +350,37 @@ def test_entrypoint_roles(role_env, tmp_path):
     assert beat.returncode == 0, beat_log.read_text()[-2000:]
 
 
-def test_entrypoint_standin(role_env, tmp_path):
-    env = {**role_env, "STANDIN_PORT": str(free_port())}
-    log_path = tmp_path / "standin.log"
-    with log_path.open("wb") as log, running([str(ENTRYPOINT), "standin"], env=env, log=log) as st:
-        wait_http(f"http://127.0.0.1:{env['STANDIN_PORT']}/_control/stats")
-        assert "-m standin --host 0.0.0.0" in _cmdline(st.pid)
-        check = [str(BIN / "python"), str(DOCKER / "healthcheck.py"), "standin"]
+@contextmanager
+def _http_role(
+    role: str, module: str, env: dict[str, str], port: str, log_path: Path
+) -> Iterator[None]:
+    """An HTTP role of the entrypoint serving GET /_control/stats on `port`, the process its
+    `python -m <module>`, passing the container healthcheck of the same name."""
+    with log_path.open("wb") as log, running([str(ENTRYPOINT), role], env=env, log=log) as proc:
+        wait_http(f"http://127.0.0.1:{port}/_control/stats")
+        assert f"-m {module} --host 0.0.0.0" in _cmdline(proc.pid)
+        check = [str(BIN / "python"), str(DOCKER / "healthcheck.py"), role]
         result = subprocess.run(check, env=env, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr + log_path.read_text()
+        yield
+
+
+def test_entrypoint_standin(role_env, tmp_path):
+    port = str(free_port())
+    env = {**role_env, "STANDIN_PORT": port}
+    with _http_role("standin", "standin", env, port, tmp_path / "standin.log"):
+        pass
 
 
 def test_entrypoint_receiver(role_env, tmp_path):
     """The demo receiver role: serves on RECEIVER_PORT, passes its healthcheck, and verifies a
     delivery signed with RECEIVER_SECRET (and flags one that is not)."""
     secret = "whsec_" + base64.b64encode(b"r" * 32).decode()
-    env = {**role_env, "RECEIVER_PORT": str(free_port()), "RECEIVER_SECRET": secret}
-    base = f"http://127.0.0.1:{env['RECEIVER_PORT']}"
+    port = str(free_port())
+    env = {**role_env, "RECEIVER_PORT": port, "RECEIVER_SECRET": secret}
+    base = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "receiver.log"
-    with log_path.open("wb") as log, running([str(ENTRYPOINT), "receiver"], env=env, log=log) as rc:
-        wait_http(f"{base}/_control/stats")
-        assert "-m standin.receiver --host 0.0.0.0" in _cmdline(rc.pid)
-        check = [str(BIN / "python"), str(DOCKER / "healthcheck.py"), "receiver"]
-        result = subprocess.run(check, env=env, capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr + log_path.read_text()
+    with _http_role("receiver", "standin.receiver", env, port, log_path):
         body, when = '{"type": "link.completed"}', dt.datetime.now(dt.UTC)
         signed = Webhook(secret).sign("msg_1", when, body)
         for msg_id, signature in (("msg_1", signed), ("msg_2", "v1,bm90LWEtc2lnbmF0dXJl")):
