@@ -7,7 +7,7 @@ UV_VERSION := 0.13.8
 BIN := $(VENV)/bin
 export DJANGO_SETTINGS_MODULE ?= config.settings
 
-.PHONY: install wrk browser compose compose-check run demo demo-review test chaos fuzz bench lint typecheck migrate clean
+.PHONY: install wrk browser compose compose-check run demo demo-review test chaos fuzz bench lint typecheck snapshots migrate clean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -107,6 +107,10 @@ lint: install
 
 typecheck: install
 	$(BIN)/mypy .
+
+# Record the statements' rendered SQL (tests/snapshots/statements.sql) after changing one.
+snapshots: install
+	SNAPSHOT_UPDATE=1 DJANGO_SETTINGS_MODULE=config.settings_test $(BIN)/pytest -q -p no:cacheprovider tests/test_statements.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache staticfiles

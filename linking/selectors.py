@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.core import signing
-from django.db import connection
 from django.db.models import Q
 from django.utils.crypto import salted_hmac
 from rest_framework.fields import DateTimeField
@@ -32,9 +31,7 @@ def link_status_for_customer(*, customer: Customer, workflow_id: str) -> dict[st
         parsed = uuid.UUID(workflow_id)
     except ValueError:
         return None
-    with connection.cursor() as cursor:
-        cursor.execute(statements.STATUS, [parsed, customer.pk])
-        row = cursor.fetchone()
+    row = statements.status_row(workflow_id=parsed, customer_id=customer.pk)
     if row is None:
         return None
     id_, status, result, reason, created_at, updated_at = row

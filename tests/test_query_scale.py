@@ -157,7 +157,7 @@ BATCH = 10
 def test_a_batch_reads_its_patients_rows(
     standin: Any, credentials: CustomerCredentials, api: LinkClient
 ) -> None:
-    # `make bench` found ACCEPT_MANY's refusal checks joined against every pending workflow of
+    # `make bench` found the batch's refusal checks joined against every pending workflow of
     # the customer (15,000,000 comparisons for a 1,000-item batch, 0.9 s) while the table's
     # statistics, not yet analyzed, said it was empty.
     _existing_rows(credentials)

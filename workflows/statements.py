@@ -3,16 +3,28 @@
 A batch of workflows is one statement per step whatever its size: every row's values travel as
 parallel arrays (`unnest`), so the text of each statement is fixed and visible here, and
 psycopg sends one round trip for the whole batch. The services build the arrays; the state
-machine (workflows.models.Workflow) decides every value first.
+machine (workflows.models.Workflow) decides every value first. A `{model}` in a statement is
+that model's table, from its `_meta` (rendered at import; tests/snapshots/statements.sql holds
+the rendered text, so a review's diff shows the SQL that runs).
 """
 
 from typing import Any
 
 import psycopg
-from django.db import connection
+from django.db import connection, models
 from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
 
-from workflows.models import Status
+from workflows.models import Status, WebhookAttempt, WebhookDelivery, Workflow, WorkflowTransition
+
+
+def with_tables(text: str, *tables: type[models.Model]) -> str:
+    """`text` with each `{model}` (a model's lower-case name) replaced by its table's name."""
+    return text.format_map({str(model._meta.model_name): model._meta.db_table for model in tables})
+
+
+def _sql(text: str) -> str:
+    return with_tables(text, WebhookAttempt, WebhookDelivery, Workflow, WorkflowTransition)
+
 
 # States a consumer may pick up: RECEIVED to start, REQUESTED to poll an asynchronous search
 # that sent no callback, the others to resume after a crash. Never REVIEW: that is a person's.
@@ -29,18 +41,18 @@ CLAIMABLE_STATES = (
 # waited for: a concurrent consumer or the sweep has them), take the claim, count the attempt,
 # start the RECEIVED ones and record that. A duplicate id in the batch is one row.
 # `renew` pairs ids with our own earlier claim (a retry of the same work).
-CLAIM = """
+CLAIM = _sql("""
 WITH renew AS (
   SELECT * FROM unnest(%(renew_ids)s::uuid[], %(renew_claims)s::uuid[]) AS r(id, claim_id)
 ), target AS (
-  SELECT w.id, w.status FROM workflows_workflow w
+  SELECT w.id, w.status FROM {workflow} w
    WHERE w.id = ANY(%(ids)s::uuid[])
      AND w.status = ANY(%(claimable)s::text[])
      AND (w.claimed_until IS NULL OR w.claimed_until <= %(now)s
           OR w.claim_id IN (SELECT r.claim_id FROM renew r WHERE r.id = w.id))
    FOR UPDATE SKIP LOCKED
 ), claimed AS (
-  UPDATE workflows_workflow AS w
+  UPDATE {workflow} AS w
      SET claim_id = coalesce((SELECT r.claim_id FROM renew r WHERE r.id = w.id),
                              gen_random_uuid()),
          claimed_until = %(until)s, attempts = w.attempts + 1,
@@ -50,25 +62,25 @@ WITH renew AS (
    WHERE w.id = target.id
   RETURNING w.*, target.status AS claimed_from
 ), started AS (
-  INSERT INTO workflows_workflowtransition (workflow_id, source, target, reason, actor, at)
+  INSERT INTO {workflowtransition} (workflow_id, source, target, reason, actor, at)
   SELECT id, %(source)s, %(target)s, '', %(actor)s, %(now)s FROM claimed
    WHERE claimed_from = %(source)s
 )
 SELECT * FROM claimed
-"""
+""")
 
 # The rows of a batch as they are now, locked for the ending's transaction (in id order, so
 # two transactions locking overlapping batches cannot deadlock).
-LOCK = """
-SELECT id, status, claim_id FROM workflows_workflow
+LOCK = _sql("""
+SELECT id, status, claim_id FROM {workflow}
  WHERE id = ANY(%(ids)b::uuid[]) ORDER BY id FOR UPDATE
-"""
+""")
 
 # Save a batch of workflows as the state machine left them, each only while it still has the
 # status it was loaded with (ConcurrentTransitionMixin's guard); record each one's timeline
 # lines in their order; insert the webhook delivery of each ending, tied to its terminal line.
 # Returns ('w', workflow id, NULL) per saved workflow and ('d', workflow id, delivery id).
-SAVE = """
+SAVE = _sql("""
 WITH v AS (
   SELECT * FROM unnest(
     %(id)b::uuid[], %(loaded)b::text[], %(status)b::text[], %(result)b::text[],
@@ -77,7 +89,7 @@ WITH v AS (
   ) AS v(id, loaded, status, result, reason, search_id, attempts, requeues, claim_id,
          claimed_until, updated_at)
 ), saved AS (
-  UPDATE workflows_workflow AS w
+  UPDATE {workflow} AS w
      SET status = v.status, result = v.result, reason = v.reason, search_id = v.search_id,
          attempts = v.attempts, requeues = v.requeues, claim_id = v.claim_id,
          claimed_until = v.claimed_until, updated_at = v.updated_at
@@ -85,7 +97,7 @@ WITH v AS (
    WHERE w.id = v.id AND w.status = v.loaded
   RETURNING w.id
 ), lines AS (
-  INSERT INTO workflows_workflowtransition (workflow_id, source, target, reason, actor, at)
+  INSERT INTO {workflowtransition} (workflow_id, source, target, reason, actor, at)
   SELECT l.workflow_id, l.source, l.target, l.reason, l.actor, l.at
     FROM unnest(
       %(line_workflow)b::uuid[], %(line_source)b::text[], %(line_target)b::text[],
@@ -95,7 +107,7 @@ WITH v AS (
    ORDER BY l.n
   RETURNING id, workflow_id, target
 ), deliveries AS (
-  INSERT INTO workflows_webhookdelivery (
+  INSERT INTO {webhookdelivery} (
     webhook_id, workflow_id, transition_id, customer_id, event_type, url, payload, status,
     attempts, next_attempt_at, last_status_code, last_error, created_at, updated_at,
     delivered_at)
@@ -112,20 +124,20 @@ WITH v AS (
 SELECT 'w', id, NULL FROM saved
 UNION ALL
 SELECT 'd', workflow_id, id FROM deliveries
-"""
+""")
 
 # Take the due deliveries among these for one sending attempt each: of two workers handed the
 # same delivery, only one gets it. Not due for anyone else until the lease ends (a crashed
 # sender's delivery is due again then).
-DELIVERIES_CLAIM = """
-UPDATE workflows_webhookdelivery
+DELIVERIES_CLAIM = _sql("""
+UPDATE {webhookdelivery}
    SET next_attempt_at = %(lease)s, attempts = attempts + 1, updated_at = %(now)s
  WHERE id = ANY(%(ids)b::bigint[]) AND status = 'PENDING' AND next_attempt_at <= %(now)s
 RETURNING id, attempts
-"""
+""")
 
 # Each attempt's log line and its delivery's new state, for a batch of attempts.
-DELIVERIES_SETTLE = """
+DELIVERIES_SETTLE = _sql("""
 WITH v AS (
   SELECT * FROM unnest(
     %(id)b::bigint[], %(at)b::timestamptz[], %(code)b::int[], %(latency_ms)b::int[],
@@ -133,15 +145,15 @@ WITH v AS (
     %(delivered_at)b::timestamptz[]
   ) AS v(id, at, code, latency_ms, error, status, next_attempt_at, delivered_at)
 ), logged AS (
-  INSERT INTO workflows_webhookattempt (delivery_id, at, status_code, latency_ms, error)
+  INSERT INTO {webhookattempt} (delivery_id, at, status_code, latency_ms, error)
   SELECT id, at, code, latency_ms, error FROM v
 )
-UPDATE workflows_webhookdelivery AS d
+UPDATE {webhookdelivery} AS d
    SET status = v.status, next_attempt_at = v.next_attempt_at, last_status_code = v.code,
        last_error = v.error, updated_at = v.at, delivered_at = v.delivered_at
   FROM v
  WHERE d.id = v.id
-"""
+""")
 
 
 # The dispatcher's lead: a session lock, held for as long as its connection lives.
@@ -150,13 +162,13 @@ TRY_LEADER_LOCK = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
 # A new leader's catch-up: the RECEIVED workflows younger than the sweep's threshold, in
 # (updated_at, id) order from a cursor, a page at a time (their notifications may have had no
 # listener). Positional: the dispatcher runs it on its own psycopg connection.
-DISPATCHER_CATCH_UP = """
-SELECT id, updated_at FROM workflows_workflow
+DISPATCHER_CATCH_UP = _sql("""
+SELECT id, updated_at FROM {workflow}
  WHERE status = %s AND updated_at > now() - make_interval(secs => %s)
    AND (updated_at, id) > (%s, %s)
  ORDER BY updated_at, id
  LIMIT %s
-"""
+""")
 
 
 def execute(sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from linking.models import LinkBatch
@@ -48,8 +48,8 @@ def link_accept_batch(
     the second, the same key and body twice a replay), and a refused item never refuses the
     others. For speed the items whose key and patient are each the first of their kind go in
     one statement (link_accept_distinct): no later item can change their outcome, nor they
-    an earlier one's. Every other item, and every one that statement did not take, then goes
-    through link_accept, which sees them all. `refusal_problem` renders a refusal as POST
+    an earlier one's. Every other item (and one whose expired key that statement forgot)
+    then goes through link_accept, which sees them all. `refusal_problem` renders a refusal as POST
     /link answers it (the API's: the answer stored for replay is the answer given).
     """
     with transaction.atomic():
@@ -72,24 +72,27 @@ def link_accept_batch(
             (first if unseen else later).append((index, item))
             keys.add(item.idempotency_key)
             patients.add(patient)
-        taken = link_accept_distinct(customer=customer, items=[item for _, item in first])
-        for (index, item), workflow_id in zip(first, taken, strict=True):
-            if workflow_id is None:
+        try:
+            taken = link_accept_distinct(customer=customer, items=[item for _, item in first])
+        except IntegrityError:
+            # A concurrent request won a unique constraint: each item goes on its own.
+            taken = [None] * len(first)
+        for (index, item), outcome in zip(first, taken, strict=True):
+            if outcome is None:
                 later.append((index, item))
             else:
-                answers[index] = {"index": index, "workflow-id": str(workflow_id)}
+                answers[index] = _item_answer(index, outcome, refusal_problem)
         for index, item in sorted(later, key=lambda pair: pair[0]):
             try:
-                accepted = link_accept(
+                outcome = link_accept(
                     customer=customer,
                     idempotency_key=item.idempotency_key,
                     body=item.body,
                     request_data=item.request_data,
                 )
             except LinkRefused as exc:
-                answers[index] = {"index": index, "problem": refusal_problem(exc)}
-            else:
-                answers[index] = {"index": index, "workflow-id": accepted.body["workflow-id"]}
+                outcome = exc
+            answers[index] = _item_answer(index, outcome, refusal_problem)
         ordered = [answers[index] for index in range(len(items))]
         accepted_count = sum("workflow-id" in answer for answer in ordered)
         batch_id = uuid.uuid4()
@@ -118,6 +121,16 @@ def link_batches_purge_expired(*, now: dt.datetime | None = None) -> int:
     cutoff = (now or timezone.now()) - dt.timedelta(days=settings.LINK_BATCH_RETENTION_DAYS)
     deleted, _ = LinkBatch.objects.filter(created_at__lt=cutoff).delete()
     return deleted
+
+
+def _item_answer(
+    index: int,
+    outcome: LinkAcceptance | LinkRefused,
+    refusal_problem: Callable[[LinkRefused], dict[str, Any]],
+) -> dict[str, Any]:
+    if isinstance(outcome, LinkRefused):
+        return {"index": index, "problem": refusal_problem(outcome)}
+    return {"index": index, "workflow-id": outcome.body["workflow-id"]}
 
 
 def _headers(batch_id: uuid.UUID) -> dict[str, str]:

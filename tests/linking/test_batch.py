@@ -222,7 +222,7 @@ def test_batches_have_a_rate_limit_of_their_own(api: LinkClient, settings: Any) 
 def test_distinct_items_are_one_statement(
     api: LinkClient, django_assert_max_num_queries: Any
 ) -> None:
-    """Items with a key and a patient of their own go in statements.ACCEPT_MANY together: the
+    """Items with a key and a patient of their own go in statements.ACCEPT together: the
     batch costs the same few queries whatever its size (its lock, replay check and record)."""
     api.post_batch({"requests": [item("warm")]}, key="warm")
     items = [item(f"q{n}") for n in range(300)]

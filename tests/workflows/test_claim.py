@@ -7,9 +7,11 @@ import uuid
 import pytest
 from django.db import connection
 from django.utils import timezone
+from django_fsm import can_proceed
 
 from merchant.models import Customer
 from tests.conftest import new_customer
+from workflows import statements
 from workflows.models import Status, Workflow, WorkflowTransition
 from workflows.services import workflow_claim
 
@@ -50,6 +52,24 @@ def test_a_received_workflow_is_started_claimed_and_counted(customer: Customer) 
         customer.id,
     )
     assert timeline(workflow) == [(Status.RECEIVED, Status.IN_PROGRESS, "worker")]
+
+
+@pytest.mark.parametrize("status", list(statements.CLAIMABLE_STATES))
+def test_the_claims_status_change_is_the_state_machines_start(
+    customer: Customer, status: str
+) -> None:
+    # The claim changes the status in SQL; the state machine is what says how. What start()
+    # does to a copy of the row (or does not: a status it cannot start from) is what the claim
+    # does to the row, and its timeline line.
+    workflow = workflow_in(customer, status)
+    expected = Workflow.objects.get(id=workflow.id)
+    if can_proceed(expected.start):
+        expected.start()
+    claimed = workflow_claim(workflow_id=workflow.id, actor="worker")
+    assert claimed is not None
+    assert claimed.status == Workflow.objects.get(id=workflow.id).status == expected.status
+    changed = [(status, expected.status, "worker")] if expected.status != status else []
+    assert timeline(workflow) == changed
 
 
 @pytest.mark.parametrize(
