@@ -6,6 +6,7 @@ Read from the source (ast), every import in every function included, so a lazy i
 function cannot hide an arrow."""
 
 import ast
+import re
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,3 +98,15 @@ def test_the_check_sees_lazy_and_relative_imports(tmp_path: Path) -> None:
     assert list(imports_of(source)) == [(2, "linking.services")]
     found = {target for _, target in imports_of(ROOT / "workflows" / "services" / "__init__.py")}
     assert any(target.startswith("workflows.services.") for target in found), found
+
+
+def test_no_template_names_a_page_of_a_layer_above_it() -> None:
+    # An admin URL name ("admin:<app>_<model>_...") in a template is a dependency too.
+    upward = [
+        f"{path.relative_to(ROOT)} names {label}"
+        for layer in LAYERS
+        for path in sorted((ROOT / layer).rglob("*.html"))
+        for label in re.findall(r"admin:([a-z]+)_", path.read_text())
+        if label in LAYERS and LAYERS.index(label) > LAYERS.index(layer)
+    ]
+    assert upward == []

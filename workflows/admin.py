@@ -3,6 +3,7 @@ from collections.abc import Callable
 from typing import Any
 
 from django import forms
+from django.apps import apps
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
@@ -157,9 +158,24 @@ class WorkflowAdmin(admin.ModelAdmin[Workflow]):
             **self.admin_site.each_context(request),
             "title": "Operations dashboard",
             "opts": self.model._meta,
+            "review_admin": self._review_admin(),
             **ops_dashboard(),
         }
         return render(request, "admin/workflows/dashboard.html", context)
+
+    def _review_admin(self) -> str:
+        """The URL-name prefix of the admin pages where a person decides REVIEW workflows: those
+        of the proxy of Workflow that the deciding app registers (linking.LinkReview), looked
+        up in this admin site rather than named, since this app sits below that one; this
+        model's own pages when there is none."""
+        for model in apps.get_models():
+            if (
+                model._meta.proxy
+                and model._meta.concrete_model is Workflow
+                and self.admin_site.is_registered(model)
+            ):
+                return f"admin:{model._meta.app_label}_{model._meta.model_name}"
+        return f"admin:{self.opts.app_label}_{self.opts.model_name}"
 
     @admin.action(description="Re-queue (FAILED -> RECEIVED; pending: publish again)")
     def requeue(self, request: HttpRequest, queryset: QuerySet[Workflow]) -> None:

@@ -1,4 +1,5 @@
 import uuid
+from typing import Literal
 
 from django.db import models
 from django.db.models import Q
@@ -40,6 +41,23 @@ class RequestType(models.TextChoices):
 class Result(models.TextChoices):
     LINKED = "LINKED"
     NO_RESULTS = "NO_RESULTS"
+
+
+# The state machine's transitions by name, for the services that apply them (a Step, an
+# operator's action): a misspelt one is a type error, and tests/workflows/test_state_machine.py
+# holds this list equal to the transitions Workflow declares.
+TransitionName = Literal[
+    "start",
+    "request_search",
+    "request_review",
+    "mark_linked",
+    "mark_no_results",
+    "complete",
+    "fail",
+    "requeue",
+]
+# The transitions into an end state (COMPLETED, FAILED).
+EndingName = Literal["complete", "fail"]
 
 
 class Workflow(ConcurrentTransitionMixin, models.Model):

@@ -6,7 +6,7 @@ import pytest
 
 from linking.serializers.links import LinkStatusOutputSerializer
 from tests.conftest import LinkClient, link_body, not_found_body
-from workflows.models import Workflow
+from workflows.models import TransitionName, Workflow
 from workflows.services import workflow_transition
 
 pytestmark = pytest.mark.django_db
@@ -61,7 +61,7 @@ def test_foreign_unknown_and_malformed_ids_are_the_same_404(
 def test_the_answer_is_what_the_schema_serializer_would_give(api: LinkClient) -> None:
     # The view builds the document by hand (linking/selectors.py) for speed; the serializer that
     # describes it in the OpenAPI document must stay its exact shape, in every state.
-    paths = {
+    paths: dict[str, tuple[TransitionName, ...]] = {
         "received": (),
         "completed": ("start", "mark_linked", "complete"),
         "no_results": ("start", "mark_no_results", "complete"),

@@ -1,7 +1,7 @@
 """Every allowed and every forbidden transition of the workflow state machine."""
 
 import itertools
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 from django.db import transaction
@@ -11,7 +11,9 @@ from merchant.models import Customer
 from tests.conftest import new_customer
 from workflows.models import (
     PENDING_STATES,
+    EndingName,
     Status,
+    TransitionName,
     WebhookDelivery,
     Workflow,
     WorkflowTransition,
@@ -23,7 +25,7 @@ pytestmark = pytest.mark.django_db
 S = Status
 # (transition, its keyword arguments) -> allowed sources and the target (docs/api.md, "Workflow
 # states").
-TRANSITIONS: dict[str, tuple[dict[str, Any], set[str], str]] = {
+TRANSITIONS: dict[TransitionName, tuple[dict[str, Any], set[str], str]] = {
     "start": ({}, {S.RECEIVED}, S.IN_PROGRESS),
     # REQUESTED -> REQUESTED: a lost job searched again.
     "request_search": ({"search_id": "job-1"}, {S.IN_PROGRESS, S.REQUESTED}, S.REQUESTED),
@@ -57,7 +59,7 @@ CASES = list(itertools.product(TRANSITIONS, Status.values))
 
 
 @pytest.mark.parametrize(("name", "source"), CASES)
-def test_transition_table(customer: Customer, name: str, source: str) -> None:
+def test_transition_table(customer: Customer, name: TransitionName, source: str) -> None:
     kwargs, allowed, target = TRANSITIONS[name]
     workflow = workflow_in(customer, source)
     if source in allowed:
@@ -75,6 +77,14 @@ def test_transition_table(customer: Customer, name: str, source: str) -> None:
         assert not WorkflowTransition.objects.filter(workflow=workflow).exists()
 
 
+def test_the_transition_names_are_the_state_machines() -> None:
+    declared = list(Workflow._meta.get_field("status").get_all_transitions(Workflow))
+    assert set(get_args(TransitionName)) == {t.name for t in declared} == set(TRANSITIONS)
+    assert set(get_args(EndingName)) == {
+        t.name for t in declared if t.target in (S.COMPLETED, S.FAILED)
+    }
+
+
 def test_terminal_states_have_no_way_out_but_requeue(customer: Customer) -> None:
     for name, (_, allowed, _) in TRANSITIONS.items():
         assert S.COMPLETED not in allowed
@@ -89,11 +99,12 @@ def test_status_cannot_be_assigned_directly(customer: Customer) -> None:
 
 def test_transitions_set_their_fields(customer: Customer) -> None:
     workflow = workflow_in(customer, S.RECEIVED)
-    for name, kwargs in [
+    steps: list[tuple[TransitionName, dict[str, Any]]] = [
         ("start", {}),
         ("request_search", {"search_id": "job-9"}),
         ("mark_no_results", {"reason": "ambiguous"}),
-    ]:
+    ]
+    for name, kwargs in steps:
         workflow = workflow_transition(workflow=workflow, name=name, actor="t", **kwargs)
     workflow.refresh_from_db()
     assert (workflow.search_id, workflow.result, workflow.reason) == (

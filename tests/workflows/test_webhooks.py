@@ -23,6 +23,7 @@ from tests.conftest import LinkClient, broker_messages, link_body, queued_delive
 from tests.processes import serving
 from workflows.models import (
     DeliveryStatus,
+    TransitionName,
     WebhookAttempt,
     WebhookDelivery,
     Workflow,
@@ -63,7 +64,11 @@ def receiver(customer: Customer) -> Iterator[ReceiverServer]:
 
 
 def finished(
-    customer: Customer, *, outcome: str = "mark_linked", reason: str = "", patient: Any = None
+    customer: Customer,
+    *,
+    outcome: TransitionName = "mark_linked",
+    reason: str = "",
+    patient: Any = None,
 ) -> Workflow:
     """A workflow taken to COMPLETED (outcome mark_linked / mark_no_results) or FAILED (fail)."""
     workflow = Workflow.objects.create(customer=customer, patient_id=patient or uuid.uuid4())

@@ -17,6 +17,8 @@ from django_fsm import ConcurrentTransition
 from workflows import metrics, statements
 from workflows.models import (
     TERMINAL_STATES,
+    EndingName,
+    TransitionName,
     WebhookDelivery,
     Workflow,
 )
@@ -34,7 +36,7 @@ class Step:
     """One transition to apply: the state machine's method, the timeline's reason, and the
     method's other keyword arguments."""
 
-    name: str
+    name: TransitionName
     reason: str = ""
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
@@ -58,7 +60,7 @@ class Saved:
 
 
 def workflow_transition(
-    *, workflow: Workflow, name: str, actor: str, reason: str = "", **kwargs: Any
+    *, workflow: Workflow, name: TransitionName, actor: str, reason: str = "", **kwargs: Any
 ) -> Workflow:
     """Apply the transition `name`, save it and record it, atomically.
 
@@ -280,7 +282,7 @@ def workflows_claim(
         return list(Workflow.objects.raw(statements.CLAIM, params))
 
 
-def _started_by(name: str) -> tuple[str, str]:
+def _started_by(name: TransitionName) -> tuple[str, str]:
     """The (source, target) of a one-source transition, as the state machine declares it."""
     field = Workflow._meta.get_field("status")
     (found,) = (t for t in field.get_all_transitions(Workflow) if t.name == name)
@@ -301,14 +303,14 @@ def workflow_release(*, workflow: Workflow) -> None:
 def workflow_finish(
     *,
     workflow: Workflow,
-    name: str,
+    name: EndingName,
     actor: str,
     reason: str = "",
     first: Sequence[Step] = (),
 ) -> Workflow:
     """Move to a terminal state and queue the customer's webhook, in one transaction.
 
-    `name` is "complete" or "fail"; `first` the transitions that lead there (an operator's
+    `name` is the ending's transition; `first` the transitions that lead there (an operator's
     decision), saved with it. The delivery row commits with the terminal state, so the
     customer is told even if every process dies right after; a worker sends it after the
     commit. (A consumer's batch ends its workflows with workflows_save and sends their
