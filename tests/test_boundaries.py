@@ -91,6 +91,31 @@ def test_the_packages_form_no_cycle() -> None:
     assert [package for package in LAYERS if reaches(package, package)] == []
 
 
+def test_the_modules_form_no_cycle() -> None:
+    """Module -> module arrows, inside an app too: a cycle there is held together by an import
+    inside a function (the only way Python lets it load), which hides which module is lower."""
+    arrows: dict[str, set[str]] = defaultdict(set)
+    for source, _, target in app_imports():
+        if target != source:
+            arrows[source].add(target)
+    cycles = []
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            cycles.append(" -> ".join([*path[path.index(module) :], module]))
+            return
+        if module in done:
+            return
+        for target in sorted(arrows[module]):
+            visit(target, [*path, module])
+        done.add(module)
+
+    for module in sorted(arrows):
+        visit(module, [])
+    assert cycles == []
+
+
 def test_the_check_sees_lazy_and_relative_imports(tmp_path: Path) -> None:
     """The reader finds an import inside a function and resolves a relative one."""
     source = tmp_path / "probe.py"

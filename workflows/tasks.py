@@ -15,11 +15,12 @@ from workflows.services import (
     webhook_dispatch_due,
     workflows_reconcile,
 )
+from workflows.services.webhooks import DELIVER_WEBHOOKS_TASK
 
 logger = logging.getLogger(__name__)
 
 
-@shared_task(name="workflows.deliver_webhooks")
+@shared_task(name=DELIVER_WEBHOOKS_TASK)
 def deliver_webhooks(delivery_ids: list[int]) -> None:
     webhook_deliveries_attempt(delivery_ids=delivery_ids)
 

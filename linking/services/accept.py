@@ -1,4 +1,4 @@
-"""Link use cases: accepting a link request (the ack path)."""
+"""Link use cases: accepting link requests, one or many (the ack path)."""
 
 import contextlib
 import datetime as dt
@@ -97,7 +97,7 @@ def link_accept(
     # sees them and says why); a third loss is a request still in flight.
     for _ in range(3):
         try:
-            (outcome,) = link_accept_distinct(customer=customer, items=[item])
+            (outcome,) = links_accept(customer=customer, items=[item])
         except IntegrityError:
             continue
         if isinstance(outcome, LinkRefused):
@@ -107,7 +107,7 @@ def link_accept(
     raise RequestInFlight()
 
 
-def link_accept_distinct(
+def links_accept(
     *, customer: Customer, items: Sequence[LinkItem]
 ) -> list[LinkAcceptance | LinkRefused | None]:
     """Accept many requests in one statement (statements.ACCEPT), in the caller's transaction:

@@ -19,7 +19,7 @@ from linking.services.accept import (
     LinkRefused,
     RequestInFlight,
     link_accept,
-    link_accept_distinct,
+    links_accept,
     try_lock,
 )
 from merchant.models import Customer
@@ -47,7 +47,7 @@ def link_accept_batch(
     give: a later item sees the earlier ones (the same patient twice is link-in-progress for
     the second, the same key and body twice a replay), and a refused item never refuses the
     others. For speed the items whose key and patient are each the first of their kind go in
-    one statement (link_accept_distinct): no later item can change their outcome, nor they
+    one statement (links_accept): no later item can change their outcome, nor they
     an earlier one's. Every other item (and one whose expired key that statement forgot)
     then goes through link_accept, which sees them all. `refusal_problem` renders a refusal as POST
     /link answers it (the API's: the answer stored for replay is the answer given).
@@ -73,7 +73,7 @@ def link_accept_batch(
             keys.add(item.idempotency_key)
             patients.add(patient)
         try:
-            taken = link_accept_distinct(customer=customer, items=[item for _, item in first])
+            taken = links_accept(customer=customer, items=[item for _, item in first])
         except IntegrityError:
             # A concurrent request won a unique constraint: each item goes on its own.
             taken = [None] * len(first)

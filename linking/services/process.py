@@ -10,22 +10,18 @@ a database refusal) never fails, delays or re-runs another.
 """
 
 import functools
-import json
 import logging
 import random
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, connection, transaction
-from django.utils import timezone
+from django.db import DatabaseError, transaction
 
 from linking import statements
-from linking.agreement import candidate_agreement
-from linking.fields import EncryptedJSONDocumentField
 from linking.internal_search import (
     Candidate,
     InternalSearchError,
@@ -34,26 +30,28 @@ from linking.internal_search import (
     internal_search_match,
     internal_search_poll,
 )
-from linking.models import LinkRequest
-from linking.policy import Bands, Outcome, link_decide
-from merchant.models import Customer, ReviewBy
+from linking.services.answers import (
+    REVIEW_REQUIRED,
+    LinkAnswer,
+    link_answers_save,
+    link_search_answer,
+    stored_request_data,
+)
+from merchant.models import Customer
 from workflows import concurrent, metrics
 from workflows import statements as workflow_statements
 from workflows.models import Status, WebhookDelivery, Workflow
 from workflows.services import (
     Step,
-    WorkflowChange,
     webhook_deliveries_settle,
     webhook_deliveries_start,
     workflows_claim,
-    workflows_save,
 )
-from workflows.services.webhooks import Sending, webhook_event_new
+from workflows.services.webhooks import Sending
 
 logger = logging.getLogger(__name__)
 
 ACTOR = "worker"
-REVIEW_REQUIRED = "link.review_required"
 # Answers that came in within this long of each other are ended in one transaction.
 WAVE_LINGER_SECONDS = 0.2
 
@@ -98,19 +96,6 @@ def link_process(
     return ProcessOutcome(retries[0].retry_in, retries[0].claim_id) if retries else DONE
 
 
-@dataclass
-class _Answer:
-    """What one workflow's attempt came to: the change to save, and for a search that answered,
-    its candidates (stored) and the one to link."""
-
-    workflow: Workflow
-    steps: list[Step] = field(default_factory=list)
-    release: bool = False
-    candidates: Sequence[Candidate] = ()
-    link: Candidate | None = None
-    link_reason: str = ""
-
-
 def links_process(
     *,
     workflow_ids: Sequence[str | uuid.UUID],
@@ -126,14 +111,14 @@ def links_process(
     if not claimed:
         return []
     _load_requests(claimed)
-    decided: list[_Answer] = []
+    decided: list[LinkAnswer] = []
     searches: dict[Future[Any], Workflow] = {}
     for workflow in claimed:
         if workflow.status in (Status.LINKED, Status.NO_RESULTS):
-            decided.append(_Answer(workflow, [Step("complete")]))
+            decided.append(LinkAnswer(workflow, [Step("complete")]))
         elif workflow.attempts > settings.WORKFLOW_MAX_ATTEMPTS:
             reason = f"attempt limit reached ({workflow.attempts - 1} attempts)"
-            decided.append(_Answer(workflow, [Step("fail", reason)]))
+            decided.append(LinkAnswer(workflow, [Step("fail", reason)]))
         else:
             searches[concurrent.submit(functools.partial(_search, workflow))] = workflow
     retries: list[Retry] = []
@@ -153,10 +138,6 @@ def links_process(
     for started in sending:
         webhook_deliveries_settle(started)
     return retries
-
-
-# The request's data stays encrypted until a search needs it.
-_REQUEST_DATA = cast(EncryptedJSONDocumentField, LinkRequest._meta.get_field("data"))
 
 
 def _load_requests(workflows: list[Workflow]) -> None:
@@ -184,23 +165,22 @@ def _search(workflow: Workflow) -> list[Candidate] | SearchRequested | None:
             return internal_search_poll(workflow.search_id)
         except SearchJobLost:
             logger.info("workflow %s: search job lost; searching again", workflow.id)
-    stored = getattr(workflow, "_request_data", None)
-    if stored is None:
+    data = stored_request_data(workflow)
+    if data is None:
         raise _RequestMissing()
-    data: dict[str, Any] = _REQUEST_DATA.from_db_value(stored, None, connection)
     return internal_search_match(data["patient"])
 
 
-def _answered(workflow: Workflow, future: Future[Any]) -> _Answer | Retry | None:
+def _answered(workflow: Workflow, future: Future[Any]) -> LinkAnswer | Retry | None:
     try:
         answer = future.result()
     except _RequestMissing:
-        return _Answer(workflow, [Step("fail", "request data missing")])
+        return LinkAnswer(workflow, [Step("fail", "request data missing")])
     except InternalSearchError as exc:
         if exc.permanent:
-            return _Answer(workflow, [Step("fail", exc.reason)])
+            return LinkAnswer(workflow, [Step("fail", exc.reason)])
         if workflow.attempts >= settings.WORKFLOW_MAX_ATTEMPTS:
-            return _Answer(workflow, [Step("fail", f"attempt limit reached: {exc.reason}")])
+            return LinkAnswer(workflow, [Step("fail", f"attempt limit reached: {exc.reason}")])
         logger.info("workflow %s: %s; retrying", workflow.id, exc.reason)
         return _retry(workflow, exc.retry_after)
     except Exception:
@@ -212,10 +192,10 @@ def _answered(workflow: Workflow, future: Future[Any]) -> _Answer | Retry | None
         step = Step(
             "request_search", "asynchronous search accepted", {"search_id": answer.search_id}
         )
-        return _Answer(workflow, [step], release=True)
+        return LinkAnswer(workflow, [step], release=True)
     if answer is None:
         # Still running on the internal side: the callback, or the sweep's next poll, ends it.
-        return _Answer(workflow, release=True)
+        return LinkAnswer(workflow, release=True)
     return link_search_answer(workflow=workflow, candidates=answer)
 
 
@@ -224,40 +204,7 @@ def _retry(workflow: Workflow, retry_after: float | None) -> Retry:
     return Retry(workflow.id, workflow.claim_id, retry_backoff(workflow.attempts, retry_after))
 
 
-def link_search_answer(*, workflow: Workflow, candidates: list[Candidate]) -> _Answer:
-    """What a search's candidates mean for the workflow (the linking policy): link and
-    complete, send to review, or end with no match."""
-    decision = link_decide(candidates, bands=Bands.for_customer(workflow.customer))
-    kept = candidates[: settings.INTERNAL_SEARCH_COUNT]
-    if decision.outcome == Outcome.REVIEW:
-        patient = _request_patient(workflow)
-        if patient is not None:
-            # What a reviewing customer may see of each candidate: stored with the candidates.
-            kept = [replace(c, agreement=candidate_agreement(patient, c.resource)) for c in kept]
-        return _Answer(
-            workflow, [Step("request_review", decision.reason)], release=True, candidates=kept
-        )
-    if decision.candidate is None:
-        steps = [Step("mark_no_results", decision.reason), Step("complete")]
-        return _Answer(workflow, steps, candidates=kept)
-    return _Answer(workflow, candidates=kept, link=decision.candidate, link_reason=decision.reason)
-
-
-def _json_or_none(value: Any) -> str | None:
-    return None if value is None else json.dumps(value)
-
-
-def _request_patient(workflow: Workflow) -> dict[str, Any] | None:
-    """The patient the customer sent: from the batch's read when there was one, else read."""
-    stored = getattr(workflow, "_request_data", None)
-    if stored is not None:
-        data: dict[str, Any] = _REQUEST_DATA.from_db_value(stored, None, connection)
-        return cast(dict[str, Any], data["patient"])
-    request = LinkRequest.objects.filter(request_id=workflow.request_id).first()
-    return None if request is None else cast(dict[str, Any], request.data["patient"])
-
-
-def _end(answers: list[_Answer]) -> Sending:
+def _end(answers: list[LinkAnswer]) -> Sending:
     """Save these answers in one transaction, each only for a workflow still ours (a consumer
     or a search callback that took one over meanwhile wins it), and start sending the
     webhooks of those that ended. Should the batch's transaction fail, each answer is saved on
@@ -276,7 +223,7 @@ def _end(answers: list[_Answer]) -> Sending:
     return webhook_deliveries_start(delivery_ids=[d.id for d in deliveries], known=deliveries)
 
 
-def _save(answers: list[_Answer]) -> list[WebhookDelivery]:
+def _save(answers: list[LinkAnswer]) -> list[WebhookDelivery]:
     with transaction.atomic():
         current = {
             row[0]: (row[1], row[2])
@@ -298,119 +245,3 @@ def _save(answers: list[_Answer]) -> list[WebhookDelivery]:
                 status=delivery.workflow.status, created_at=delivery.workflow.created_at
             )
     return deliveries
-
-
-def link_answers_save(*, answers: Sequence[_Answer], actor: str) -> list[WebhookDelivery]:
-    """Write these answers (caller holds the transaction and the rows' locks): the candidates,
-    the mappings and their history, then every workflow's steps and the deliveries of those
-    that end, each a single statement for all of them. A patient linked meanwhile by another
-    workflow is not linked twice: that workflow ends NO_RESULTS and says why."""
-    if not answers:
-        return []
-    now = timezone.now()
-    rows: dict[str, list[Any]] = {
-        k: []
-        for k in ("workflow", "attempt", "rank", "internal", "score", "grade", "agreement", "at")
-    }
-    for answer in answers:
-        for rank, candidate in enumerate(answer.candidates, start=1):
-            for name, value in (
-                ("workflow", answer.workflow.id),
-                ("attempt", answer.workflow.attempts),
-                ("rank", rank),
-                ("internal", candidate.internal_patient_id),
-                ("score", candidate.score),
-                ("grade", candidate.grade),
-                (
-                    "agreement",
-                    None if candidate.agreement is None else json.dumps(candidate.agreement),
-                ),
-                ("at", now),
-            ):
-                rows[name].append(value)
-    if rows["workflow"]:
-        workflow_statements.execute(statements.CANDIDATES, rows)
-    linking = [a for a in answers if a.link is not None]
-    linked = links_record(
-        links=[(a.workflow, cast(Candidate, a.link), a.link_reason) for a in linking], actor=actor
-    )
-    for answer in linking:
-        if answer.workflow.id in linked:
-            answer.steps = [Step("mark_linked", answer.link_reason), Step("complete")]
-        else:
-            answer.steps = [
-                Step("mark_no_results", "patient already linked by another workflow"),
-                Step("complete"),
-            ]
-    saved = workflows_save(
-        changes=[WorkflowChange(a.workflow, a.steps, release=a.release) for a in answers],
-        actor=actor,
-    )
-    reviews = [
-        review_required_new(workflow=w)
-        for w in saved.workflows
-        if w.status == Status.REVIEW and w.customer.review_by == ReviewBy.CUSTOMER
-    ]
-    if reviews:
-        WebhookDelivery.objects.bulk_create(reviews)
-    return saved.deliveries + reviews
-
-
-def review_required_new(*, workflow: Workflow) -> WebhookDelivery:
-    """`link.review_required`, to a customer who decides its own reviews (not saved yet)."""
-    return webhook_event_new(
-        workflow=workflow,
-        event_type=REVIEW_REQUIRED,
-        data={
-            "workflow-id": str(workflow.id),
-            "status": Status.REVIEW.value,
-            "customer-patient-id": str(workflow.patient_id),
-        },
-    )
-
-
-def links_record(*, links: Sequence[tuple[Workflow, Candidate, str]], actor: str) -> set[uuid.UUID]:
-    """The mapping and its history line of each (workflow, candidate, reason), in one
-    statement; the workflows that linked (not those whose patient is linked already)."""
-    if not links:
-        return set()
-    params: dict[str, Any] = {
-        k: [] for k in ("workflow", "customer", "patient", "internal", "score", "grade", "reason")
-    }
-    for workflow, candidate, reason in links:
-        for name, value in (
-            ("workflow", workflow.id),
-            ("customer", workflow.customer_id),
-            ("patient", workflow.patient_id),
-            ("internal", candidate.internal_patient_id),
-            ("score", candidate.score),
-            ("grade", candidate.grade),
-            ("reason", reason),
-        ):
-            params[name].append(value)
-    params |= {"now": timezone.now(), "actor": actor}
-    return {row[0] for row in workflow_statements.execute(statements.LINK, params)}
-
-
-def link_record(*, workflow: Workflow, candidate: Candidate, actor: str, reason: str) -> Step:
-    """The mapping and its history line; the step the caller applies with the ending (it holds
-    the transaction and the row lock): LINKED, or NO_RESULTS when the patient is linked by
-    another workflow already."""
-    if workflow.id in links_record(links=[(workflow, candidate, reason)], actor=actor):
-        return Step("mark_linked", reason)
-    return Step("mark_no_results", "patient already linked by another workflow")
-
-
-def link_search_apply(*, workflow: Workflow, candidates: list[Candidate], actor: str) -> Workflow:
-    """Store a search's candidates and act on them: link and complete, send to review, or end
-    with no match (an asynchronous search's callback). The caller holds the workflow's row lock
-    inside a transaction, and has checked that the workflow still waits for this answer; the
-    customer is told after the commit."""
-    from workflows.services.webhooks import webhook_delivery_send_later
-
-    answer = link_search_answer(workflow=workflow, candidates=candidates)
-    for delivery in link_answers_save(answers=[answer], actor=actor):
-        webhook_delivery_send_later(delivery=delivery)
-        if delivery.event_type != REVIEW_REQUIRED:
-            metrics.workflow_ended(status=workflow.status, created_at=workflow.created_at)
-    return workflow

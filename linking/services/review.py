@@ -16,8 +16,8 @@ from linking.models import (
     SearchCandidate,
 )
 from linking.selectors import candidate_public_id, review_candidates
+from linking.services.answers import link_record
 from linking.services.patients import patient_details
-from linking.services.process import link_record
 from merchant.models import Customer, ReviewBy
 from workflows.models import Status, Workflow
 from workflows.services import Step, workflow_finish

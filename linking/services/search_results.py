@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from linking.internal_search import Candidate
 from linking.models import SearchCallback
-from linking.services.process import link_search_apply
+from linking.services.answers import link_search_apply
 from workflows.models import Status, Workflow
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from linking.services.accept import (
     LinkItem,
     PatientAlreadyLinked,
     RequestInFlight,
-    link_accept_distinct,
+    links_accept,
 )
 from tests.conftest import LinkClient, link_body
 from workflows.models import Workflow, WorkflowTransition
@@ -162,7 +162,7 @@ def test_the_statement_says_why_it_took_nothing(api: LinkClient, credentials: An
             [f"idempotency:{customer.id}:busy"],
         )
         with CaptureQueriesContext(connection) as queries:
-            replay, reused, in_progress, already, in_flight, new = link_accept_distinct(
+            replay, reused, in_progress, already, in_flight, new = links_accept(
                 customer=customer, items=items
             )
     ran = [q["sql"] for q in queries.captured_queries if "SAVEPOINT" not in q["sql"]]

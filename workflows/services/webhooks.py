@@ -11,6 +11,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from celery import current_app
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
@@ -25,6 +26,9 @@ from workflows.models import (
     Workflow,
 )
 from workflows.webhook_client import WebhookSendError, webhook_post, webhook_signature_headers
+
+# workflows.tasks.deliver_webhooks, sent by name: the tasks module imports these services.
+DELIVER_WEBHOOKS_TASK = "workflows.deliver_webhooks"
 
 logger = logging.getLogger(__name__)
 
@@ -96,11 +100,10 @@ def webhook_event_new(
 
 def webhook_delivery_send_later(*, delivery: WebhookDelivery) -> None:
     """Ask a worker to send it once the current transaction commits (beat is the fallback)."""
-    from workflows.tasks import deliver_webhooks
 
     def enqueue() -> None:
         try:
-            deliver_webhooks.apply_async(args=([delivery.id],))
+            current_app.send_task(DELIVER_WEBHOOKS_TASK, args=([delivery.id],))
         except Exception as exc:
             logger.warning(
                 "could not enqueue webhook %s (%s); beat will send it",
@@ -285,12 +288,10 @@ def webhook_deliveries_due(*, limit: int = 500) -> list[int]:
 def webhook_dispatch_due(*, limit: int = 500) -> int:
     """Enqueue every due delivery (beat), WORKER_BATCH_SIZE per message. Enqueuing one twice
     is harmless: sending claims it."""
-    from workflows.tasks import deliver_webhooks
-
     ids = webhook_deliveries_due(limit=limit)
     size = settings.WORKER_BATCH_SIZE
     for start in range(0, len(ids), size):
-        deliver_webhooks.apply_async(args=(ids[start : start + size],))
+        current_app.send_task(DELIVER_WEBHOOKS_TASK, args=(ids[start : start + size],))
     return len(ids)
 
 
