@@ -5,7 +5,7 @@ import threading
 from typing import Any
 
 from celery import Celery, bootsteps
-from celery.signals import task_postrun, task_prerun, worker_ready
+from celery.signals import task_postrun, task_prerun, worker_ready, worker_shutting_down
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
@@ -36,6 +36,19 @@ def _serve_metrics(**_: Any) -> None:
     from config.metrics import worker_metrics_server_start
 
     worker_metrics_server_start()
+
+
+@worker_shutting_down.connect
+def _hand_back_on_shutdown(how: str = "", **_: Any) -> None:
+    """A warm shutdown (SIGTERM: a deploy, a scale-down): this process claims no new batch, and
+    what its searches in flight do not finish within WORKER_SHUTDOWN_GRACE_SECONDS is handed
+    back (workflows/claims.py). Only the process that runs the tasks hears it: the threads pool
+    (ours) and solo; under prefork the children's claims lapse after a lease instead. A cold
+    shutdown ends everything at once: the leases cover it."""
+    if how == "Warm":
+        from workflows.claims import claims_shutdown_begin
+
+        claims_shutdown_begin()
 
 
 class _DispatcherStep(bootsteps.StartStopStep):

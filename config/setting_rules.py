@@ -52,13 +52,33 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
-        "WORKFLOW_CLAIM_LEASE_SECONDS >= CELERY_TASK_TIME_LIMIT + RETRY_BACKOFF_MAX_SECONDS",
-        "a consumer's claim outlives its attempt and the wait before its retry, so nobody else"
-        " takes over work that is still being done",
+        "0 < WORKFLOW_HEARTBEAT_SECONDS",
+        "a worker renews the claims it holds (a heartbeat of 0 would renew without pause)",
+        lambda s: s["WORKFLOW_HEARTBEAT_SECONDS"] > 0,
+    ),
+    Rule(
+        "WORKFLOW_HEARTBEAT_SECONDS x 3 <= WORKFLOW_CLAIM_LEASE_SECONDS",
+        "a live worker's claim survives two missed heartbeats (a slow statement, a busy"
+        " PostgreSQL): nobody takes over work that is still being done",
+        lambda s: s["WORKFLOW_HEARTBEAT_SECONDS"] * 3 <= s["WORKFLOW_CLAIM_LEASE_SECONDS"],
+    ),
+    Rule(
+        "INTERNAL_SEARCH_CONNECT_TIMEOUT + INTERNAL_SEARCH_READ_TIMEOUT"
+        " < WORKFLOW_CLAIM_LEASE_SECONDS",
+        "a claim taken just before the heartbeats stop getting through (PostgreSQL out of reach"
+        " for a moment) still covers the search it started: a short blip does not hand a search"
+        " in flight to a second worker, which would search again",
         lambda s: (
-            s["WORKFLOW_CLAIM_LEASE_SECONDS"]
-            >= s["CELERY_TASK_TIME_LIMIT"] + s["RETRY_BACKOFF_MAX_SECONDS"]
+            s["INTERNAL_SEARCH_CONNECT_TIMEOUT"] + s["INTERNAL_SEARCH_READ_TIMEOUT"]
+            < s["WORKFLOW_CLAIM_LEASE_SECONDS"]
         ),
+    ),
+    Rule(
+        "0 <= WORKER_SHUTDOWN_GRACE_SECONDS < CELERY_TASK_SOFT_TIME_LIMIT",
+        "a worker shutting down hands its unfinished work back well before a task could be"
+        " stopped by its time limit (keep it under the process manager's stop timeout too:"
+        " docker/compose.yaml's stop_grace_period)",
+        lambda s: 0 <= s["WORKER_SHUTDOWN_GRACE_SECONDS"] < s["CELERY_TASK_SOFT_TIME_LIMIT"],
     ),
     Rule(
         "RETRY_BACKOFF_BASE_SECONDS <= RETRY_BACKOFF_MAX_SECONDS",

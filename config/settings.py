@@ -239,13 +239,16 @@ WORKFLOW_MAX_ATTEMPTS = env_int("WORKFLOW_MAX_ATTEMPTS", 5, minimum=1)
 WORKER_BATCH_SIZE = env_int("WORKER_BATCH_SIZE", 50, minimum=1)
 RETRY_BACKOFF_BASE_SECONDS = env_float("RETRY_BACKOFF_BASE_SECONDS", 2.0)
 RETRY_BACKOFF_MAX_SECONDS = env_float("RETRY_BACKOFF_MAX_SECONDS", 60.0)
-# A consumer's claim on a workflow expires after this long (a crashed worker's claim frees up):
-# by default the longest an attempt and the wait before its retry can take, and 30 s more.
-WORKFLOW_CLAIM_LEASE_SECONDS = env_int(
-    "WORKFLOW_CLAIM_LEASE_SECONDS",
-    int(CELERY_TASK_TIME_LIMIT + RETRY_BACKOFF_MAX_SECONDS) + 30,
-    minimum=1,
-)
+# A consumer's claim on a workflow lives as long as its worker: the worker process renews the
+# claims it holds every WORKFLOW_HEARTBEAT_SECONDS (workflows/heartbeat.py), and a claim not
+# renewed for WORKFLOW_CLAIM_LEASE_SECONDS is dead (its worker crashed or hung): the next sweep
+# resumes the workflow at once. So a crash costs about a lease, whatever the task's time limit.
+WORKFLOW_HEARTBEAT_SECONDS = env_float("WORKFLOW_HEARTBEAT_SECONDS", 10.0)
+WORKFLOW_CLAIM_LEASE_SECONDS = env_int("WORKFLOW_CLAIM_LEASE_SECONDS", 30, minimum=1)
+# On warm shutdown (SIGTERM) a worker lets the searches in flight finish for this long, ends what
+# finished and hands the rest back (docs/guarantees.md "Crashes and deploys"); keep it under the
+# process manager's stop timeout (docker/compose.yaml's stop_grace_period for the worker).
+WORKER_SHUTDOWN_GRACE_SECONDS = env_float("WORKER_SHUTDOWN_GRACE_SECONDS", 10.0)
 RECONCILE_INTERVAL_SECONDS = env_int("RECONCILE_INTERVAL_SECONDS", 300, minimum=1)
 RECONCILE_STALE_AFTER_SECONDS = env_int("RECONCILE_STALE_AFTER_SECONDS", 420, minimum=1)
 # A review (operator or customer) not decided this long after it began ends with no match.

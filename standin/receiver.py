@@ -2,8 +2,10 @@
 
 It records every delivery, answers from a script (500, 410, a redirect, a slow answer...) and,
 given the customer's `whsec_` secret, verifies each signature with the `standardwebhooks`
-library — the receiver side of Standard Webhooks, as a customer would write it. Unlike the rest
-of `standin/`, it needs the project's virtualenv (for `standardwebhooks`).
+library — the receiver side of Standard Webhooks, as a customer would write it. A POST whose
+body ends before its Content-Length (the sender died mid-body) is no delivery: it is recorded
+as aborted and answered 400. Unlike the rest of `standin/`, it needs the project's virtualenv
+(for `standardwebhooks`).
 
     python -m standin.receiver --port 9000 --secret whsec_...   # prints each verified delivery
 
@@ -43,6 +45,18 @@ class Delivery:
 
 
 @dataclass
+class Aborted:
+    """A POST whose sender closed the connection before the whole body arrived (a worker killed
+    mid-send): never a delivery, since a body cut short cannot match its signature."""
+
+    path: str
+    headers: dict[str, str]
+    expected: int  # bytes declared by Content-Length (up to MAX_BODY_BYTES)
+    received: int
+    received_at: float
+
+
+@dataclass
 class Step:
     status: int = 200
     delay_ms: int = 0
@@ -54,6 +68,7 @@ class ReceiverState:
     secret: str | None = None
     echo: bool = False
     deliveries: list[Delivery] = field(default_factory=list)
+    aborted: list[Aborted] = field(default_factory=list)
     script: list[Step] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -84,10 +99,16 @@ class ReceiverServer(QuietDisconnects, ThreadingHTTPServer):
         with self.state.lock:
             self.state.script.clear()
             self.state.deliveries.clear()
+            self.state.aborted.clear()
 
     def deliveries(self) -> list[Delivery]:
         with self.state.lock:
             return list(self.state.deliveries)
+
+    def aborted(self) -> list[Aborted]:
+        """POSTs cut short by their sender, not counted among the deliveries."""
+        with self.state.lock:
+            return list(self.state.aborted)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -97,14 +118,16 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
 
     def do_GET(self) -> None:
-        """`GET /_control/stats`: how many deliveries arrived (the container healthcheck's
-        probe, docker/healthcheck.py); any other GET is a 404, as on a customer's endpoint."""
+        """`GET /_control/stats`: how many deliveries arrived, and how many POSTs were cut short
+        (the container healthcheck's probe, docker/healthcheck.py, which reads only the status);
+        any other GET is a 404, as on a customer's endpoint."""
         if self.path != "/_control/stats":
             self.send_response(404)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        body = json.dumps({"deliveries": len(self.server.deliveries())}).encode()
+        stats = {"deliveries": len(self.server.deliveries()), "aborted": len(self.server.aborted())}
+        body = json.dumps(stats).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -115,8 +138,13 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY_BYTES:
             self.close_connection = True  # the rest is never read: the stream is unusable
-        body = self.rfile.read(min(length, MAX_BODY_BYTES)).decode("utf-8", "replace")
+        expected = min(length, MAX_BODY_BYTES)
+        raw = self._read_body(expected)
         state = self.server.state
+        if len(raw) < expected:
+            self._aborted(expected, len(raw))
+            return
+        body = raw.decode("utf-8", "replace")
         step = state.next_step()
         if step.delay_ms:
             time.sleep(step.delay_ms / 1000)
@@ -142,6 +170,42 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
         except (BrokenPipeError, ConnectionResetError):
             pass  # the sender gave up waiting (a timeout test)
+
+    def _read_body(self, expected: int) -> bytes:
+        """Up to `expected` bytes of the body: fewer when the sender closed (or reset) the
+        connection mid-body. read1 in a loop, not one read(): a reset mid-read would raise and
+        lose what had arrived, and what arrived is what an aborted record reports."""
+        chunks: list[bytes] = []
+        received = 0
+        try:
+            while received < expected:
+                chunk = self.rfile.read1(expected - received)
+                if not chunk:
+                    break  # end of stream: the sender closed before the end of the body
+                chunks.append(chunk)
+                received += len(chunk)
+        except ConnectionResetError:
+            pass  # the sender is gone (killed with unread data): a short body, as above
+        return b"".join(chunks)
+
+    def _aborted(self, expected: int, received: int) -> None:
+        """Record a POST cut short, answer 400 if the sender can still hear it, and close: the
+        stream is out of step, and a delivery it never finished sending is not one."""
+        self.close_connection = True
+        headers = {key.lower(): value for key, value in self.headers.items()}
+        state = self.server.state
+        with state.lock:
+            state.aborted.append(Aborted(self.path, headers, expected, received, time.time()))
+        if state.echo:
+            webhook_id = headers.get("webhook-id")
+            print(f"webhook {webhook_id} aborted: {received} of {expected} bytes", flush=True)
+        try:
+            self.send_response(400)
+            self.send_header("Content-Length", "0")
+            self.send_header("Connection", "close")
+            self.end_headers()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the sender is gone, as expected
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # deliveries are recorded, not logged

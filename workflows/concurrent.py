@@ -8,6 +8,7 @@ threads).
 
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Generic, TypeVar
@@ -51,13 +52,31 @@ def submit(fn: Callable[[], T]) -> "Future[T]":
     return _threads.get().submit(fn)
 
 
-def in_waves(futures: Sequence["Future[T]"], *, linger: float) -> Iterator[list["Future[T]"]]:
+def in_waves(
+    futures: Sequence["Future[T]"], *, linger: float, deadline: Callable[[], float | None]
+) -> Iterator[list["Future[T]"]]:
     """The futures as they finish, in groups: each group is what finished by `linger` seconds
-    after its first one. One slow call never holds back the calls that finished before it."""
+    after its first one. One slow call never holds back the calls that finished before it.
+
+    Stops early, leaving the rest unfinished, once the time.monotonic() that `deadline` names
+    has passed (a worker shutting down); None is no deadline. It is read at least every
+    _DEADLINE_POLL seconds, since it may be set while the calls are waited for."""
     pending = set(futures)
     while pending:
-        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+        done: set[Future[T]] = set()
+        while not done:
+            until = deadline()
+            if until is not None and time.monotonic() >= until:
+                return
+            wait_for = _DEADLINE_POLL
+            if until is not None:
+                wait_for = max(0.0, min(wait_for, until - time.monotonic()))
+            done, pending = wait(pending, timeout=wait_for, return_when=FIRST_COMPLETED)
         if pending:
             more, pending = wait(pending, timeout=linger)
             done |= more
         yield [future for future in futures if future in done]
+
+
+# How often a wait for calls looks at the deadline again.
+_DEADLINE_POLL = 0.5

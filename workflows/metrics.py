@@ -48,6 +48,23 @@ RECONCILE_FAILED = Counter(
     "merchant_reconcile_failed", "Stale workflows the sweep failed (out of attempts)."
 )
 
+CLAIM_HEARTBEATS = Counter(
+    "merchant_claim_heartbeats",
+    "Claim renewals run by the workers' heartbeats (one statement each, workflows/claims.py).",
+)
+CLAIM_HEARTBEAT_RENEWED = Counter(
+    "merchant_claim_heartbeat_renewed", "Claims renewed by the heartbeats."
+)
+CLAIM_HEARTBEAT_CPU = Counter(
+    "merchant_claim_heartbeat_cpu_seconds",
+    "CPU time the heartbeat threads spent renewing claims (their own thread's, the statement's"
+    " round trip included; PostgreSQL's side is not).",
+)
+CLAIMS_HANDED_BACK = Counter(
+    "merchant_claims_handed_back",
+    "Claims a worker shutting down handed back unfinished (resumed by another, no attempt lost).",
+)
+
 # Series that exist (at 0) from the start (the alert rules' ratios need a denominator).
 for _outcome in ("delivered", "retrying", "exhausted", "disabled"):
     WEBHOOK_ATTEMPTS.labels(_outcome)
@@ -78,6 +95,16 @@ def dispatcher_leading(leading: bool) -> None:
 
 def dispatcher_published(count: int) -> None:
     DISPATCHER_PUBLISHED.inc(count)
+
+
+def heartbeat_ran(*, renewed: int, cpu_seconds: float) -> None:
+    CLAIM_HEARTBEATS.inc()
+    CLAIM_HEARTBEAT_RENEWED.inc(renewed)
+    CLAIM_HEARTBEAT_CPU.inc(max(0.0, cpu_seconds))
+
+
+def claims_handed_back(count: int) -> None:
+    CLAIMS_HANDED_BACK.inc(count)
 
 
 def reconcile_ran(*, requeued: int, failed: int) -> None:

@@ -69,6 +69,46 @@ WITH renew AS (
 SELECT * FROM claimed
 """)
 
+# Keep these claims alive until each one's `until` (the heartbeat of workflows/claims.py, and a
+# retry held for its backoff): only where the claim is still the one named. Rows are locked in
+# id order, as LOCK does, so a heartbeat and a batch's ending cannot deadlock. Returns the ids
+# renewed: a claim missing from them is no longer ours.
+RENEW = _sql("""
+WITH v AS (
+  SELECT * FROM unnest(%(ids)b::uuid[], %(claims)b::uuid[], %(until)b::timestamptz[])
+    AS v(id, claim_id, until)
+), mine AS (
+  SELECT w.id, v.until FROM {workflow} w JOIN v ON w.id = v.id AND w.claim_id = v.claim_id
+   ORDER BY w.id FOR UPDATE OF w
+)
+UPDATE {workflow} AS w SET claimed_until = mine.until
+  FROM mine
+ WHERE w.id = mine.id
+RETURNING w.id
+""")
+
+# Hand these claims back (a worker shutting down, its searches unfinished): free at once, the
+# attempt not counted, a line in the timeline; only where the claim is still the one named.
+HAND_BACK = _sql("""
+WITH v AS (
+  SELECT * FROM unnest(%(ids)b::uuid[], %(claims)b::uuid[]) AS v(id, claim_id)
+), mine AS (
+  SELECT w.id FROM {workflow} w JOIN v ON w.id = v.id AND w.claim_id = v.claim_id
+   WHERE w.status = ANY(%(claimable)b::text[])
+   ORDER BY w.id FOR UPDATE OF w
+), released AS (
+  UPDATE {workflow} AS w
+     SET claim_id = NULL, claimed_until = %(now)b, attempts = greatest(w.attempts - 1, 0)
+    FROM mine
+   WHERE w.id = mine.id
+  RETURNING w.id, w.status
+), lines AS (
+  INSERT INTO {workflowtransition} (workflow_id, source, target, reason, actor, at)
+  SELECT id, status, status, %(reason)b, %(actor)b, %(now)b FROM released
+)
+SELECT id FROM released
+""")
+
 # The rows of a batch as they are now, locked for the ending's transaction (in id order, so
 # two transactions locking overlapping batches cannot deadlock).
 LOCK = _sql("""

@@ -79,6 +79,9 @@ class Destination:
 def webhook_signature_headers(
     *, secret: str, webhook_id: str, body: str, at: dt.datetime
 ) -> dict[str, str]:
+    # standardwebhooks signs at.replace(tzinfo=UTC): it relabels, not converts. In UTC first, so
+    # the signed time is the one in the header whatever zone `at` came in.
+    at = at.astimezone(dt.UTC)
     signature = Webhook(secret).sign(msg_id=webhook_id, timestamp=at, data=body)
     return {
         "webhook-id": webhook_id,

@@ -9,17 +9,19 @@ own attempt count, backoff, outcome and webhook: one's failure (a 5xx, a timeout
 a database refusal) never fails, delays or re-runs another.
 """
 
+import datetime as dt
 import functools
 import logging
 import random
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError, transaction
+from django.utils import timezone
 
 from linking import statements
 from linking.internal_search import (
@@ -40,7 +42,15 @@ from linking.services.answers import (
 from merchant.models import Customer
 from workflows import concurrent, metrics
 from workflows import statements as workflow_statements
+from workflows.claims import (
+    Held,
+    claims_extend,
+    claims_hand_back,
+    claims_holding,
+    claims_shutdown_deadline,
+)
 from workflows.models import Status, WebhookDelivery, Workflow
+from workflows.selectors import workflows_held
 from workflows.services import (
     Step,
     webhook_deliveries_settle,
@@ -87,12 +97,25 @@ def retry_backoff(attempt: int, retry_after: float | None = None) -> float:
     return min(wait, settings.RETRY_BACKOFF_MAX_SECONDS)
 
 
+@dataclass
+class Processed:
+    """What an attempt at a batch leaves to its task: the workflows to retry after their
+    backoff; those to send again at once (handed back by a worker shutting down, or never
+    claimed because it was); and, for a message the broker redelivered, those another claim
+    still held, with when the last of those claims' leases ends."""
+
+    retries: list[Retry] = field(default_factory=list)
+    again: list[uuid.UUID] = field(default_factory=list)
+    held: list[uuid.UUID] = field(default_factory=list)
+    held_until: dt.datetime | None = None
+
+
 def link_process(
     *, workflow_id: str | uuid.UUID, claim_id: uuid.UUID | None = None
 ) -> ProcessOutcome:
     """links_process for one workflow."""
     claims = {uuid.UUID(str(workflow_id)): claim_id} if claim_id else {}
-    retries = links_process(workflow_ids=[workflow_id], claims=claims)
+    retries = links_process(workflow_ids=[workflow_id], claims=claims).retries
     return ProcessOutcome(retries[0].retry_in, retries[0].claim_id) if retries else DONE
 
 
@@ -100,17 +123,46 @@ def links_process(
     *,
     workflow_ids: Sequence[str | uuid.UUID],
     claims: Mapping[uuid.UUID, uuid.UUID] | None = None,
-) -> list[Retry]:
-    """Run one attempt at each of these link workflows; the ones to retry later. Safe to call
-    twice for the same ids: the second caller finds them claimed or finished and does nothing.
+    redelivered: bool = False,
+) -> Processed:
+    """Run one attempt at each of these link workflows. Safe to call twice for the same ids:
+    the second caller finds them claimed or finished and does nothing.
 
     A REQUESTED workflow (an asynchronous search that sent no callback in time) is polled
     instead of searched again; a LINKED or NO_RESULTS one (decided by an attempt that died
-    before completing) is only completed."""
+    before completing) is only completed. The claims are kept alive by this process's heartbeat
+    while the batch runs (workflows/claims.py); a worker shutting down claims nothing more, and
+    hands back what its grace period did not see finish."""
+    if claims_shutdown_deadline() is not None:
+        return Processed(again=list(map(_as_uuid, workflow_ids)))
     claimed = workflows_claim(workflow_ids=workflow_ids, claims=claims, actor=ACTOR)
+    processed = Processed()
+    if redelivered:
+        # A dead consumer's message, handed over at once (RabbitMQ): its workflows resume as
+        # soon as the dead claims' leases end, not at the next sweep after that.
+        taken = {w.id for w in claimed}
+        held = workflows_held(
+            workflow_ids=[i for i in map(_as_uuid, workflow_ids) if i not in taken]
+        )
+        processed.held = list(held)
+        processed.held_until = max(held.values(), default=None)
     if not claimed:
-        return []
+        return processed
     _load_requests(claimed)
+    with claims_holding({w.id: _claim_of(w) for w in claimed}) as heartbeat:
+        sending = _attempt(claimed, heartbeat, processed)
+        if processed.retries:
+            _hold_for_retries(processed.retries, heartbeat)
+    for started in sending:
+        webhook_deliveries_settle(started)
+    if processed.again:
+        metrics.claims_handed_back(len(processed.again))
+    return processed
+
+
+def _attempt(claimed: list[Workflow], heartbeat: Held, processed: Processed) -> list[Sending]:
+    """Search for each claimed workflow and end each as its answer comes; what was handed back
+    or is to be retried goes into `processed`. The webhooks started, to send after."""
     decided: list[LinkAnswer] = []
     searches: dict[Future[Any], Workflow] = {}
     for workflow in claimed:
@@ -121,23 +173,58 @@ def links_process(
             decided.append(LinkAnswer(workflow, [Step("fail", reason)]))
         else:
             searches[concurrent.submit(functools.partial(_search, workflow))] = workflow
-    retries: list[Retry] = []
     sending: list[Sending] = []
     if decided:
         sending.append(_end(decided))
-    for wave in concurrent.in_waves(list(searches), linger=WAVE_LINGER_SECONDS):
+    finished: set[Future[Any]] = set()
+    for wave in concurrent.in_waves(
+        list(searches), linger=WAVE_LINGER_SECONDS, deadline=claims_shutdown_deadline
+    ):
+        finished.update(wave)
         answers = []
         for future in wave:
-            answered = _answered(searches[future], future)
+            workflow = searches[future]
+            if heartbeat.lost(workflow.id):
+                continue  # taken over by another consumer: nothing of this attempt is written
+            answered = _answered(workflow, future)
             if isinstance(answered, Retry):
-                retries.append(answered)
+                processed.retries.append(answered)
             elif answered is not None:
                 answers.append(answered)
         if answers:
             sending.append(_end(answers))
-    for started in sending:
-        webhook_deliveries_settle(started)
-    return retries
+    unfinished = {w.id: _claim_of(w) for f, w in searches.items() if f not in finished}
+    if unfinished:
+        # Shutting down: the searches still out are abandoned (their answers will find the
+        # claim gone) and the workflows handed back for the next worker.
+        heartbeat.drop(unfinished)
+        processed.again += claims_hand_back(claims=unfinished, actor=ACTOR)
+    return sending
+
+
+def _hold_for_retries(retries: list[Retry], heartbeat: Held) -> None:
+    """A workflow waiting for its retry keeps its claim (the retry's message renews it) for its
+    backoff and one lease more: should the message be lost with its worker, the sweep resumes
+    the workflow then."""
+    heartbeat.drop(retry.workflow_id for retry in retries)
+    now = timezone.now()
+    lease = dt.timedelta(seconds=settings.WORKFLOW_CLAIM_LEASE_SECONDS)
+    claims_extend(
+        claims={retry.workflow_id: retry.claim_id for retry in retries},
+        until={
+            retry.workflow_id: now + dt.timedelta(seconds=retry.retry_in) + lease
+            for retry in retries
+        },
+    )
+
+
+def _as_uuid(workflow_id: str | uuid.UUID) -> uuid.UUID:
+    return uuid.UUID(str(workflow_id))
+
+
+def _claim_of(workflow: Workflow) -> uuid.UUID:
+    assert workflow.claim_id is not None  # a claimed workflow
+    return workflow.claim_id
 
 
 def _load_requests(workflows: list[Workflow]) -> None:
@@ -184,8 +271,8 @@ def _answered(workflow: Workflow, future: Future[Any]) -> LinkAnswer | Retry | N
         logger.info("workflow %s: %s; retrying", workflow.id, exc.reason)
         return _retry(workflow, exc.retry_after)
     except Exception:
-        # A bug of ours for this one workflow: the others go on; it keeps its claim, and the
-        # sweep re-queues it once the lease has ended, within its attempts.
+        # A bug of ours for this one workflow: the others go on; it keeps its claim, no longer
+        # renewed, and the sweep re-queues it once the lease has ended, within its attempts.
         logger.exception("workflow %s: the attempt failed", workflow.id)
         return None
     if isinstance(answer, SearchRequested):
@@ -200,8 +287,7 @@ def _answered(workflow: Workflow, future: Future[Any]) -> LinkAnswer | Retry | N
 
 
 def _retry(workflow: Workflow, retry_after: float | None) -> Retry:
-    assert workflow.claim_id is not None
-    return Retry(workflow.id, workflow.claim_id, retry_backoff(workflow.attempts, retry_after))
+    return Retry(workflow.id, _claim_of(workflow), retry_backoff(workflow.attempts, retry_after))
 
 
 def _end(answers: list[LinkAnswer]) -> Sending:

@@ -180,6 +180,11 @@ def check(
     if bad_signatures:
         verdict.unexpected += len(bad_signatures)
         verdict.note(f"{len(bad_signatures)} webhooks with a bad signature")
+    aborted = stack.receiver.aborted()
+    if aborted:
+        # A sender killed mid-body: no delivery (the receiver answered 400), so the delivery
+        # row stays due and is sent again whole.
+        verdict.note(f"{len(aborted)} webhooks cut short by a kill (aborted, sent again)")
     if stack.restarts:
         verdict.note(f"supervisor restarted {stack.restarts}")
     expected = {p.workflow_id: p.expected_result for p in posted if p.workflow_id}

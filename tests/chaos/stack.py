@@ -50,8 +50,10 @@ SECRET_KEY = "chaos-only-secret-key-0123456789abcdef0123456789"
 FAST_SETTINGS = {
     "RECONCILE_INTERVAL_SECONDS": "2",
     "RECONCILE_STALE_AFTER_SECONDS": "6",
-    # config/setting_rules.py: lease >= time limit + longest backoff.
-    "WORKFLOW_CLAIM_LEASE_SECONDS": "14",
+    # config/setting_rules.py: heartbeat x 3 <= lease, connect + read timeout < lease.
+    "WORKFLOW_HEARTBEAT_SECONDS": "2",
+    "WORKFLOW_CLAIM_LEASE_SECONDS": "6",
+    "WORKER_SHUTDOWN_GRACE_SECONDS": "4",
     "WORKFLOW_MAX_ATTEMPTS": "10",
     "WEBHOOK_RETRY_SCHEDULE": "1,1,2,2,3,3",
     "WEBHOOK_DISPATCH_INTERVAL_SECONDS": "1",

@@ -31,8 +31,10 @@ E2E_SETTINGS = {
     "RETRY_BACKOFF_BASE_SECONDS": "0.2",
     "RETRY_BACKOFF_MAX_SECONDS": "1",
     "WORKFLOW_MAX_ATTEMPTS": "3",
-    # The relations of config/setting_rules.py hold: lease >= time limit + longest backoff.
-    "WORKFLOW_CLAIM_LEASE_SECONDS": "11",
+    # The relations of config/setting_rules.py hold: heartbeat x 3 <= lease, search < lease.
+    "WORKFLOW_HEARTBEAT_SECONDS": "1",
+    "WORKFLOW_CLAIM_LEASE_SECONDS": "4",
+    "WORKER_SHUTDOWN_GRACE_SECONDS": "2",
     "RECONCILE_INTERVAL_SECONDS": "1",
     "RECONCILE_STALE_AFTER_SECONDS": "5",
     "CELERY_TASK_SOFT_TIME_LIMIT": "5",

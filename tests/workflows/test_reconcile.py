@@ -337,15 +337,31 @@ def test_a_claim_whose_lease_holds_is_neither_requeued_nor_counted(customer):
     assert snapshot(workflow) == before
 
 
-def test_a_claimed_workflow_is_stale_only_that_long_after_its_lease_ended(customer):
-    workflow = make(customer, Status.IN_PROGRESS, age=STALE * 3, attempts=1)
-    # The lease ended a little while ago, less than the stale threshold.
-    claimed(workflow, lease_ends_in=-dt.timedelta(seconds=STALE_AFTER - 30))
+def test_a_claimed_workflow_is_resumed_as_soon_as_its_lease_ended(customer):
+    # Its worker stopped beating (workflows/claims.py): the lease measured the silence, so no
+    # stale window is added on top of it, however recently the workflow changed.
+    workflow = make(customer, Status.IN_PROGRESS, age=dt.timedelta(seconds=2), attempts=1)
+    claimed(workflow, lease_ends_in=dt.timedelta(seconds=1))
     assert workflows_reconcile() == ReconcileReport()
-    claimed(workflow, lease_ends_in=-dt.timedelta(seconds=STALE_AFTER + 30))
+    claimed(workflow, lease_ends_in=-dt.timedelta(milliseconds=10))
     assert workflows_reconcile().requeued == [workflow.id]
     row = Workflow.objects.get(id=workflow.id)
     assert (row.status, row.attempts, row.requeues) == (Status.IN_PROGRESS, 1, 1)
+    # The dead claim goes with the re-queue: waiting in the queue is not a new silence, so the
+    # next sweep leaves it for the stale window instead of re-queueing it again.
+    assert (row.claim_id, row.claimed_until) == (None, None)
+    assert workflows_reconcile() == ReconcileReport()
+
+
+def test_an_operator_republish_keeps_a_live_claim(customer):
+    from workflows.services import workflow_requeue
+
+    workflow = make(customer, Status.IN_PROGRESS, age=STALE, attempts=1)
+    claimed(workflow, lease_ends_in=dt.timedelta(seconds=30))
+    claim = Workflow.objects.get(id=workflow.id).claim_id
+    workflow_requeue(workflow_id=workflow.id, actor="ops")
+    row = Workflow.objects.get(id=workflow.id)
+    assert (row.claim_id, row.requeues) == (claim, 1)
 
 
 def test_terminal_workflows_are_never_touched(customer, redis_db):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
 from workflows import metrics
@@ -51,12 +51,15 @@ def workflows_reconcile(
     stale_after_seconds: int | None = None,
     dry_run: bool = False,
 ) -> ReconcileReport:
-    """Re-queue pending workflows untouched for too long; fail those out of attempts.
+    """Re-queue pending workflows whose consumer is gone; fail those out of attempts.
 
-    A claimed workflow is stale only `stale_after` past the end of its claim's lease: while a
-    consumer may still be working on it (or waiting for its retry) the sweep neither re-queues
-    it nor counts anything against it. Only processing attempts (the consumers' claims) count
-    towards WORKFLOW_MAX_ATTEMPTS: a re-queue costs an attempt only if it re-runs the work.
+    A claimed workflow is re-queued as soon as its claim's lease has ended: its worker's
+    heartbeat stopped renewing it (workflows/claims.py), or a worker shutting down handed it
+    back. While a consumer works on it (or waits for its retry) the sweep neither re-queues it
+    nor counts anything against it. An unclaimed workflow is re-queued once untouched for
+    `stale_after` (RECONCILE_STALE_AFTER_SECONDS). Only processing attempts (the consumers'
+    claims) count towards WORKFLOW_MAX_ATTEMPTS: a re-queue costs an attempt only if it re-runs
+    the work.
 
     A REQUESTED workflow's re-queue makes the consumer poll its search job. REVIEW ones wait
     for their reviewer (an operator, or the customer) up to REVIEW_TIMEOUT_SECONDS after they
@@ -83,7 +86,7 @@ def workflows_reconcile(
                 # holding one workflow would hide all its customer's workflows from the sweep.
                 Workflow.objects.select_for_update(skip_locked=True, of=("self",))
                 .select_related("customer")
-                .filter(_stale(cutoff), status__in=SWEPT_STATES)
+                .filter(_stale(cutoff, now), status__in=SWEPT_STATES)
                 .order_by("updated_at")[: settings.RECONCILE_BATCH_SIZE]
             )
             requeued = []
@@ -148,10 +151,11 @@ def _reviews_expire(now: dt.datetime) -> list[uuid.UUID]:
     return expired
 
 
-def _stale(cutoff: dt.datetime) -> Q:
-    """Untouched since `cutoff`, and any claim's lease ended before it. (claimed_until is at or
-    after the claim's updated_at, so the partial index on updated_at still finds the rows.)"""
-    return Q(updated_at__lt=cutoff) & (Q(claimed_until__isnull=True) | Q(claimed_until__lt=cutoff))
+def _stale(cutoff: dt.datetime, now: dt.datetime) -> Q:
+    """A claimed workflow whose claim's lease has ended (its worker stopped renewing it, or
+    handed it back): the lease already measured the silence. An unclaimed one untouched since
+    `cutoff`."""
+    return Q(claimed_until__lt=now) | Q(claimed_until__isnull=True, updated_at__lt=cutoff)
 
 
 def _out_of_attempts(workflow: Workflow) -> bool:
@@ -170,9 +174,9 @@ def _reconcile_preview(cutoff: dt.datetime, now: dt.datetime) -> ReconcileReport
             .values_list("id", flat=True)[:limit]
         )
     )
-    stale = Workflow.objects.filter(_stale(cutoff), status__in=SWEPT_STATES).order_by("updated_at")[
-        : settings.RECONCILE_BATCH_SIZE * MAX_BATCHES_PER_RUN
-    ]
+    stale = Workflow.objects.filter(_stale(cutoff, now), status__in=SWEPT_STATES).order_by(
+        "updated_at"
+    )[:limit]
     for workflow in stale.only("id", "attempts"):
         (report.failed if _out_of_attempts(workflow) else report.requeued).append(workflow.id)
     return report
@@ -186,12 +190,21 @@ def _requeue_pending(
     of the sweep costs three statements, whatever its size."""
     if not workflows:
         return
+    # A claim whose lease has ended is dropped with the re-queue: the workflow now waits in the
+    # queue unclaimed (the stale window applies again from now), and should its old worker only
+    # have paused, its next renewal finds the claim gone and drops the work.
+    dead = Q(claimed_until__lt=now)
     Workflow.objects.filter(id__in=[workflow.id for workflow in workflows]).update(
-        requeues=F("requeues") + 1, updated_at=now
+        requeues=F("requeues") + 1,
+        updated_at=now,
+        claim_id=Case(When(dead, then=Value(None)), default=F("claim_id")),
+        claimed_until=Case(When(dead, then=Value(None)), default=F("claimed_until")),
     )
     for workflow in workflows:
         workflow.requeues += 1
         workflow.updated_at = now
+        if workflow.claimed_until is not None and workflow.claimed_until < now:
+            workflow.claim_id = workflow.claimed_until = None
     WorkflowTransition.objects.bulk_create(
         WorkflowTransition(
             workflow=workflow,

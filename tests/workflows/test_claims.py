@@ -1,0 +1,186 @@
+"""Claims kept alive by heartbeats and handed back on shutdown (workflows/claims.py), against
+the real PostgreSQL; the consumer's side of it with the FHIR stand-in as the internal system."""
+
+import datetime as dt
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from linking.services import links_process
+from merchant.models import Customer
+from standin.server import make_server
+from tests.conftest import LinkClient, link_body, new_customer
+from tests.processes import serving
+from workflows import concurrent
+from workflows.claims import (
+    Held,
+    claims_hand_back,
+    claims_shutdown_begin,
+    claims_shutdown_cancel,
+    claims_shutdown_deadline,
+)
+from workflows.models import Status, Workflow, WorkflowTransition
+from workflows.services import workflows_claim
+
+
+@pytest.fixture
+def customer(db: None) -> Customer:
+    return new_customer().customer
+
+
+@pytest.fixture(autouse=True)
+def no_shutdown() -> Iterator[None]:
+    claims_shutdown_cancel()
+    yield
+    claims_shutdown_cancel()
+
+
+def claimed(customer: Customer, count: int = 1) -> list[Workflow]:
+    workflows = [
+        Workflow.objects.create(customer=customer, patient_id=uuid.uuid4()) for _ in range(count)
+    ]
+    taken = workflows_claim(workflow_ids=[w.id for w in workflows], actor="worker")
+    assert len(taken) == count
+    return taken
+
+
+def lease_end(workflow: Workflow) -> dt.datetime:
+    until = Workflow.objects.get(id=workflow.id).claimed_until
+    assert until is not None
+    return until
+
+
+def test_one_beat_renews_every_claim_held_in_one_statement(customer, settings):
+    settings.WORKFLOW_CLAIM_LEASE_SECONDS = 30
+    workflows = claimed(customer, 5)
+    Workflow.objects.filter(id__in=[w.id for w in workflows]).update(
+        claimed_until=timezone.now() + dt.timedelta(seconds=1)
+    )
+    held = Held()
+    held.hold({w.id: w.claim_id for w in workflows if w.claim_id})
+    before = timezone.now()
+    with CaptureQueriesContext(connection) as queries:
+        assert held.beat() == 5
+    assert len(queries) == 1
+    for workflow in workflows:
+        assert lease_end(workflow) >= before + dt.timedelta(seconds=29)
+
+
+def test_a_claim_taken_over_is_lost_and_never_renewed(customer):
+    mine, other = claimed(customer, 2)
+    held = Held()
+    held.hold({w.id: w.claim_id for w in (mine, other) if w.claim_id})
+    # The lease ended during a long pause and another consumer claimed it.
+    Workflow.objects.filter(id=other.id).update(claim_id=uuid.uuid4())
+    theirs = lease_end(other)
+    assert held.beat() == 1
+    assert held.lost(other.id) and not held.lost(mine.id)
+    assert lease_end(other) == theirs
+    assert set(held.held()) == {mine.id}
+
+
+def test_a_claim_held_past_the_task_time_limit_lapses(customer, settings):
+    (workflow,) = claimed(customer)
+    held = Held()
+    assert workflow.claim_id
+    held.hold({workflow.id: workflow.claim_id})
+    settings.CELERY_TASK_TIME_LIMIT = 0  # every claim is now older than the time limit
+    before = lease_end(workflow)
+    assert held.beat() == 0
+    assert lease_end(workflow) == before and held.held() == {}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_heartbeat_thread_renews_while_claims_are_held(settings):
+    customer = new_customer().customer
+    settings.WORKFLOW_HEARTBEAT_SECONDS = 0.2
+    settings.WORKFLOW_CLAIM_LEASE_SECONDS = 30
+    (workflow,) = claimed(customer)
+    Workflow.objects.filter(id=workflow.id).update(claimed_until=timezone.now())
+    assert workflow.claim_id
+    held = Held()
+    held.hold({workflow.id: workflow.claim_id})
+    deadline = time.monotonic() + 5
+    while lease_end(workflow) < timezone.now() + dt.timedelta(seconds=20):
+        assert time.monotonic() < deadline, "no heartbeat renewed the claim"
+        time.sleep(0.05)
+    held.drop([workflow.id])
+    time.sleep(0.5)  # the thread ends with nothing held, and closes its connection
+
+
+def test_hand_back_frees_at_once_and_refunds_the_attempt(customer):
+    mine, other = claimed(customer, 2)
+    assert mine.claim_id and other.claim_id
+    Workflow.objects.filter(id=other.id).update(claim_id=uuid.uuid4())
+    before = timezone.now()
+    handed = claims_hand_back(
+        claims={mine.id: mine.claim_id, other.id: other.claim_id}, actor="worker"
+    )
+    assert handed == [mine.id]
+    row = Workflow.objects.get(id=mine.id)
+    assert (row.status, row.attempts, row.claim_id) == (Status.IN_PROGRESS, 0, None)
+    assert row.claimed_until is not None and before <= row.claimed_until <= timezone.now()
+    assert WorkflowTransition.objects.filter(
+        workflow=mine, reason="handed back by a worker shutting down"
+    ).exists()
+    assert Workflow.objects.get(id=other.id).attempts == 1  # not ours: untouched
+    # The next claim takes it at once and counts one attempt in all.
+    (again,) = workflows_claim(workflow_ids=[mine.id], actor="worker")
+    assert again.attempts == 1
+
+
+def test_waves_stop_at_the_deadline() -> None:
+    slow: Future[int] = Future()
+    fast: Future[int] = Future()
+    fast.set_result(1)
+    until = time.monotonic() + 0.3
+    started = time.monotonic()
+    waves = list(concurrent.in_waves([fast, slow], linger=0.05, deadline=lambda: until))
+    assert waves == [[fast]]
+    assert 0.25 < time.monotonic() - started < 1.5
+
+
+def test_a_worker_shutting_down_claims_no_new_batch(customer):
+    workflow = Workflow.objects.create(customer=customer, patient_id=uuid.uuid4())
+    claims_shutdown_begin(grace=5)
+    processed = links_process(workflow_ids=[str(workflow.id)])
+    assert processed.again == [workflow.id]
+    row = Workflow.objects.get(id=workflow.id)
+    assert (row.status, row.attempts, row.claim_id) == (Status.RECEIVED, 0, None)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_searches_unfinished_at_the_grace_end_are_handed_back(settings, credentials):
+    # A 3 s search; the shutdown begins 0.3 s into it with a 0.5 s grace.
+    server = make_server("127.0.0.1", 0, latency_ms=3000)
+    settings.INTERNAL_SEARCH_URL = server.base_url
+    api = LinkClient(credentials.token)
+    response = api.post_link(link_body(), key="shutdown-1")
+    assert response.status_code == 202
+    workflow_id = uuid.UUID(response.json()["workflow-id"])
+    timer = threading.Timer(0.3, lambda: claims_shutdown_begin(grace=0.5))
+    with serving(server):
+        timer.start()
+        started = time.monotonic()
+        processed = links_process(workflow_ids=[str(workflow_id)])
+        took = time.monotonic() - started
+    assert claims_shutdown_deadline() is not None
+    assert processed.again == [workflow_id]
+    assert took < 2.5  # did not wait for the search
+    row = Workflow.objects.get(id=workflow_id)
+    assert (row.status, row.attempts, row.claim_id) == (Status.IN_PROGRESS, 0, None)
+    assert row.claimed_until is not None and row.claimed_until <= timezone.now()
+    # The next worker resumes it at once, and its answer ends it: one attempt in all.
+    claims_shutdown_cancel()
+    with serving(fresh := make_server("127.0.0.1", 0)):
+        settings.INTERNAL_SEARCH_URL = fresh.base_url
+        assert links_process(workflow_ids=[str(workflow_id)]).again == []
+    row = Workflow.objects.get(id=workflow_id)
+    assert (row.status, row.result, row.attempts) == (Status.COMPLETED, "LINKED", 1)
