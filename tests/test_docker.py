@@ -115,6 +115,16 @@ def _volumes(service: dict[str, Any]) -> list[str]:
     return out
 
 
+def test_workers_get_more_than_the_shutdown_grace_to_stop(compose_config, settings):
+    # compose's stop_grace_period ("60s", "1m0s"): past it the worker is SIGKILLed, and what it
+    # had not handed back waits out a lease.
+    period = str(compose_config["services"]["worker"]["stop_grace_period"])
+    parts = re.fullmatch(r"(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?", period)
+    assert parts and period, period
+    seconds = int(parts.group(1) or 0) * 60 + float(parts.group(2) or 0)
+    assert seconds >= settings.WORKER_SHUTDOWN_GRACE_SECONDS + 30
+
+
 def test_exactly_one_beat(compose_config):
     services = compose_config["services"]
     beats = [name for name, svc in services.items() if "beat" in _command(svc)]

@@ -60,6 +60,10 @@ CLAIM_HEARTBEAT_CPU = Counter(
     "CPU time the heartbeat threads spent renewing claims (their own thread's, the statement's"
     " round trip included; PostgreSQL's side is not).",
 )
+CLAIM_HEARTBEAT_SECONDS = Counter(
+    "merchant_claim_heartbeat_seconds",
+    "Wall time of the claim renewal statements (PostgreSQL's work on them included).",
+)
 CLAIMS_HANDED_BACK = Counter(
     "merchant_claims_handed_back",
     "Claims a worker shutting down handed back unfinished (resumed by another, no attempt lost).",
@@ -97,10 +101,11 @@ def dispatcher_published(count: int) -> None:
     DISPATCHER_PUBLISHED.inc(count)
 
 
-def heartbeat_ran(*, renewed: int, cpu_seconds: float) -> None:
+def heartbeat_ran(*, renewed: int, cpu_seconds: float, seconds: float) -> None:
     CLAIM_HEARTBEATS.inc()
     CLAIM_HEARTBEAT_RENEWED.inc(renewed)
     CLAIM_HEARTBEAT_CPU.inc(max(0.0, cpu_seconds))
+    CLAIM_HEARTBEAT_SECONDS.inc(max(0.0, seconds))
 
 
 def claims_handed_back(count: int) -> None:

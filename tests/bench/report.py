@@ -228,6 +228,14 @@ def render(results: dict[str, Any]) -> str:
             f"  peak RSS: web workers {_mib(e2e['web_peak_rss_mib'])}, Celery workers "
             f"{_mib(e2e['celery_worker_peak_rss_mib'])}"
         )
+        beats = e2e.get("heartbeats")
+        if beats is not None:
+            lines.append(
+                f"  claim heartbeats: {beats['statements']:.0f} statements renewed"
+                f" {beats['renewed']:.0f} claims; {beats['cpu_seconds'] * 1000:.1f} ms thread CPU"
+                f" + {beats['statement_seconds'] * 1000:.1f} ms statement time ="
+                f" {beats['ms_per_workflow']:.4f} ms per workflow (target <= 0.1)"
+            )
     lines += _scaling_table(stages)
     batch = stages.get("batch")
     if batch is not None:

@@ -116,6 +116,7 @@ class BenchStack:
     def __post_init__(self) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="bench-"))
         self.processes: dict[str, Process] = {}
+        self.worker_metrics_ports: list[int] = []
         self.database_url = ""
         self.redis_url = ""
         self.standin_url = ""
@@ -283,14 +284,18 @@ class BenchStack:
     ) -> list[Process]:
         """The Celery workers and beat, each as the Procfile starts it (`celery_workers` of
         them, with these settings on top of the stack's: the scaling runs)."""
+        # Each worker serves its metrics on a port of its own: the stage reads the heartbeats'
+        # cost from them (tests/bench/stages.py, heartbeat_cost).
+        count = celery_workers or self.celery_workers
+        self.worker_metrics_ports = [free_port() for _ in range(count)]
         workers = [
             self._spawn(
                 self._consumers,
                 f"worker{index}",
                 [*procfile_command("worker"), "-n", f"bench{index}@%h"],
-                settings,
+                {**(settings or {}), "METRICS_WORKER_PORT": str(port)},
             )
-            for index in range(celery_workers or self.celery_workers)
+            for index, port in enumerate(self.worker_metrics_ports)
         ]
         # No pid file: it would land in the repository and clash with a `make run` beat.
         beat = self._spawn(

@@ -398,6 +398,7 @@ def _end_to_end(
         while webhooks_done() < terminal and time.monotonic() < webhook_deadline:
             time.sleep(0.25)
         rows = conn.execute(_E2E_ROWS, [like]).fetchall()
+    heartbeats = heartbeat_cost(stack)
     rss = {
         "web_peak_rss_mib": peak_rss(web_workers),
         "celery_worker_peak_rss_mib": peak_rss(worker_pids),
@@ -440,8 +441,39 @@ def _end_to_end(
             name: round(seconds * 1000 / len(completed), 2) for name, seconds in cpu.items()
         },
         "celery_workers": len(workers),
+        "heartbeats": {
+            **heartbeats,
+            # Upper bound: the threads' CPU plus the statements' whole wall time (PostgreSQL's
+            # share of it included, and the waits).
+            "ms_per_workflow": round(
+                (heartbeats["cpu_seconds"] + heartbeats["statement_seconds"])
+                * 1000
+                / len(completed),
+                5,
+            ),
+        },
         **rss,
     }
+
+
+_HEARTBEAT_METRICS = {
+    "merchant_claim_heartbeats_total": "statements",
+    "merchant_claim_heartbeat_renewed_total": "renewed",
+    "merchant_claim_heartbeat_cpu_seconds_total": "cpu_seconds",
+    "merchant_claim_heartbeat_seconds_total": "statement_seconds",
+}
+
+
+def heartbeat_cost(stack: BenchStack) -> dict[str, float]:
+    """The claims' heartbeats over the stage, summed over the workers' own /metrics."""
+    totals = dict.fromkeys(_HEARTBEAT_METRICS.values(), 0.0)
+    for port in stack.worker_metrics_ports:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in _HEARTBEAT_METRICS:
+                totals[_HEARTBEAT_METRICS[name]] += float(value)
+    return {name: round(value, 6) for name, value in totals.items()}
 
 
 # --- the reconciliation sweep ------------------------------------------------------------------

@@ -4,6 +4,7 @@ a Verdict; `quick=True` is the short version that runs in `make test`."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import signal
@@ -512,7 +513,7 @@ def kill_worker_mid_search(quick: bool) -> Verdict:
         ids = accepted_ids(posted)
         in_search: list[int] = []
         for attempt in range(1, rounds + 1):
-            in_search.append(_kill_during_searches(stack, ids, attempt))
+            in_search.append(_kill_during_searches(stack, ids, attempt)[0])
         verdict = check(stack, "12 kill worker mid-search", posted, deadline_seconds=150)
         with stack.db() as conn:
             attempts = dict(
@@ -535,10 +536,9 @@ def kill_worker_mid_search(quick: bool) -> Verdict:
         return verdict
 
 
-def _kill_during_searches(stack: Stack, ids: list[str], attempt: int) -> int:
+def _wait_in_search(stack: Stack, ids: list[str], attempt: int) -> int:
     """Wait until every unfinished workflow is in its `attempt`th attempt's search (claimed
-    again once the sweep has re-queued it, after a kill), then SIGKILL every worker's process
-    group and start new workers; how many were in a search."""
+    again once the sweep has re-queued it, after a kill); how many are."""
     deadline = time.monotonic() + 60
     while True:
         with stack.db() as conn:
@@ -550,15 +550,23 @@ def _kill_during_searches(stack: Stack, ids: list[str], attempt: int) -> int:
             ).fetchone()
         claimed, unfinished = row if row else (0, 0)
         if (claimed and claimed == unfinished) or time.monotonic() > deadline:
-            break
+            return int(claimed)
         time.sleep(0.1)
-    time.sleep(0.5)  # well inside the 2.5 s searches
+
+
+def _kill_during_searches(stack: Stack, ids: list[str], attempt: int) -> tuple[int, float]:
+    """Once every unfinished workflow is in its `attempt`th search, SIGKILL every worker's
+    process group and start new workers; how many were in a search, and when (wall clock) the
+    kill was sent."""
+    claimed = _wait_in_search(stack, ids, attempt)
+    time.sleep(0.5)  # well inside the searches
+    killed_at = time.time()
     for index in range(stack.celery_workers):
         stack.kill(f"worker{index}", signal.SIGKILL)
     time.sleep(1)
     for index in range(stack.celery_workers):
         stack.start_worker(index)
-    return int(claimed)
+    return claimed, killed_at
 
 
 # 15 ------------------------------------------------------------------------------------------
@@ -690,6 +698,144 @@ def overlapping_batches(quick: bool) -> Verdict:
         return verdict
 
 
+# 19-22 ---------------------------------------------------------------------------------------
+# Issue 32: a crash costs about a lease, a deploy costs nothing. Every timing setting at its
+# default (lease 30 s, heartbeat 10 s, grace 10 s, stale window 420 s, 5 attempts, search timeouts
+# 3.05 + 10 s...) except a sweep every 5 s; the quick version is the issue's reproduction.
+def at_defaults(**overrides: str) -> dict[str, str]:
+    """FAST_SETTINGS' timing keys back at the service's defaults, then `overrides`."""
+    from django.conf import settings
+
+    def text(value: object) -> str:
+        return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    return {name: text(getattr(settings, name)) for name in FAST_SETTINGS} | overrides
+
+
+# Issue 32's reproduction: sweep every 2 s, stale after 5 s, 3 attempts, 3 s read timeout.
+CRASH_QUICK_SETTINGS = {
+    "RECONCILE_INTERVAL_SECONDS": "2",
+    "RECONCILE_STALE_AFTER_SECONDS": "5",
+    "WORKFLOW_MAX_ATTEMPTS": "3",
+    "INTERNAL_SEARCH_READ_TIMEOUT": "3",
+}
+
+
+def _completed_since(stack: Stack, ids: list[str], since: float) -> tuple[float, int]:
+    """Seconds from `since` (wall clock) to the last COMPLETED among `ids`; how many ended
+    after `since`."""
+    with stack.db() as conn:
+        row = conn.execute(
+            "SELECT max(extract(epoch FROM t.at)), count(*) FILTER (WHERE t.at > to_timestamp(%s))"
+            " FROM workflows_workflowtransition t"
+            " WHERE t.workflow_id = ANY(%s::uuid[]) AND t.target = 'COMPLETED'",
+            [since, ids],
+        ).fetchone()
+    last, after = row if row else (None, 0)
+    return (float(last) - since if last is not None else float("inf")), int(after)
+
+
+def _attempts(stack: Stack, ids: list[str]) -> dict[int, int]:
+    with stack.db() as conn:
+        return dict(
+            conn.execute(
+                "SELECT attempts, count(*) FROM workflows_workflow"
+                " WHERE id = ANY(%s::uuid[]) GROUP BY 1",
+                [ids],
+            ).fetchall()
+        )
+
+
+def crash_mid_search(quick: bool, broker: str = "redis", number: int = 19) -> Verdict:
+    """SIGKILL every worker process (main and pool) while 100 workflows are in their 3 s search,
+    and start new workers at once: the dead claims stop being renewed, their leases end, and
+    the workflows resume then (the sweep; on RabbitMQ the redelivered messages). Prints the
+    time from the kill to the last COMPLETED (target: lease + sweep interval + search, <= 45 s)."""
+    count, latency, settings = (
+        (30, 2500, at_defaults(**CRASH_QUICK_SETTINGS))
+        if quick
+        else (100, 3000, at_defaults(RECONCILE_INTERVAL_SECONDS="5"))
+    )
+    target = 45.0 if not quick else 40.0
+    name = "crash mid-search" + (" (RabbitMQ)" if broker == "rabbitmq" else "")
+    with Stack(f"s{number}", settings=settings, standin_latency_ms=latency, broker=broker) as stack:
+        posted = post_many(stack, count, kinds=["certain"], concurrency=8)
+        ids = accepted_ids(posted)
+        in_search, killed_at = _kill_during_searches(stack, ids, 1)
+        verdict = check(stack, f"{number} {name}", posted, deadline_seconds=150)
+        took, after = _completed_since(stack, ids, killed_at)
+        attempts = _attempts(stack, ids)
+        if took > target:
+            verdict.unexpected += 1
+        # A dead claim costs its one attempt and no more.
+        if max(attempts, default=0) > 2:
+            verdict.unexpected += 1
+        if in_search < len(ids) // 2:  # the fault must have hit most of them
+            verdict.unexpected += 1
+        verdict.note(
+            f"kill -> last COMPLETED {took:.1f} s (target {target:.0f}); {in_search} in their"
+            f" search when killed, {after} completed after;"
+            f" attempts {dict(sorted(attempts.items()))}"
+        )
+        return verdict
+
+
+def deploy_mid_search(quick: bool, broker: str = "redis", number: int = 20) -> Verdict:
+    """SIGTERM every worker (a deploy) while 200 workflows are in their 4 s search and start
+    new ones at once: the old workers claim nothing more, end what their grace period saw
+    finish, hand back the rest; nobody waits for a lease. Prints the longest time from the
+    SIGTERM to a COMPLETED (target <= 15 s)."""
+    count = 60 if quick else 200
+    target = 15.0
+    name = "deploy mid-search" + (" (RabbitMQ)" if broker == "rabbitmq" else "")
+    # The quick version (make test) shortens the grace below the searches, so that the
+    # hand-back itself is what it checks: every search in flight is handed back and resumed.
+    grace = {"WORKER_SHUTDOWN_GRACE_SECONDS": "1"} if quick else {}
+    settings = at_defaults(RECONCILE_INTERVAL_SECONDS="5", **grace)
+    with Stack(f"s{number}", settings=settings, standin_latency_ms=4000, broker=broker) as stack:
+        posted = post_many(stack, count, kinds=["certain"], concurrency=8)
+        ids = accepted_ids(posted)
+        in_search = _wait_in_search(stack, ids, 1)
+        time.sleep(0.5)
+        stopping = []
+        sent_at = time.time()
+        for index in range(stack.celery_workers):
+            proc = stack.procs[f"worker{index}"]
+            proc.expected_down = True
+            os.killpg(proc.pid, signal.SIGTERM)
+            stopping.append(proc)
+        for index in range(stack.celery_workers):
+            stack.start_worker(index)
+        verdict = check(stack, f"{number} {name}", posted, deadline_seconds=120)
+        took, after = _completed_since(stack, ids, sent_at)
+        attempts = _attempts(stack, ids)
+        with stack.db() as conn:
+            (handed,) = conn.execute(
+                "SELECT count(*) FROM workflows_workflowtransition"
+                " WHERE workflow_id = ANY(%s::uuid[]) AND reason LIKE 'handed back%%'",
+                [ids],
+            ).fetchone() or (0,)
+        exits: list[int | None] = []
+        for proc in stopping:
+            try:
+                exits.append(proc.popen.wait(30))
+            except subprocess.TimeoutExpired:
+                exits.append(None)
+                verdict.unexpected += 1
+        if took > target:
+            verdict.unexpected += 1
+        if max(attempts, default=0) > 1:  # a hand-back refunds its attempt
+            verdict.unexpected += 1
+        if in_search < len(ids) // 2 or (quick and handed < in_search):
+            verdict.unexpected += 1
+        verdict.note(
+            f"SIGTERM -> last COMPLETED {took:.1f} s (target {target:.0f}); {in_search} in their"
+            f" search at the SIGTERM, {after} completed after it, {handed} handed back;"
+            f" attempts {dict(sorted(attempts.items()))}; old workers exited {exits}"
+        )
+        return verdict
+
+
 SCENARIOS = [
     Scenario(1, "kill worker children", kill_worker_children),
     Scenario(2, "kill whole worker", kill_whole_worker),
@@ -721,6 +867,19 @@ SCENARIOS = [
     # The batched path (issue 18): batches split by a kill, and batches that overlap.
     Scenario(17, "kill worker mid-batch", kill_worker_mid_batch),
     Scenario(18, "overlapping batches", overlapping_batches),
+    # Issue 32: crashes cost a lease, deploys nothing; timing settings at their defaults.
+    Scenario(19, "crash mid-search", crash_mid_search),
+    Scenario(20, "deploy mid-search", deploy_mid_search),
+    Scenario(
+        21,
+        "RabbitMQ: crash mid-search",
+        partial(crash_mid_search, broker="rabbitmq", number=21),
+    ),
+    Scenario(
+        22,
+        "RabbitMQ: deploy mid-search",
+        partial(deploy_mid_search, broker="rabbitmq", number=22),
+    ),
 ]
 
 

@@ -163,9 +163,41 @@ SELECT id, updated_at FROM workflows_workflow
  ORDER BY updated_at, id
  LIMIT %s
 
+-- workflows.statements.HAND_BACK
+WITH v AS (
+  SELECT * FROM unnest(%(ids)b::uuid[], %(claims)b::uuid[]) AS v(id, claim_id)
+), mine AS (
+  SELECT w.id FROM workflows_workflow w JOIN v ON w.id = v.id AND w.claim_id = v.claim_id
+   WHERE w.status = ANY(%(claimable)b::text[])
+   ORDER BY w.id FOR UPDATE OF w
+), released AS (
+  UPDATE workflows_workflow AS w
+     SET claim_id = NULL, claimed_until = %(now)b, attempts = greatest(w.attempts - 1, 0)
+    FROM mine
+   WHERE w.id = mine.id
+  RETURNING w.id, w.status
+), lines AS (
+  INSERT INTO workflows_workflowtransition (workflow_id, source, target, reason, actor, at)
+  SELECT id, status, status, %(reason)b, %(actor)b, %(now)b FROM released
+)
+SELECT id FROM released
+
 -- workflows.statements.LOCK
 SELECT id, status, claim_id FROM workflows_workflow
  WHERE id = ANY(%(ids)b::uuid[]) ORDER BY id FOR UPDATE
+
+-- workflows.statements.RENEW
+WITH v AS (
+  SELECT * FROM unnest(%(ids)b::uuid[], %(claims)b::uuid[], %(until)b::timestamptz[])
+    AS v(id, claim_id, until)
+), mine AS (
+  SELECT w.id, v.until FROM workflows_workflow w JOIN v ON w.id = v.id AND w.claim_id = v.claim_id
+   ORDER BY w.id FOR UPDATE OF w
+)
+UPDATE workflows_workflow AS w SET claimed_until = mine.until
+  FROM mine
+ WHERE w.id = mine.id
+RETURNING w.id
 
 -- workflows.statements.SAVE
 WITH v AS (
