@@ -805,7 +805,7 @@ def deploy_mid_search(quick: bool, broker: str = "redis", number: int = 20) -> V
             os.killpg(proc.pid, signal.SIGTERM)
             stopping.append(proc)
         for index in range(stack.celery_workers):
-            stack.start_worker(index)
+            stack.start_worker(index, node=f"chaos{index}-next")
         verdict = check(stack, f"{number} {name}", posted, deadline_seconds=120)
         took, after = _completed_since(stack, ids, sent_at)
         attempts = _attempts(stack, ids)

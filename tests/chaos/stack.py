@@ -240,12 +240,17 @@ class Stack:
         )
         wait_http(f"{self.base_url}/problems/not-found", timeout=30)
 
-    def start_worker(self, index: int) -> Process:
+    def start_worker(self, index: int, *, node: str = "") -> Process:
+        """Worker `index`; `node` names its Celery node when it must differ from the worker it
+        replaces while that one still shuts down (a deploy: two nodes of one name would share
+        one remote-control queue, which RabbitMQ keeps for one consumer)."""
         name = f"worker{index}"
         proc = self.spawn(
             name,
             celery_worker_args(
-                concurrency=self.worker_concurrency, name=f"chaos{index}", pool=self.worker_pool
+                concurrency=self.worker_concurrency,
+                name=node or f"chaos{index}",
+                pool=self.worker_pool,
             ),
         )
         proc.wait_for("ready.", timeout=30)
