@@ -607,8 +607,10 @@ def kill_worker_mid_batch(quick: bool) -> Verdict:
     """Batches where every other search answers at once and the rest take 4 s: SIGKILL every
     worker once the fast half is committed and the slow half in flight, and start new ones."""
     count = 40 if quick else 100
-    # Read timeout above the slow searches (setting rules: connect + read < soft limit 8).
-    with Stack("s17", settings={"INTERNAL_SEARCH_READ_TIMEOUT": "5"}) as stack:
+    # Read timeout above the slow searches (setting rules: connect + read < soft limit 8, and
+    # < the lease).
+    settings = {"INTERNAL_SEARCH_READ_TIMEOUT": "5", "WORKFLOW_CLAIM_LEASE_SECONDS": "8"}
+    with Stack("s17", settings=settings) as stack:
         steps = [{"delay_ms": 0 if index % 2 else 4000} for index in range(count)]
         stack.control_standin("script", {"responses": steps})
         posted = post_many(stack, count, kinds=["certain"], concurrency=8)
