@@ -100,12 +100,12 @@ class Held:
             return 0
         started, cpu = time.perf_counter(), time.thread_time()
         until = timezone.now() + dt.timedelta(seconds=settings.WORKFLOW_CLAIM_LEASE_SECONDS)
-        renewed = claims_extend(claims=beating, until={w: until for w in beating})
+        renewed, lost = claims_extend(claims=beating, until={w: until for w in beating})
         with self._lock:
-            for workflow_id, claim_id in beating.items():
+            for workflow_id in lost:
                 current = self._claims.get(workflow_id)
-                if workflow_id in renewed or current is None or current.claim_id != claim_id:
-                    continue  # renewed, or dropped or taken again meanwhile
+                if current is None or current.claim_id != beating[workflow_id]:
+                    continue  # dropped, or taken again, meanwhile
                 logger.info("workflow %s: its claim was taken over; dropping the work", workflow_id)
                 del self._claims[workflow_id]
                 self._lost.add(workflow_id)
@@ -158,14 +158,15 @@ def claims_holding(claims: Mapping[uuid.UUID, uuid.UUID]) -> Iterator[Held]:
 
 def claims_extend(
     *, claims: Mapping[uuid.UUID, uuid.UUID], until: Mapping[uuid.UUID, dt.datetime]
-) -> set[uuid.UUID]:
-    """Move each claim's lease to its `until`, where the claim is still the one named; the ids
-    whose claim was."""
+) -> tuple[set[uuid.UUID], set[uuid.UUID]]:
+    """Move each claim's lease to its `until`, where the claim is still the one named: the ids
+    renewed, and those whose claim is not (anymore). A row locked right now is in neither:
+    it is left for the next renewal."""
     rows = statements.execute(
         statements.RENEW,
         {"ids": list(claims), "claims": list(claims.values()), "until": [until[w] for w in claims]},
     )
-    return {row[0] for row in rows}
+    return {row[0] for row in rows if row[1]}, {row[0] for row in rows if not row[1]}
 
 
 def claims_hand_back(*, claims: Mapping[uuid.UUID, uuid.UUID], actor: str) -> list[uuid.UUID]:

@@ -70,21 +70,27 @@ SELECT * FROM claimed
 """)
 
 # Keep these claims alive until each one's `until` (the heartbeat of workflows/claims.py, and a
-# retry held for its backoff): only where the claim is still the one named. Rows are locked in
-# id order, as LOCK does, so a heartbeat and a batch's ending cannot deadlock. Returns the ids
-# renewed: a claim missing from them is no longer ours.
+# retry held for its backoff), only where the claim is still the one named. A row locked right
+# now (its consumer is ending it, a callback or the sweep has it) is skipped, not waited for:
+# the next beat renews it, well inside the lease. Returns (id, true) per claim renewed and
+# (id, false) per claim that is no longer the one named (taken over, handed back, released).
 RENEW = _sql("""
 WITH v AS (
   SELECT * FROM unnest(%(ids)b::uuid[], %(claims)b::uuid[], %(until)b::timestamptz[])
     AS v(id, claim_id, until)
 ), mine AS (
   SELECT w.id, v.until FROM {workflow} w JOIN v ON w.id = v.id AND w.claim_id = v.claim_id
-   ORDER BY w.id FOR UPDATE OF w
+     FOR UPDATE OF w SKIP LOCKED
+), renewed AS (
+  UPDATE {workflow} AS w SET claimed_until = mine.until
+    FROM mine
+   WHERE w.id = mine.id
+  RETURNING w.id
 )
-UPDATE {workflow} AS w SET claimed_until = mine.until
-  FROM mine
- WHERE w.id = mine.id
-RETURNING w.id
+SELECT id, true FROM renewed
+UNION ALL
+SELECT v.id, false FROM v
+ WHERE NOT EXISTS (SELECT 1 FROM {workflow} w WHERE w.id = v.id AND w.claim_id = v.claim_id)
 """)
 
 # Hand these claims back (a worker shutting down, its searches unfinished): free at once, the

@@ -192,12 +192,17 @@ WITH v AS (
     AS v(id, claim_id, until)
 ), mine AS (
   SELECT w.id, v.until FROM workflows_workflow w JOIN v ON w.id = v.id AND w.claim_id = v.claim_id
-   ORDER BY w.id FOR UPDATE OF w
+     FOR UPDATE OF w SKIP LOCKED
+), renewed AS (
+  UPDATE workflows_workflow AS w SET claimed_until = mine.until
+    FROM mine
+   WHERE w.id = mine.id
+  RETURNING w.id
 )
-UPDATE workflows_workflow AS w SET claimed_until = mine.until
-  FROM mine
- WHERE w.id = mine.id
-RETURNING w.id
+SELECT id, true FROM renewed
+UNION ALL
+SELECT v.id, false FROM v
+ WHERE NOT EXISTS (SELECT 1 FROM workflows_workflow w WHERE w.id = v.id AND w.claim_id = v.claim_id)
 
 -- workflows.statements.SAVE
 WITH v AS (

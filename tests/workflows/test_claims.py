@@ -86,6 +86,29 @@ def test_a_claim_taken_over_is_lost_and_never_renewed(customer):
     assert set(held.held()) == {mine.id}
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_row_locked_by_its_ending_is_skipped_not_waited_for_nor_lost(settings):
+    import psycopg
+
+    customer = new_customer().customer
+    locked, free = claimed(customer, 2)
+    held = Held()
+    held.hold({w.id: w.claim_id for w in (locked, free) if w.claim_id})
+    before = lease_end(locked)
+    dsn = connection.get_connection_params()
+    with psycopg.connect(**dsn, autocommit=False) as other:
+        # Another transaction (a batch's ending) holds the row.
+        other.execute("SELECT 1 FROM workflows_workflow WHERE id = %s FOR UPDATE", [locked.id])
+        started = time.monotonic()
+        assert held.beat() == 1
+        assert time.monotonic() - started < 1
+        other.rollback()
+    assert not held.lost(locked.id) and set(held.held()) == {locked.id, free.id}
+    assert lease_end(locked) == before
+    held.drop([locked.id, free.id])
+    time.sleep(0.1)
+
+
 def test_a_claim_held_past_the_task_time_limit_lapses(customer, settings):
     (workflow,) = claimed(customer)
     held = Held()
