@@ -81,6 +81,21 @@ RULES: tuple[Rule, ...] = (
         lambda s: 0 <= s["WORKER_SHUTDOWN_GRACE_SECONDS"] < s["CELERY_TASK_SOFT_TIME_LIMIT"],
     ),
     Rule(
+        "WORKFLOW_MAX_ATTEMPTS x (RETRY_BACKOFF_MAX_SECONDS + INTERNAL_SEARCH_CONNECT_TIMEOUT"
+        " + INTERNAL_SEARCH_READ_TIMEOUT) < WORKFLOW_DEADLINE_SECONDS",
+        "a workflow's whole retry schedule fits before its deadline: the deadline ends only work"
+        " held up past every attempt's wait, never one still within its retries",
+        lambda s: (
+            s["WORKFLOW_MAX_ATTEMPTS"]
+            * (
+                s["RETRY_BACKOFF_MAX_SECONDS"]
+                + s["INTERNAL_SEARCH_CONNECT_TIMEOUT"]
+                + s["INTERNAL_SEARCH_READ_TIMEOUT"]
+            )
+            < s["WORKFLOW_DEADLINE_SECONDS"]
+        ),
+    ),
+    Rule(
         "RETRY_BACKOFF_BASE_SECONDS <= RETRY_BACKOFF_MAX_SECONDS",
         "the first retry wait is not already above the longest one",
         lambda s: s["RETRY_BACKOFF_BASE_SECONDS"] <= s["RETRY_BACKOFF_MAX_SECONDS"],

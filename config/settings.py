@@ -249,6 +249,9 @@ WORKFLOW_CLAIM_LEASE_SECONDS = env_int("WORKFLOW_CLAIM_LEASE_SECONDS", 30, minim
 # finished and hands the rest back (docs/guarantees.md "Crashes and deploys"); keep it under the
 # process manager's stop timeout (docker/compose.yaml's stop_grace_period for the worker).
 WORKER_SHUTDOWN_GRACE_SECONDS = env_float("WORKER_SHUTDOWN_GRACE_SECONDS", 10.0)
+# A workflow not ended this long after its 202 (or its operator's re-queue) is FAILED, reason
+# "deadline exceeded", and the customer told: the bound docs/api.md promises.
+WORKFLOW_DEADLINE_SECONDS = env_int("WORKFLOW_DEADLINE_SECONDS", 86400, minimum=60)
 RECONCILE_INTERVAL_SECONDS = env_int("RECONCILE_INTERVAL_SECONDS", 300, minimum=1)
 RECONCILE_STALE_AFTER_SECONDS = env_int("RECONCILE_STALE_AFTER_SECONDS", 420, minimum=1)
 # A review (operator or customer) not decided this long after it began ends with no match.

@@ -1,3 +1,4 @@
+import datetime as dt
 import uuid
 from typing import Literal
 
@@ -92,6 +93,9 @@ class Workflow(ConcurrentTransitionMixin, models.Model):
     # The consumer currently working on it; a claim expires at claimed_until (crashed worker).
     claim_id = models.UUIDField(null=True, blank=True)
     claimed_until = models.DateTimeField(null=True, blank=True)
+    # Not ended by then, it is FAILED ("deadline exceeded"): its 202 (or an operator's re-queue)
+    # + WORKFLOW_DEADLINE_SECONDS. NULL only on rows older than the column (their 202 + it).
+    deadline_at = models.DateTimeField(null=True, blank=True)
     # Where this request's webhook goes when it is not the customer's registered URL.
     webhook_url = models.URLField(max_length=2000, blank=True, default="")
     # The internal system's asynchronous search job; NULL until a search answers 202.
@@ -191,8 +195,10 @@ class Workflow(ConcurrentTransitionMixin, models.Model):
         self.reason = reason
 
     @transition(field=status, source=Status.FAILED, target=Status.RECEIVED)
-    def requeue(self, *, reason: str = "") -> None:
-        # An operator's fresh start: the attempt budget and the old outcome are reset.
+    def requeue(self, *, deadline_at: dt.datetime, reason: str = "") -> None:
+        # An operator's fresh start: the attempt budget, the deadline and the old outcome are
+        # reset.
+        self.deadline_at = deadline_at
         self.attempts = 0
         self.requeues = 0
         self.claim_id = None

@@ -131,14 +131,15 @@ WITH v AS (
   SELECT * FROM unnest(
     %(id)b::uuid[], %(loaded)b::text[], %(status)b::text[], %(result)b::text[],
     %(reason)b::text[], %(search_id)b::text[], %(attempts)b::int[], %(requeues)b::int[],
-    %(claim_id)b::uuid[], %(claimed_until)b::timestamptz[], %(updated_at)b::timestamptz[]
+    %(claim_id)b::uuid[], %(claimed_until)b::timestamptz[], %(deadline_at)b::timestamptz[],
+    %(updated_at)b::timestamptz[]
   ) AS v(id, loaded, status, result, reason, search_id, attempts, requeues, claim_id,
-         claimed_until, updated_at)
+         claimed_until, deadline_at, updated_at)
 ), saved AS (
   UPDATE {workflow} AS w
      SET status = v.status, result = v.result, reason = v.reason, search_id = v.search_id,
          attempts = v.attempts, requeues = v.requeues, claim_id = v.claim_id,
-         claimed_until = v.claimed_until, updated_at = v.updated_at
+         claimed_until = v.claimed_until, deadline_at = v.deadline_at, updated_at = v.updated_at
     FROM v
    WHERE w.id = v.id AND w.status = v.loaded
   RETURNING w.id

@@ -152,6 +152,7 @@ def links_accept(
         "status": 202,
         "now": now,
         "expires": now + dt.timedelta(seconds=settings.IDEMPOTENCY_TTL_SECONDS),
+        "deadline": now + dt.timedelta(seconds=settings.WORKFLOW_DEADLINE_SECONDS),
         "channel": channel,
     }
     # A savepoint only inside an outer transaction (POST /link/batch's, tests'); in autocommit

@@ -24,11 +24,10 @@ from linking.internal_search import Candidate
 from linking.models import LinkRequest
 from linking.policy import Bands, Outcome, link_decide
 from merchant.models import ReviewBy
-from workflows import metrics
 from workflows import statements as workflow_statements
 from workflows.models import Status, WebhookDelivery, Workflow
-from workflows.services import Step, WorkflowChange, workflows_save
-from workflows.services.webhooks import webhook_delivery_send_later, webhook_event_new
+from workflows.services import Step, WorkflowChange, workflows_ended, workflows_save
+from workflows.services.webhooks import webhook_event_new
 
 REVIEW_REQUIRED = "link.review_required"
 
@@ -195,8 +194,5 @@ def link_search_apply(*, workflow: Workflow, candidates: list[Candidate], actor:
     inside a transaction, and has checked that the workflow still waits for this answer; the
     customer is told after the commit."""
     answer = link_search_answer(workflow=workflow, candidates=candidates)
-    for delivery in link_answers_save(answers=[answer], actor=actor):
-        webhook_delivery_send_later(delivery=delivery)
-        if delivery.event_type != REVIEW_REQUIRED:
-            metrics.workflow_ended(status=workflow.status, created_at=workflow.created_at)
+    workflows_ended(deliveries=link_answers_save(answers=[answer], actor=actor), send=False)
     return workflow

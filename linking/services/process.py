@@ -33,7 +33,6 @@ from linking.internal_search import (
     internal_search_poll,
 )
 from linking.services.answers import (
-    REVIEW_REQUIRED,
     LinkAnswer,
     link_answers_save,
     link_search_answer,
@@ -52,10 +51,12 @@ from workflows.claims import (
 from workflows.models import Status, WebhookDelivery, Workflow
 from workflows.selectors import workflows_held
 from workflows.services import (
+    DEADLINE_EXCEEDED,
     Step,
     webhook_deliveries_settle,
-    webhook_deliveries_start,
+    workflow_past_deadline,
     workflows_claim,
+    workflows_ended,
 )
 from workflows.services.webhooks import Sending
 
@@ -168,6 +169,8 @@ def _attempt(claimed: list[Workflow], heartbeat: Held, processed: Processed) -> 
     for workflow in claimed:
         if workflow.status in (Status.LINKED, Status.NO_RESULTS):
             decided.append(LinkAnswer(workflow, [Step("complete")]))
+        elif workflow_past_deadline(workflow=workflow):
+            decided.append(LinkAnswer(workflow, [Step("fail", DEADLINE_EXCEEDED)]))
         elif workflow.attempts > settings.WORKFLOW_MAX_ATTEMPTS:
             reason = f"attempt limit reached ({workflow.attempts - 1} attempts)"
             decided.append(LinkAnswer(workflow, [Step("fail", reason)]))
@@ -266,6 +269,8 @@ def _answered(workflow: Workflow, future: Future[Any]) -> LinkAnswer | Retry | N
     except InternalSearchError as exc:
         if exc.permanent:
             return LinkAnswer(workflow, [Step("fail", exc.reason)])
+        if workflow_past_deadline(workflow=workflow):
+            return LinkAnswer(workflow, [Step("fail", f"{DEADLINE_EXCEEDED}: {exc.reason}")])
         if workflow.attempts >= settings.WORKFLOW_MAX_ATTEMPTS:
             return LinkAnswer(workflow, [Step("fail", f"attempt limit reached: {exc.reason}")])
         logger.info("workflow %s: %s; retrying", workflow.id, exc.reason)
@@ -306,7 +311,7 @@ def _end(answers: list[LinkAnswer]) -> Sending:
                 deliveries += _save([answer])
             except DatabaseError:
                 logger.exception("workflow %s: its ending failed", answer.workflow.id)
-    return webhook_deliveries_start(delivery_ids=[d.id for d in deliveries], known=deliveries)
+    return workflows_ended(deliveries=deliveries, send=True)
 
 
 def _save(answers: list[LinkAnswer]) -> list[WebhookDelivery]:
@@ -324,10 +329,4 @@ def _save(answers: list[LinkAnswer]) -> list[WebhookDelivery]:
                 ours.append(answer)
             else:
                 logger.info("workflow %s was taken over; dropping this attempt", workflow.id)
-        deliveries = link_answers_save(answers=ours, actor=ACTOR)
-    for delivery in deliveries:
-        if delivery.event_type != REVIEW_REQUIRED:  # a review is no ending
-            metrics.workflow_ended(
-                status=delivery.workflow.status, created_at=delivery.workflow.created_at
-            )
-    return deliveries
+        return link_answers_save(answers=ours, actor=ACTOR)

@@ -32,7 +32,17 @@ from workflows.models import Workflow, WorkflowTransition
 pytestmark = pytest.mark.django_db
 
 # Differ between any two requests by construction.
-_OWN = {"id", "request_id", "request", "workflow", "created_at", "updated_at", "at", "expires_at"}
+_OWN = {
+    "id",
+    "request_id",
+    "request",
+    "workflow",
+    "created_at",
+    "updated_at",
+    "at",
+    "expires_at",
+    "deadline_at",
+}
 
 
 def _rows(workflow_id: str) -> dict[str, Any]:
@@ -54,6 +64,7 @@ def _rows(workflow_id: str) -> dict[str, Any]:
         "record_ttl": (lambda r: r.expires_at - r.created_at)(
             IdempotencyRecord.objects.get(workflow=workflow)
         ),
+        "deadline": workflow.deadline_at and workflow.deadline_at - workflow.created_at,
     }
 
 
@@ -96,6 +107,7 @@ def test_the_statement_writes_what_the_models_would(api: LinkClient) -> None:
         {"source": "", "target": "RECEIVED", "reason": "accepted", "actor": "api"}
     ]
     assert written["record_ttl"] == dt.timedelta(seconds=settings.IDEMPOTENCY_TTL_SECONDS)
+    assert written["deadline"] == dt.timedelta(seconds=settings.WORKFLOW_DEADLINE_SECONDS)
     # An expired record for the same key is forgotten, and the statement run again writes the
     # same rows under the key's lock.
     Workflow.objects.filter(id=workflow_id).update(status="FAILED")

@@ -1,5 +1,6 @@
 """Every allowed and every forbidden transition of the workflow state machine."""
 
+import datetime as dt
 import itertools
 from typing import Any, get_args
 
@@ -22,6 +23,9 @@ from workflows.services import Step, workflow_finish, workflow_transition
 
 pytestmark = pytest.mark.django_db
 
+# An operator's re-queue sets a new deadline.
+DEADLINE = dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+
 S = Status
 # (transition, its keyword arguments) -> allowed sources and the target (docs/api.md, "Workflow
 # states").
@@ -38,7 +42,7 @@ TRANSITIONS: dict[TransitionName, tuple[dict[str, Any], set[str], str]] = {
     ),
     "complete": ({}, {S.LINKED, S.NO_RESULTS}, S.COMPLETED),
     "fail": ({"reason": "broken"}, set(PENDING_STATES), S.FAILED),
-    "requeue": ({}, {S.FAILED}, S.RECEIVED),
+    "requeue": ({"deadline_at": DEADLINE}, {S.FAILED}, S.RECEIVED),
 }
 
 
@@ -113,7 +117,9 @@ def test_transitions_set_their_fields(customer: Customer) -> None:
         "ambiguous",
     )
     workflow = workflow_transition(workflow=workflow, name="fail", actor="t", reason="x")
-    workflow = workflow_transition(workflow=workflow, name="requeue", actor="operator")
+    workflow = workflow_transition(
+        workflow=workflow, name="requeue", actor="operator", deadline_at=DEADLINE
+    )
     workflow.refresh_from_db()
     assert (
         workflow.status,
@@ -121,7 +127,8 @@ def test_transitions_set_their_fields(customer: Customer) -> None:
         workflow.reason,
         workflow.attempts,
         workflow.search_id,
-    ) == (S.RECEIVED, None, "", 0, None)
+        workflow.deadline_at,
+    ) == (S.RECEIVED, None, "", 0, None, DEADLINE)
     timeline = [(t.source, t.target) for t in workflow.transitions.all()]
     assert timeline == [
         ("RECEIVED", "IN_PROGRESS"),

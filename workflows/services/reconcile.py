@@ -13,8 +13,10 @@ from django.utils import timezone
 from workflows import metrics
 from workflows.models import PENDING_STATES, SWEPT_STATES, Status, Workflow, WorkflowTransition
 from workflows.services.workflows import (
+    DEADLINE_EXCEEDED,
     Step,
     workflow_finish,
+    workflow_past_deadline,
     workflow_publish,
     workflow_transition,
     workflows_publish,
@@ -34,7 +36,7 @@ REVIEW_EXPIRED = "review expired"
 @dataclass
 class ReconcileReport:
     requeued: list[uuid.UUID] = field(default_factory=list)
-    failed: list[uuid.UUID] = field(default_factory=list)
+    failed: list[uuid.UUID] = field(default_factory=list)  # out of attempts, or past deadline
     expired: list[uuid.UUID] = field(default_factory=list)  # reviews ended, no match
 
     def as_dict(self) -> dict[str, list[str]]:
@@ -91,16 +93,11 @@ def workflows_reconcile(
             )
             requeued = []
             for workflow in batch:
-                if _out_of_attempts(workflow):
+                reason = _fail_reason(workflow, now)
+                if reason:
                     report.failed.append(workflow.id)
                     workflow_finish(
-                        workflow=workflow,
-                        name="fail",
-                        actor=SWEEP_ACTOR,
-                        reason=(
-                            f"attempt limit reached ({workflow.attempts} attempts, "
-                            f"{workflow.requeues} re-queues)"
-                        ),
+                        workflow=workflow, name="fail", actor=SWEEP_ACTOR, reason=reason
                     )
                 else:
                     requeued.append(workflow)
@@ -158,9 +155,17 @@ def _stale(cutoff: dt.datetime, now: dt.datetime) -> Q:
     return Q(claimed_until__lt=now) | Q(claimed_until__isnull=True, updated_at__lt=cutoff)
 
 
-def _out_of_attempts(workflow: Workflow) -> bool:
-    # The last attempt died (it is stale): another would be one too many.
-    return workflow.attempts >= settings.WORKFLOW_MAX_ATTEMPTS
+def _fail_reason(workflow: Workflow, now: dt.datetime) -> str:
+    """Why a stale workflow is failed instead of re-queued; "" to re-queue it. Past its
+    deadline (WORKFLOW_DEADLINE_SECONDS), or out of attempts: the last attempt died (it is
+    stale), and another would be one too many."""
+    if workflow_past_deadline(workflow=workflow, now=now):
+        return DEADLINE_EXCEEDED
+    if workflow.attempts >= settings.WORKFLOW_MAX_ATTEMPTS:
+        return (
+            f"attempt limit reached ({workflow.attempts} attempts, {workflow.requeues} re-queues)"
+        )
+    return ""
 
 
 def _reconcile_preview(cutoff: dt.datetime, now: dt.datetime) -> ReconcileReport:
@@ -177,8 +182,8 @@ def _reconcile_preview(cutoff: dt.datetime, now: dt.datetime) -> ReconcileReport
     stale = Workflow.objects.filter(_stale(cutoff, now), status__in=SWEPT_STATES).order_by(
         "updated_at"
     )[:limit]
-    for workflow in stale.only("id", "attempts"):
-        (report.failed if _out_of_attempts(workflow) else report.requeued).append(workflow.id)
+    for workflow in stale.only("id", "attempts", "requeues", "created_at", "deadline_at"):
+        (report.failed if _fail_reason(workflow, now) else report.requeued).append(workflow.id)
     return report
 
 
@@ -262,6 +267,7 @@ def workflow_requeue(*, workflow_id: uuid.UUID, actor: str, reason: str = "") ->
             name="requeue",
             actor=actor,
             reason=reason or "re-queued by an operator",
+            deadline_at=timezone.now() + dt.timedelta(seconds=settings.WORKFLOW_DEADLINE_SECONDS),
         )
         transaction.on_commit(lambda: workflow_publish(workflow=workflow))
     return workflow

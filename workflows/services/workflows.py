@@ -22,7 +22,12 @@ from workflows.models import (
     WebhookDelivery,
     Workflow,
 )
-from workflows.services.webhooks import webhook_delivery_new, webhook_delivery_send_later
+from workflows.services.webhooks import (
+    Sending,
+    webhook_deliveries_start,
+    webhook_delivery_new,
+    webhook_delivery_send_later,
+)
 
 # The task that consumes the queue: the request type's (linking/tasks.py), named by the queue's
 # contract so that this app never imports the one above it.
@@ -125,6 +130,7 @@ def workflows_save(*, changes: Sequence[WorkflowChange], actor: str) -> Saved:
                 workflow.requeues,
                 workflow.claim_id,
                 workflow.claimed_until,
+                workflow.deadline_at,
                 now,
             ),
             strict=True,
@@ -179,6 +185,7 @@ _SAVE_COLUMNS = (
     "requeues",
     "claim_id",
     "claimed_until",
+    "deadline_at",
     "updated_at",
 )
 _LINE_COLUMNS = ("workflow", "source", "target", "reason", "actor", "at")
@@ -237,6 +244,22 @@ def workflows_publish(*, workflow_ids: Sequence[uuid.UUID | str]) -> int:
             type(exc).__name__,
         )
     return sent
+
+
+# The reason of a workflow ended by its deadline (WORKFLOW_DEADLINE_SECONDS).
+DEADLINE_EXCEEDED = "deadline exceeded"
+
+
+def workflow_deadline(*, workflow: Workflow) -> dt.datetime:
+    """When the workflow is FAILED if it has not ended (rows from before the column: their 202
+    + WORKFLOW_DEADLINE_SECONDS)."""
+    if workflow.deadline_at is not None:
+        return workflow.deadline_at
+    return workflow.created_at + dt.timedelta(seconds=settings.WORKFLOW_DEADLINE_SECONDS)
+
+
+def workflow_past_deadline(*, workflow: Workflow, now: dt.datetime | None = None) -> bool:
+    return workflow_deadline(workflow=workflow) <= (now or timezone.now())
 
 
 def workflow_claim(
@@ -313,11 +336,27 @@ def workflow_finish(
     `name` is the ending's transition; `first` the transitions that lead there (an operator's
     decision), saved with it. The delivery row commits with the terminal state, so the
     customer is told even if every process dies right after; a worker sends it after the
-    commit. (A consumer's batch ends its workflows with workflows_save and sends their
-    webhooks itself.)
+    commit (workflows_ended).
     """
     delivery = _save_one(WorkflowChange(workflow, [*first, Step(name, reason)]), actor=actor)
     assert delivery is not None
-    webhook_delivery_send_later(delivery=delivery)
-    metrics.workflow_ended(status=workflow.status, created_at=workflow.created_at)
+    workflows_ended(deliveries=[delivery], send=False)
     return workflow
+
+
+def workflows_ended(*, deliveries: Sequence[WebhookDelivery], send: bool) -> Sending:
+    """What follows saving changes that end workflows, whoever saved them (a consumer's batch,
+    a search's callback, an operator, the sweep): each ending's time from its 202 is observed
+    once it commits, and its webhook goes out. `send`: the caller sends them itself, now (a
+    consumer's batch, over its kept connections: it settles the Sending returned); otherwise a
+    worker sends them after the commit. A review is no ending: its delivery
+    (link.review_required) is sent, but its workflow has not ended."""
+    for delivery in deliveries:
+        workflow = delivery.workflow
+        if workflow.status in TERMINAL_STATES:
+            metrics.workflow_ended(status=workflow.status, created_at=workflow.created_at)
+    if send:
+        return webhook_deliveries_start(delivery_ids=[d.id for d in deliveries], known=deliveries)
+    for delivery in deliveries:
+        webhook_delivery_send_later(delivery=delivery)
+    return Sending([])
