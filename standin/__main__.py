@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from standin.server import DEFAULT_DATA, make_server
+from standin.state import OUTAGES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,6 +27,13 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="how long async jobs stay pending; negative = until /_control/complete-jobs",
+    )
+    parser.add_argument(
+        "--outage",
+        choices=OUTAGES,
+        default="",
+        metavar="{503,hang}",
+        help='start down: "503" answers every FHIR call 503, "hang" never answers (default: up)',
     )
     parser.add_argument("--token", default=env("STANDIN_TOKEN"), help="require this bearer token")
     parser.add_argument(
@@ -61,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             token=args.token,
             callback_url=args.callback_url,
             callback_secret=args.callback_secret,
+            outage=args.outage,
         )
     except (OSError, ValueError) as exc:
         parser.error(str(exc))

@@ -8,6 +8,7 @@ from typing import Any
 from standin.matching import Demographics, Match, demographics_of
 
 MATCH_GRADE_URL = "http://hl7.org/fhir/StructureDefinition/match-grade"
+PATIENT_MATCH_DEFINITION = "http://hl7.org/fhir/OperationDefinition/Patient-match"
 DEFAULT_COUNT = 10
 MAX_COUNT = 100
 
@@ -33,6 +34,32 @@ def operation_outcome(status: int, diagnostics: str) -> dict[str, Any]:
     return {
         "resourceType": "OperationOutcome",
         "issue": [{"severity": severity, "code": code, "diagnostics": diagnostics}],
+    }
+
+
+def capability_statement(base_url: str, date: str) -> dict[str, Any]:
+    """The answer to ``GET {base}/metadata``: the interactions the stand-in serves, no more."""
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": date,
+        "kind": "instance",
+        # Invariant cpb-14: a statement of kind "instance" must have an implementation.
+        "implementation": {"description": "Internal patient index stand-in", "url": base_url},
+        "fhirVersion": "4.0.1",
+        "format": ["json"],
+        "rest": [
+            {
+                "mode": "server",
+                "resource": [
+                    {
+                        "type": "Patient",
+                        "interaction": [{"code": "read"}],
+                        "operation": [{"name": "match", "definition": PATIENT_MATCH_DEFINITION}],
+                    }
+                ],
+            }
+        ],
     }
 
 

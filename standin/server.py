@@ -1,13 +1,17 @@
-"""HTTP front of the stand-in: routing, bearer auth, injected latency/failures, access log."""
+"""HTTP front of the stand-in: routing, bearer auth, injected latency/failures/outages, logs."""
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import re
+import socket
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,10 @@ FHIR_JSON = "application/fhir+json"
 PLAIN_JSON = "application/json"
 MAX_BODY_BYTES = 1 << 20
 MATCH_PATH = "/fhir/Patient/$match"
+METADATA_PATH = "/fhir/metadata"
+# How long a "hang" outage holds a call at most: a scenario that forgets to clear the outage
+# (or dies) must not leave handler threads and client connections parked for ever.
+HANG_MAX_SECONDS = 120.0
 CONTROL_PREFIX = "/_control/"
 _READ_PATH = re.compile(r"^/fhir/Patient/([A-Za-z0-9.\-]{1,64})$")
 _JOB_PATH = re.compile(r"^/fhir/\$match-jobs/([0-9a-f]{32})$")
@@ -66,6 +74,10 @@ class _Rejected(Exception):
         self.response = response
 
 
+class _Hang(Exception):
+    """Raised by routing when a "hang" outage is on: the call gets no answer at all."""
+
+
 class QuietDisconnects:
     """socketserver prints a traceback for every exception in a handler thread. A client that
     went away mid-connection (a killed worker's kept-alive connection: ECONNRESET on the next
@@ -85,18 +97,51 @@ class StandinServer(QuietDisconnects, ThreadingHTTPServer):
     # FHIR server's backlog is the kernel's default.
     request_queue_size = 4096
 
+    # Explicit although HTTPServer already sets it: an outage scenario stops the stand-in and
+    # starts a new one on the same port at once, which SO_REUSEADDR allows while the old
+    # connections sit in TIME_WAIT.
+    allow_reuse_address = True
+
     def __init__(self, address: tuple[str, int], state: State) -> None:
-        super().__init__(address, StandinHandler)
+        # Set before binding: a failed bind calls server_close() from inside
+        # TCPServer.__init__, which needs them (else an AttributeError hides "address in use").
         self.state = state
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        # CapabilityStatement.date: when this instance came up (FHIR dateTime, with a zone).
+        self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
+        super().__init__(address, StandinHandler)
 
     @property
     def base_url(self) -> str:
         host, port = self.socket.getsockname()[:2]
         return f"http://{host}:{port}/fhir"
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        # Forget the socket before it is closed, so server_close never touches a closed one.
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
     def server_close(self) -> None:
+        """Stop listening and drop every open connection, as a dying process would.
+
+        Handler threads are daemons that are not joined, so without this a client's kept-alive
+        connection would go on being answered by a stopped server, and "the internal system
+        refuses connections" would only hold for new ones."""
         self.state.close()
         super().server_close()
+        with self._connections_lock:
+            for connection in self._connections:
+                # shutdown, not close: the handler thread still owns the descriptor; its blocked
+                # read returns EOF and it closes the socket itself. OSError: the client left.
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
 
 
 class StandinHandler(BaseHTTPRequestHandler):
@@ -124,6 +169,9 @@ class StandinHandler(BaseHTTPRequestHandler):
             response = self._route(path)
         except _Rejected as rejected:
             response = rejected.response
+        except _Hang:
+            self._hang(raw_path, started)
+            return
         except Exception as exc:
             # A stand-in bug must surface as a clean 500, never as a stack trace to the client.
             print(f"standin: internal error {type(exc).__name__}", file=sys.stderr, flush=True)
@@ -141,6 +189,22 @@ class StandinHandler(BaseHTTPRequestHandler):
             flush=True,
         )
         self._send(response)
+
+    def _hang(self, raw_path: str, started: float) -> None:
+        """Hold the call unanswered while the "hang" outage lasts, then drop the connection.
+
+        Waiting here blocks only this connection's thread (the server is threaded), so the
+        control API that ends the outage keeps answering."""
+        self.server.state.hold_while_hanging(HANG_MAX_SECONDS)
+        # No answer was written, so the connection cannot carry another request.
+        self.close_connection = True
+        self.server.state.record_request(self.command, unquote(raw_path), None)
+        elapsed_ms = round((time.monotonic() - started) * 1000)
+        print(
+            f"standin: {self.command} {raw_path} no-answer {elapsed_ms}ms",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _read_body(self) -> bytes:
         try:
@@ -183,10 +247,21 @@ class StandinHandler(BaseHTTPRequestHandler):
     def _route(self, path: str) -> Response:
         body = self._read_body()
         state = self.server.state
+        # Before the token check: a system that is down (a proxy's 503, a hung process) answers
+        # everyone alike. The control API is the harness's, never part of the outage.
+        if not path.startswith(CONTROL_PREFIX):
+            outage = state.outage_for_call()
+            if outage == "503":
+                # No Retry-After: a real outage rarely announces when it will end.
+                return _outcome(503, "internal system unavailable (injected outage)")
+            if outage == "hang":
+                raise _Hang
         if state.token and not self._authorised(state.token):
             return _outcome(401, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
         if path.startswith(CONTROL_PREFIX):
             return self._control(path.removeprefix(CONTROL_PREFIX), body)
+        if path == METADATA_PATH:
+            return self._metadata() if self.command == "GET" else _not_allowed("GET")
         if path == MATCH_PATH:
             return self._match(body) if self.command == "POST" else _not_allowed("POST")
         if job := _JOB_PATH.match(path):
@@ -228,6 +303,12 @@ class StandinHandler(BaseHTTPRequestHandler):
             return _outcome(404, "unknown match job")
         done, bundle = job
         return Response(200, bundle) if done else _outcome(202, "match job in progress")
+
+    def _metadata(self) -> Response:
+        # The liveness probe: no injected latency, failures or scripted steps, which are there
+        # to shape searches; only an outage (checked in _route) makes it fail.
+        self.server.state.count("metadata_calls")
+        return Response(200, fhir.capability_statement(self._base_url(), self.server.started_at))
 
     def _read(self, patient_id: str) -> Response:
         state = self.server.state
@@ -273,10 +354,16 @@ def make_server(
     token: str | None = None,
     callback_url: str | None = None,
     callback_secret: str | None = None,
+    outage: str = "",
 ) -> StandinServer:
     """Build (but do not start) a server; call ``serve_forever`` on it, e.g. in a thread."""
     config = Config().updated(
-        {"latency_ms": latency_ms, "failure_rate": failure_rate, "async_delay_ms": async_delay_ms}
+        {
+            "latency_ms": latency_ms,
+            "failure_rate": failure_rate,
+            "async_delay_ms": async_delay_ms,
+            "outage": outage,
+        }
     )
     if bool(callback_url) != bool(callback_secret):
         raise ValueError("callback URL and callback secret must be configured together")

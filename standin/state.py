@@ -14,6 +14,9 @@ from standin.matching import PatientIndex
 from standin.webhooks import WebhookSender
 
 REQUEST_LOG_SIZE = 200
+# "" = up; "503" = every FHIR call answered 503; "hang" = every FHIR call read and never answered.
+# A refused connection is not a knob: the harness stops the server (see StandinServer).
+OUTAGES = ("", "503", "hang")
 
 
 @dataclass(frozen=True)
@@ -22,12 +25,13 @@ class Config:
     failure_rate: float = 0.0
     # Negative means "never on its own": jobs stay pending until /_control/complete-jobs.
     async_delay_ms: int = 0
+    outage: str = ""
 
     def updated(self, changes: Any) -> Config:
         """Apply a /_control/config body; raises ValueError on unknown keys or bad values."""
         if not isinstance(changes, dict):
             raise ValueError("config body must be a JSON object")
-        unknown = set(changes) - {"latency_ms", "failure_rate", "async_delay_ms"}
+        unknown = set(changes) - {"latency_ms", "failure_rate", "async_delay_ms", "outage"}
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
         for key in ("latency_ms", "async_delay_ms"):
@@ -40,6 +44,8 @@ class Config:
             raise ValueError("failure_rate must be a number between 0 and 1")
         if "failure_rate" in changes:
             changes = {**changes, "failure_rate": float(rate)}
+        if changes.get("outage", "") not in OUTAGES:
+            raise ValueError(f"outage must be one of {list(OUTAGES)}")
         return replace(self, **changes)
 
 
@@ -89,6 +95,11 @@ class State:
         self._seed = seed
         self._webhooks = webhooks
         self._lock = threading.Lock()
+        # Wakes the calls held by a "hang" outage when the config changes or the server closes.
+        self._config_changed = threading.Condition(self._lock)
+        # A gauge, not a counter: reset does not touch it (the held calls are still held).
+        self._calls_hanging = 0
+        self._closed = False
         self._reset_locked()
 
     def _reset_locked(self) -> None:
@@ -98,7 +109,16 @@ class State:
         self._script: deque[ScriptStep] = deque()
         self._jobs: dict[str, Job] = {}
         self._counters = dict.fromkeys(
-            ("match_calls", "read_calls", "job_polls", "callbacks_sent", "callback_failures"), 0
+            (
+                "match_calls",
+                "read_calls",
+                "job_polls",
+                "metadata_calls",
+                "calls_during_outage",
+                "callbacks_sent",
+                "callback_failures",
+            ),
+            0,
         )
         self._requests: deque[dict[str, Any]] = deque(maxlen=REQUEST_LOG_SIZE)
 
@@ -106,10 +126,15 @@ class State:
         with self._lock:
             self._cancel_timers_locked()
             self._reset_locked()
+            # Back to the start-up config: a call held by a "hang" outage may be released.
+            self._config_changed.notify_all()
 
     def close(self) -> None:
         with self._lock:
             self._cancel_timers_locked()
+            # A closed server has no one left to clear the outage: release the held calls now.
+            self._closed = True
+            self._config_changed.notify_all()
 
     def _cancel_timers_locked(self) -> None:
         for job in self._jobs.values():
@@ -119,6 +144,7 @@ class State:
     def set_config(self, changes: Any) -> Config:
         with self._lock:
             self.config = self.config.updated(changes)
+            self._config_changed.notify_all()
             return self.config
 
     def queue_script(self, raw: Any) -> int:
@@ -133,6 +159,28 @@ class State:
         with self._lock:
             self._counters[counter] += 1
 
+    def outage_for_call(self) -> str:
+        """The outage a FHIR call meets on arrival ("" if none); counts the call if there is one.
+
+        Read and counted under one lock so a scenario's count agrees with the answers given."""
+        with self._lock:
+            outage = self.config.outage
+            if outage:
+                self._counters["calls_during_outage"] += 1
+            return outage
+
+    def hold_while_hanging(self, max_seconds: float) -> None:
+        """Block a FHIR call until the "hang" outage ends (config change, reset, close) or
+        ``max_seconds`` pass, so no handler thread outlives a forgotten outage for long."""
+        with self._config_changed:
+            self._calls_hanging += 1
+            try:
+                self._config_changed.wait_for(
+                    lambda: self.config.outage != "hang" or self._closed, max_seconds
+                )
+            finally:
+                self._calls_hanging -= 1
+
     def next_match_behaviour(self) -> ScriptStep:
         """Called once per $match: a scripted step if queued, else the failure-rate draw."""
         with self._lock:
@@ -144,13 +192,18 @@ class State:
             failed = self._rng.random() < self.config.failure_rate
             return ScriptStep(status=500 if failed else 200)
 
-    def record_request(self, method: str, path: str, status: int) -> None:
+    def record_request(self, method: str, path: str, status: int | None) -> None:
+        """``status`` None: the call was never answered (a "hang" outage)."""
         with self._lock:
             self._requests.append({"method": method, "path": path, "status": status})
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {**self._counters, "requests": list(self._requests)}
+            return {
+                **self._counters,
+                "calls_hanging": self._calls_hanging,
+                "requests": list(self._requests),
+            }
 
     def create_job(self, bundle: dict[str, Any]) -> str:
         search_id = uuid.uuid4().hex

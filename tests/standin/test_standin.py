@@ -679,6 +679,7 @@ def test_stats_count_calls_and_reset_clears_them(standin: StandinServer) -> None
         "latency_ms": 0,
         "failure_rate": 0.0,
         "async_delay_ms": 0,
+        "outage": "",
     }
 
 
