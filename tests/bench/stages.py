@@ -548,7 +548,9 @@ def _sweep_rows(
         attempts = 1
         if kind == _STALE:
             state = ("RECEIVED", "IN_PROGRESS", "REQUESTED")[index % 3]
-            created = updated = now - dt.timedelta(seconds=old + rng.randrange(86400))
+            # Within the last 12 hours, well inside WORKFLOW_DEADLINE_SECONDS (24 h): an older
+            # pending row is not re-queued but failed, "deadline exceeded".
+            created = updated = now - dt.timedelta(seconds=old + rng.randrange(12 * 3600))
         elif kind == _RECENT:
             state = ("RECEIVED", "IN_PROGRESS")[index % 2]
             created = updated = now - dt.timedelta(seconds=rng.randrange(60))
