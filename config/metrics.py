@@ -40,6 +40,7 @@ from prometheus_client.registry import Collector
 
 from merchant.problems import PROBLEM_CONTENT_TYPE, problem_body
 from workflows.metrics import WorkflowCollector
+from workflows.scheduler import ScheduleCollector
 
 # No `*_created` series: a counter's start time is noise next to its value (and multiprocess
 # mode has none), so every exposition looks the same.
@@ -86,6 +87,7 @@ def _process_registry() -> CollectorRegistry:
 def _web_registry() -> CollectorRegistry:
     registry = _process_registry()
     registry.register(WorkflowCollector())
+    registry.register(ScheduleCollector())
     return registry
 
 

@@ -107,17 +107,6 @@ RULES: tuple[Rule, ...] = (
         _redis,
     ),
     Rule(
-        "CELERY_VISIBILITY_TIMEOUT > RETRY_BACKOFF_MAX_SECONDS + CELERY_TASK_TIME_LIMIT"
-        " (Redis broker)",
-        "a retry's message is held unacknowledged until its countdown ends and then runs:"
-        " Redis must not deliver it twice meanwhile",
-        lambda s: (
-            s["CELERY_VISIBILITY_TIMEOUT"]
-            > s["RETRY_BACKOFF_MAX_SECONDS"] + s["CELERY_TASK_TIME_LIMIT"]
-        ),
-        _redis,
-    ),
-    Rule(
         "RABBITMQ_CONSUMER_TIMEOUT >= 4 x CELERY_TASK_TIME_LIMIT (RabbitMQ broker)",
         "RabbitMQ closes the channel of a consumer that holds a message longer, and redelivers"
         " everything on it (set the server's consumer_timeout to at least this)",
@@ -125,14 +114,10 @@ RULES: tuple[Rule, ...] = (
         _amqp,
     ),
     Rule(
-        "RABBITMQ_CONSUMER_TIMEOUT > RETRY_BACKOFF_MAX_SECONDS + CELERY_TASK_TIME_LIMIT"
-        " (RabbitMQ broker)",
-        "a retry's message is held unacknowledged until its countdown ends and then runs",
-        lambda s: (
-            s["RABBITMQ_CONSUMER_TIMEOUT"]
-            > s["RETRY_BACKOFF_MAX_SECONDS"] + s["CELERY_TASK_TIME_LIMIT"]
-        ),
-        _amqp,
+        "0 < INTERNAL_SEARCH_BREAKER_PROBE_SECONDS",
+        "while the internal system is down it is probed once per that many seconds (0 would"
+        " probe it without pause)",
+        lambda s: s["INTERNAL_SEARCH_BREAKER_PROBE_SECONDS"] > 0,
     ),
     Rule(
         "LINK_BATCH_RETENTION_DAYS x 86400 >= IDEMPOTENCY_TTL_SECONDS",

@@ -149,7 +149,7 @@ CELERY_VISIBILITY_TIMEOUT = env_int("CELERY_VISIBILITY_TIMEOUT", 3600, minimum=6
 # RabbitMQ's own clock for the same thing: its `consumer_timeout` (server setting, default
 # 30 min) closes the channel of a consumer that holds a message unacknowledged for longer, and
 # every message on it is redelivered. With acks_late a message stays unacknowledged while it
-# waits in the prefetch, runs, and for a retry's countdown: this must say what the server is
+# waits in the prefetch and runs: this must say what the server is
 # configured with, and it must exceed 4 x the hard time limit. (RabbitMQ only.)
 RABBITMQ_CONSUMER_TIMEOUT = env_int("RABBITMQ_CONSUMER_TIMEOUT", 1800, minimum=60)
 if BROKER_IS_REDIS:
@@ -237,12 +237,27 @@ WORKFLOW_MAX_ATTEMPTS = env_int("WORKFLOW_MAX_ATTEMPTS", 5, minimum=1)
 # message, and a worker claims, searches, ends and notifies them together
 # (docs/architecture.md "How a request travels"). 1 works too: one message per workflow.
 WORKER_BATCH_SIZE = env_int("WORKER_BATCH_SIZE", 50, minimum=1)
+# The schedule (workflows/scheduler.py). Work in flight (published, not yet ended or put back) is
+# held under WORKFLOW_IN_FLIGHT_MAX: enough to keep the workers busy, little enough that the
+# broker's queue stays short and each ordering decision is taken late. The default is what two
+# worker processes search at once (each runs up to 4 x WORKER_BATCH_SIZE searches together,
+# workflows/concurrent.py): one worker kept busy with as much again queued; add 4 x
+# WORKER_BATCH_SIZE per worker process beyond two.
+WORKFLOW_IN_FLIGHT_MAX = env_int("WORKFLOW_IN_FLIGHT_MAX", 8 * WORKER_BATCH_SIZE, minimum=1)
+# The most searches in flight at once across every worker, as agreed with the internal system's
+# team (docs/internal-search-contract.md section 4): the bound on work in flight never exceeds it.
+INTERNAL_SEARCH_MAX_CONCURRENCY = env_int("INTERNAL_SEARCH_MAX_CONCURRENCY", 400, minimum=1)
+# The internal system's circuit breaker (workflows/breaker.py): this many consecutive transient
+# failures open it; while open, its probe (GET metadata) runs once per PROBE_SECONDS.
+INTERNAL_SEARCH_BREAKER_FAILURES = env_int("INTERNAL_SEARCH_BREAKER_FAILURES", 5, minimum=1)
+INTERNAL_SEARCH_BREAKER_PROBE_SECONDS = env_float("INTERNAL_SEARCH_BREAKER_PROBE_SECONDS", 5.0)
 RETRY_BACKOFF_BASE_SECONDS = env_float("RETRY_BACKOFF_BASE_SECONDS", 2.0)
 RETRY_BACKOFF_MAX_SECONDS = env_float("RETRY_BACKOFF_MAX_SECONDS", 60.0)
 # A consumer's claim on a workflow lives as long as its worker: the worker process renews the
-# claims it holds every WORKFLOW_HEARTBEAT_SECONDS (workflows/heartbeat.py), and a claim not
-# renewed for WORKFLOW_CLAIM_LEASE_SECONDS is dead (its worker crashed or hung): the next sweep
-# resumes the workflow at once. So a crash costs about a lease, whatever the task's time limit.
+# claims it holds every WORKFLOW_HEARTBEAT_SECONDS (workflows/claims.py), and a claim not
+# renewed for WORKFLOW_CLAIM_LEASE_SECONDS is dead (its worker crashed or hung): the scheduler
+# makes the workflow due again within a second. So a crash costs about a lease, whatever the
+# task's time limit.
 WORKFLOW_HEARTBEAT_SECONDS = env_float("WORKFLOW_HEARTBEAT_SECONDS", 10.0)
 WORKFLOW_CLAIM_LEASE_SECONDS = env_int("WORKFLOW_CLAIM_LEASE_SECONDS", 30, minimum=1)
 # On warm shutdown (SIGTERM) a worker lets the searches in flight finish for this long, ends what

@@ -29,14 +29,31 @@ FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 TRANSIENT_STATUSES = {408, 429}
 
 
-class InternalSearchError(Exception):
-    """The search did not give a usable answer. `permanent`: retrying cannot help."""
+# Answers that say the internal system itself is down, not this request: with transport failures
+# (refused, reset, timed out) they count toward opening the circuit breaker (workflows/breaker.py).
+OUTAGE_STATUSES = {502, 503, 504}
 
-    def __init__(self, reason: str, *, permanent: bool, retry_after: float | None = None) -> None:
+
+class InternalSearchError(Exception):
+    """The search did not give a usable answer. `permanent`: retrying cannot help. `outage`:
+    the internal system itself looks down (a transport failure, 502/503/504). `throttled`: it
+    answered 429, asking every caller to wait `retry_after` seconds."""
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        permanent: bool,
+        retry_after: float | None = None,
+        outage: bool = False,
+        throttled: bool = False,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.permanent = permanent
         self.retry_after = retry_after
+        self.outage = outage
+        self.throttled = throttled
 
 
 def _search_error_kind(exc: BaseException) -> str:
@@ -172,13 +189,13 @@ def _request(method: str, url: str, what: str, **kwargs: Any) -> urllib3.BaseHTT
         # Checked before the timeout: urllib3 still makes NewConnectionError a subclass of
         # ConnectTimeoutError, and a refused connection is not a timeout.
         raise InternalSearchError(
-            f"{what} unreachable ({type(exc).__name__})", permanent=False
+            f"{what} unreachable ({type(exc).__name__})", permanent=False, outage=True
         ) from exc
     except TransportTimeout as exc:
-        raise InternalSearchError(f"{what} timed out", permanent=False) from exc
+        raise InternalSearchError(f"{what} timed out", permanent=False, outage=True) from exc
     except (TransportError, OSError) as exc:
         raise InternalSearchError(
-            f"{what} unreachable ({type(exc).__name__})", permanent=False
+            f"{what} unreachable ({type(exc).__name__})", permanent=False, outage=True
         ) from exc
 
 
@@ -250,9 +267,45 @@ def _call(method: str, url: str, what: str, **kwargs: Any) -> urllib3.BaseHTTPRe
     status = response.status
     if status >= 500 or status in TRANSIENT_STATUSES:
         raise InternalSearchError(
-            f"{what} answered {status}", permanent=False, retry_after=_retry_after(response)
+            f"{what} answered {status}",
+            permanent=False,
+            retry_after=_retry_after(response),
+            outage=status in OUTAGE_STATUSES,
+            throttled=status == 429,
         )
     return response
+
+
+def internal_search_probe() -> bool:
+    """The circuit breaker's probe (contract section 4): True when `GET [base]/metadata` answers
+    200 with a CapabilityStatement. Never raises; waits at most the connect timeout plus
+    INTERNAL_SEARCH_BREAKER_PROBE_SECONDS (a hanging server is a failed probe)."""
+    timeout = urllib3.Timeout(
+        connect=settings.INTERNAL_SEARCH_CONNECT_TIMEOUT,
+        read=min(
+            settings.INTERNAL_SEARCH_READ_TIMEOUT, settings.INTERNAL_SEARCH_BREAKER_PROBE_SECONDS
+        ),
+    )
+    headers = {"Accept": FHIR_JSON}
+    if settings.INTERNAL_SEARCH_TOKEN:
+        headers["Authorization"] = f"Bearer {settings.INTERNAL_SEARCH_TOKEN}"
+    started = time.perf_counter()
+    try:
+        response = _http.get().request(
+            "GET",
+            f"{settings.INTERNAL_SEARCH_URL}/metadata",
+            headers=headers,
+            timeout=timeout,
+            redirect=False,
+            retries=False,
+        )
+        ok = response.status == 200 and response.json().get("resourceType") == "CapabilityStatement"
+    except (TransportError, OSError, ValueError, AttributeError):
+        ok = False
+    metrics.INTERNAL_SEARCH_SECONDS.labels("probe").observe(time.perf_counter() - started)
+    if not ok:
+        metrics.INTERNAL_SEARCH_ERRORS.labels("probe", "unavailable").inc()
+    return ok
 
 
 def _candidates(response: urllib3.BaseHTTPResponse, what: str) -> list[Candidate]:

@@ -28,7 +28,7 @@ LINK_ACK_SECONDS = Histogram(
 )
 INTERNAL_SEARCH_SECONDS = Histogram(
     "merchant_internal_search_seconds",
-    "Calls to the internal system, errors included, by operation (match, poll, read).",
+    "Calls to the internal system, errors included, by operation (match, poll, read, probe).",
     ["operation"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
@@ -57,7 +57,7 @@ for _outcome, _status in (
     ("service-unavailable", 503),
 ):
     LINK_ACKS.labels(_outcome, str(_status))
-for _operation in ("match", "poll", "read"):
+for _operation in ("match", "poll", "read", "probe"):
     INTERNAL_SEARCH_SECONDS.labels(_operation)
     for _kind in SEARCH_ERROR_KINDS:
         INTERNAL_SEARCH_ERRORS.labels(_operation, _kind)

@@ -145,11 +145,11 @@ WITH item AS (
 ), workflow AS (
   INSERT INTO {workflow}
          (id, request_id, customer_id, patient_id, request_type, status, result, reason,
-          attempts, requeues, claim_id, claimed_until, deadline_at, webhook_url, search_id,
-          created_at, updated_at)
+          attempts, requeues, claim_id, claimed_until, deadline_at, due_at, published_at,
+          webhook_url, search_id, created_at, updated_at)
   SELECT workflow_id, request_id, %(customer)s::uuid, patient_id, %(request_type)s,
-         %(received)s, NULL, '', 0, 0, NULL, NULL, %(deadline)s::timestamptz, webhook_url, NULL,
-         %(now)s::timestamptz, %(now)s::timestamptz
+         %(received)s, NULL, '', 0, 0, NULL, NULL, %(deadline)s::timestamptz,
+         %(now)s::timestamptz, NULL, webhook_url, NULL, %(now)s::timestamptz, %(now)s::timestamptz
     FROM fresh
   RETURNING id
 ), timeline AS (

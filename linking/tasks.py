@@ -1,9 +1,6 @@
 """The consumer of the workflows queue, and the periodic link tasks run by beat."""
 
-import datetime as dt
-import uuid
-
-from celery import Task, shared_task
+from celery import shared_task
 
 from linking.services import (
     idempotency_purge_expired,
@@ -12,47 +9,18 @@ from linking.services import (
     request_data_purge_expired,
     search_callbacks_purge,
 )
-from workflows.services import workflows_publish
-
-# A resumed message runs this long after the dead claim's lease ends, so that it finds it ended.
-RESUME_MARGIN = dt.timedelta(seconds=0.5)
 
 # The names are the queue's contract, kept from when the consumer lived in workflows/: a message
 # already queued under them must still find its task. workflows_publish sends to the first.
 
 
-@shared_task(bind=True, name="workflows.process_workflows")
-def process_workflows(
-    self: Task,
-    workflow_ids: list[str],
-    claims: dict[str, str] | None = None,
-    resumed: bool = False,
-) -> None:
-    """Consume one batch of workflows; the message carries their ids only.
-
-    `claims` are our own claims on some of them, riding along a retry so that it resumes that
-    work instead of waiting out the claim's lease. Each workflow that must be retried is sent
-    again on its own, after its own backoff: attempts are counted in PostgreSQL, not by Celery.
-    What a worker shutting down handed back is sent again at once; what a redelivered message
-    found still claimed (its consumer died) is sent again for when that lease ends, once.
+@shared_task(name="workflows.process_workflows")
+def process_workflows(workflow_ids: list[str], **_before_the_schedule: object) -> None:
+    """Consume one batch of workflows; the message carries their ids only. What cannot finish
+    now is put back on the schedule in PostgreSQL (workflows/scheduler.py), never sent again
+    from here. (Messages queued before the schedule may carry `claims` or `resumed`: ignored.)
     """
-    renew = {uuid.UUID(k): uuid.UUID(v) for k, v in (claims or {}).items()}
-    redelivered = bool((self.request.delivery_info or {}).get("redelivered")) and not resumed
-    done = links_process(workflow_ids=workflow_ids, claims=renew, redelivered=redelivered)
-    for retry in done.retries:
-        process_workflows.apply_async(
-            args=([str(retry.workflow_id)],),
-            kwargs={"claims": {str(retry.workflow_id): str(retry.claim_id)}},
-            countdown=retry.retry_in,
-        )
-    if done.again:
-        workflows_publish(workflow_ids=done.again)
-    if done.held and done.held_until is not None:
-        process_workflows.apply_async(
-            args=([str(workflow_id) for workflow_id in done.held],),
-            kwargs={"resumed": True},
-            eta=done.held_until + RESUME_MARGIN,
-        )
+    links_process(workflow_ids=workflow_ids)
 
 
 @shared_task(name="workflows.process_workflow")
@@ -60,7 +28,7 @@ def process_workflow(message: dict[str, str], claim: str | None = None) -> None:
     """A message of the one-workflow format that came before batches (still queued across an
     upgrade): worked as a batch of one."""
     workflow_id = message["workflow-id"]
-    process_workflows(workflow_ids=[workflow_id], claims={workflow_id: claim} if claim else None)
+    process_workflows(workflow_ids=[workflow_id])
 
 
 @shared_task(name="linking.purge_idempotency_records")

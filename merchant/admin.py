@@ -31,6 +31,7 @@ class CustomerAdmin(admin.ModelAdmin[Customer]):
         "webhook_url",
         "webhook_enabled",
         "review_by",
+        "weight",
         "token_version",
         "created_at",
     ]
@@ -58,6 +59,7 @@ class CustomerAdmin(admin.ModelAdmin[Customer]):
         "auto_link_margin",
         "review_min_score",
         "review_by",
+        "weight",
         "created_at",
         "updated_at",
     ]

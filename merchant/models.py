@@ -1,6 +1,10 @@
 import uuid
 
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
+
+# The largest scheduling weight: a customer may be given up to this many times another's share.
+MAX_WEIGHT = 100
 
 
 class ReviewBy(models.TextChoices):
@@ -33,12 +37,21 @@ class Customer(models.Model):
     auto_link_margin = models.FloatField(null=True, blank=True)
     review_min_score = models.FloatField(null=True, blank=True)
     review_by = models.CharField(max_length=16, choices=ReviewBy.choices, default=ReviewBy.OPERATOR)
+    # Its share of each scheduling round (workflows/scheduler.py): a customer of weight 3 has up
+    # to 3 workflows published for every 1 of a customer of weight 1 while both have work due.
+    weight = models.PositiveSmallIntegerField(
+        default=1, validators=[MinValueValidator(1), MaxValueValidator(MAX_WEIGHT)]
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         ordering = ["name"]
         constraints = [
+            models.CheckConstraint(
+                condition=models.Q(weight__gte=1, weight__lte=MAX_WEIGHT),
+                name="customer_weight_range",
+            ),
             models.CheckConstraint(
                 condition=models.Q(webhook_secret__startswith="whsec_"),  # noqa: S106
                 name="customer_webhook_secret_format",

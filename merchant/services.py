@@ -16,7 +16,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from merchant.models import Customer, ReviewBy
+from merchant.models import MAX_WEIGHT, Customer, ReviewBy
 from merchant.webhook_urls import webhook_url_check
 
 TOKEN_ALGORITHM = "HS256"  # noqa: S105 -- pinned here; never taken from the token's header
@@ -114,19 +114,22 @@ def customer_webhook_secret_rotate(*, customer: Customer, overlap: dt.timedelta,
 
 
 def customer_onboard(
-    *, name: str, webhook_url: str, review_by: str = ReviewBy.OPERATOR
+    *, name: str, webhook_url: str, review_by: str = ReviewBy.OPERATOR, weight: int = 1
 ) -> CustomerCredentials:
     name = name.strip()
     if not name:
         raise ValueError("The customer name must not be empty.")
     if review_by not in ReviewBy.values:
         raise ValueError(f"review_by must be one of {', '.join(ReviewBy.values)}.")
+    if not 1 <= weight <= MAX_WEIGHT:
+        raise ValueError(f"weight must be a whole number from 1 to {MAX_WEIGHT}.")
     webhook_url_check(url=webhook_url, resolve=True)
     customer = Customer.objects.create(
         name=name,
         webhook_url=webhook_url,
         webhook_secret=webhook_secret_generate(),
         review_by=review_by,
+        weight=weight,
     )
     return CustomerCredentials(customer=customer, token=token_issue(customer=customer))
 

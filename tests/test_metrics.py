@@ -59,7 +59,9 @@ def delta(before: Samples, after: Samples) -> dict[tuple[str, frozenset[tuple[st
     """The samples that moved (ignoring the gauges read from the database and process stats)."""
     moved = {}
     for key, now in after.items():
-        if key[0].startswith("merchant_") and not key[0].startswith("merchant_workflows"):
+        if key[0].startswith("merchant_") and not key[0].startswith(
+            ("merchant_workflows", "merchant_scheduler_", "merchant_breaker_")
+        ):
             change = now - before.get(key, 0.0)
             if change:
                 moved[key] = change
@@ -195,9 +197,13 @@ def test_a_database_failure_is_reported_not_a_500(credentials: CustomerCredentia
 def test_a_sweep_counts_its_run_and_requeues(credentials: CustomerCredentials, settings: Any):
     settings.RECONCILE_STALE_AFTER_SECONDS = 300
     settings.WORKFLOW_MAX_ATTEMPTS = 5
-    for _ in range(3):
-        make(credentials.customer, Status.RECEIVED, age_seconds=400)
-    make(credentials.customer, Status.RECEIVED)
+    # Made due by the sweep: idle (neither due nor in flight: waiting for a search's callback)
+    # for longer than the stale window.
+    idle = [make(credentials.customer, Status.REQUESTED, age_seconds=400) for _ in range(3)]
+    idle.append(make(credentials.customer, Status.REQUESTED))  # idle, but not for long enough
+    Workflow.objects.filter(id__in=[w.id for w in idle]).update(due_at=None)
+    # Due as long, waiting for its turn: the scheduler's, neither made due nor counted.
+    make(credentials.customer, Status.RECEIVED, age_seconds=400)
     before = scrape()
     workflows_reconcile()
     after = scrape()

@@ -42,6 +42,7 @@ from merchant.services import customer_onboard
 from standin.receiver import ReceiverServer, make_receiver
 from tests.conftest import broker_messages, every_logger_into
 from tests.processes import serving
+from workflows import tasks as workflow_tasks  # noqa: F401 -- registers deliver_webhooks
 from workflows.dispatcher import Dispatcher
 from workflows.models import Result, Status, WebhookDelivery, Workflow
 from workflows.services import workflows_reconcile
@@ -340,13 +341,16 @@ def test_a_canary_patient_leaves_no_trace(
     script(standin, {"status": 400})
     worker.run_all()
 
-    # 4. Transient failure: the task retries through the broker, then ends.
+    # 4. Transient failure: put back due after its backoff, published again then, and ended.
     ended["retry"] = workflow_of(customer.post(canary(), "transient"))
     worker.wait(ended["retry"])
     script(standin, {"status": 500})
     worker.run_all()
+    worker.wait(ended["retry"])
+    worker.run_all()
 
-    # 5. A crash in the consumer: the worker logs it; the sweep re-queues after the lease.
+    # 5. A crash in the consumer: the worker logs it; the scheduler takes it back after the
+    #    lease.
     crashed = workflow_of(customer.post(canary(), "crash"))
     worker.wait(crashed)
 
@@ -358,7 +362,7 @@ def test_a_canary_patient_leaves_no_trace(
     monkeypatch.undo()
     assert Workflow.objects.get(id=crashed.id).status == Status.IN_PROGRESS
     Workflow.objects.filter(id=crashed.id).update(claimed_until=timezone.now())
-    assert crashed.id in workflows_reconcile(stale_after_seconds=0).requeued
+    worker.wait(crashed)
     worker.run_all()
     ended["crash"] = crashed
 
@@ -388,6 +392,7 @@ def test_a_canary_patient_leaves_no_trace(
     assert Workflow.objects.get(id=polled.id).status == Status.REQUESTED
     control(standin, "complete-jobs")
     assert polled.id in workflows_reconcile(stale_after_seconds=0).requeued
+    worker.wait(polled)
     worker.run_all()
     settings.INTERNAL_SEARCH_ASYNC = False
     ended["asynchronous search"] = polled
@@ -455,10 +460,15 @@ def test_a_canary_patient_leaves_no_trace(
     assert outcomes["review"][:2] == (Status.COMPLETED, Result.LINKED)
     assert outcomes["asynchronous search"][:2] == (Status.COMPLETED, Result.NO_RESULTS)
     assert outcomes["batch item"][:2] == (Status.COMPLETED, Result.NO_RESULTS)
-    assert any(
-        name == process_workflows.name and kwargs.get("claims")
-        for name, _args, kwargs in worker.tasks_run
-    ), "no retry went through the broker"
+    retried = str(ended["retry"].id)
+    assert (
+        sum(
+            1
+            for name, args, _kwargs in worker.tasks_run
+            if name == process_workflows.name and retried in args[0]
+        )
+        == 2
+    ), "the retry did not go through the broker once more"
     crash_logs = [r for r in all_logs if r.exc_info and "internal search client" in log_text(r)]
     assert crash_logs, "the worker's crash was not logged (or not captured)"
     deliveries = list(WebhookDelivery.objects.all())

@@ -21,6 +21,7 @@ from workflows.models import (
     Workflow,
     WorkflowTransition,
 )
+from workflows.scheduler import schedule_summary
 from workflows.selectors import ops_dashboard
 from workflows.services import webhook_redeliver, workflow_mark_failed, workflow_requeue
 
@@ -160,6 +161,7 @@ class WorkflowAdmin(admin.ModelAdmin[Workflow]):
             "opts": self.model._meta,
             "review_admin": self._review_admin(),
             **ops_dashboard(),
+            "schedule": schedule_summary(),
         }
         return render(request, "admin/workflows/dashboard.html", context)
 
@@ -177,7 +179,7 @@ class WorkflowAdmin(admin.ModelAdmin[Workflow]):
                 return f"admin:{model._meta.app_label}_{model._meta.model_name}"
         return f"admin:{self.opts.app_label}_{self.opts.model_name}"
 
-    @admin.action(description="Re-queue (FAILED -> RECEIVED; pending: publish again)")
+    @admin.action(description="Re-queue (FAILED -> RECEIVED; pending: due at once)")
     def requeue(self, request: HttpRequest, queryset: QuerySet[Workflow]) -> None:
         done = 0
         for workflow_id in queryset.values_list("id", flat=True):

@@ -4,22 +4,24 @@ A claim (workflows_claim) is taken with a short lease, WORKFLOW_CLAIM_LEASE_SECO
 worker process holds claims, its heartbeat thread renews all of them every
 WORKFLOW_HEARTBEAT_SECONDS, in one statement whatever their number (statements.RENEW). A worker
 that dies (SIGKILL, OOM, a lost host) stops beating, its claims' leases end within one lease,
-and the next sweep resumes those workflows at once: the lease measures "is the worker still
-there?" directly, not with the task's worst-case duration. A renewal that finds a claim no
-longer its own (the lease ended during a long pause and someone else took the workflow) marks
-it lost, and the consumer drops that work before writing anything (the ending's claim check
-refuses it too). A claim held past CELERY_TASK_TIME_LIMIT is no longer renewed: a task stuck
-for good (the threads pool enforces no time limit) cannot hold a workflow forever.
+and the scheduler makes those workflows due again within a second (workflows/scheduler.py):
+the lease measures "is the worker still there?" directly, not with the task's worst-case
+duration. A renewal that finds a claim no longer its own (the lease ended during a long pause
+and someone else took the workflow) marks it lost, and the consumer drops that work before
+writing anything (the ending's claim check refuses it too). A claim held past
+CELERY_TASK_TIME_LIMIT is no longer renewed: a task stuck for good (the threads pool enforces
+no time limit) cannot hold a workflow forever.
 
-On warm shutdown (SIGTERM: a deploy, a scale-down; config/celery.py calls claims_shutdown_begin) the
-worker takes no new batch, gives the searches in flight WORKER_SHUTDOWN_GRACE_SECONDS to finish,
-ends what finished and hands the rest back (statements.HAND_BACK: free at once, the attempt not
-counted), so that the next worker resumes them without waiting out a lease.
+On warm shutdown (SIGTERM: a deploy, a scale-down; config/celery.py calls claims_shutdown_begin)
+the worker takes no new batch, gives the searches in flight WORKER_SHUTDOWN_GRACE_SECONDS to
+finish, ends what finished and hands the rest back (workflows.scheduler.workflows_put_back: due
+at once, the attempt not counted), so that the next worker resumes them without waiting out a
+lease.
 
 Hand-written, after the job queues that do this: Solid Queue and Oban keep a row per process
 with its heartbeat and release the jobs of processes whose heartbeat is too old; River and
 Temporal renew a per-job deadline (Temporal's activity heartbeat timeout). Here the deadline is
-the workflow row's own `claimed_until`, so the sweep's test stays one column and there is no
+the workflow row's own `claimed_until`, so the scheduler's test stays one column and there is no
 process table to keep; no Celery or Django library renews rows of our own.
 """
 
@@ -167,25 +169,6 @@ def claims_extend(
         {"ids": list(claims), "claims": list(claims.values()), "until": [until[w] for w in claims]},
     )
     return {row[0] for row in rows if row[1]}, {row[0] for row in rows if not row[1]}
-
-
-def claims_hand_back(*, claims: Mapping[uuid.UUID, uuid.UUID], actor: str) -> list[uuid.UUID]:
-    """Give these claims up (unfinished work of a worker shutting down): each workflow is free
-    at once and its attempt is not counted. The ids handed back."""
-    if not claims:
-        return []
-    rows = statements.execute(
-        statements.HAND_BACK,
-        {
-            "ids": list(claims),
-            "claims": list(claims.values()),
-            "claimable": [str(state) for state in statements.CLAIMABLE_STATES],
-            "now": timezone.now(),
-            "reason": "handed back by a worker shutting down",
-            "actor": actor,
-        },
-    )
-    return [row[0] for row in rows]
 
 
 # --- warm shutdown -------------------------------------------------------------------------------

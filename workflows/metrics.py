@@ -3,7 +3,8 @@ the sweep, and the workflow counts read at scrape time (docs/operations.md "Metr
 by config/metrics.py; the multiprocess storage is settled by config/settings.py before any of
 these is created.
 
-Labels are small fixed sets, never an id: no patient data, and no series per customer.
+Labels are small fixed sets, never an id: no patient data, and no series per customer (but for
+the few customers with the most due work, by name).
 """
 
 import datetime as dt
@@ -38,7 +39,19 @@ DISPATCHER_LEADING = Gauge(
 )
 DISPATCHER_PUBLISHED = Counter(
     "merchant_dispatcher_published",
-    "Queue messages of accepted workflows the dispatcher published (catch-ups included).",
+    "Workflows the scheduler published to the queue (each is one id in a message of up to "
+    "WORKER_BATCH_SIZE; taken-back work published again included).",
+)
+SCHEDULER_RECOVERED = Counter(
+    "merchant_scheduler_recovered",
+    "Workflows in flight that nobody was doing, made due again by the scheduler: their claim's "
+    "lease ended (worker died), or their message was not taken within the stale window (lost).",
+    ["why"],
+)
+BREAKER_TRANSITIONS = Counter(
+    "merchant_breaker_transitions",
+    "Changes of the internal system's circuit breaker, by the state it changed to.",
+    ["to"],
 )
 RECONCILE_RUNS = Counter("merchant_reconcile_runs", "Reconciliation sweeps run.")
 RECONCILE_REQUEUED = Counter(
@@ -72,6 +85,10 @@ CLAIMS_HANDED_BACK = Counter(
 # Series that exist (at 0) from the start (the alert rules' ratios need a denominator).
 for _outcome in ("delivered", "retrying", "exhausted", "disabled"):
     WEBHOOK_ATTEMPTS.labels(_outcome)
+for _why in ("lease_ended", "not_taken"):
+    SCHEDULER_RECOVERED.labels(_why)
+for _to in ("open", "closed"):
+    BREAKER_TRANSITIONS.labels(_to)
 
 
 def workflow_ended(*, status: str, created_at: Any) -> None:
@@ -99,6 +116,15 @@ def dispatcher_leading(leading: bool) -> None:
 
 def dispatcher_published(count: int) -> None:
     DISPATCHER_PUBLISHED.inc(count)
+
+
+def scheduler_recovered(*, lease_ended: int, not_taken: int) -> None:
+    SCHEDULER_RECOVERED.labels("lease_ended").inc(lease_ended)
+    SCHEDULER_RECOVERED.labels("not_taken").inc(not_taken)
+
+
+def breaker_changed(*, opened: bool) -> None:
+    BREAKER_TRANSITIONS.labels("open" if opened else "closed").inc()
 
 
 def heartbeat_ran(*, renewed: int, cpu_seconds: float, seconds: float) -> None:

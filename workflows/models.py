@@ -96,6 +96,13 @@ class Workflow(ConcurrentTransitionMixin, models.Model):
     # Not ended by then, it is FAILED ("deadline exceeded"): its 202 (or an operator's re-queue)
     # + WORKFLOW_DEADLINE_SECONDS. NULL only on rows older than the column (their 202 + it).
     deadline_at = models.DateTimeField(null=True, blank=True)
+    # The schedule (workflows/scheduler.py). due_at: when a pending workflow that no consumer has
+    # is next to run (its 202; after a retry's backoff; when the internal system is back); NULL
+    # while it is in flight or waits on something else (a person, an asynchronous search).
+    # published_at: when its queue message was published; NULL once it ended or was put back.
+    # A workflow is in flight from its publication to its ending or put-back.
+    due_at = models.DateTimeField(null=True, blank=True, default=timezone.now)
+    published_at = models.DateTimeField(null=True, blank=True)
     # Where this request's webhook goes when it is not the customer's registered URL.
     webhook_url = models.URLField(max_length=2000, blank=True, default="")
     # The internal system's asynchronous search job; NULL until a search answers 202.
@@ -128,6 +135,18 @@ class Workflow(ConcurrentTransitionMixin, models.Model):
                 condition=Q(status__in=SWEPT_STATES),
                 name="workflow_pending_updated",
             ),
+            # The scheduler's due work, each customer's oldest first.
+            models.Index(
+                fields=["customer", "due_at"],
+                condition=Q(due_at__isnull=False),
+                name="workflow_due",
+            ),
+            # The work in flight: the scheduler counts it and looks in it for lost work.
+            models.Index(
+                fields=["published_at"],
+                condition=Q(published_at__isnull=False),
+                name="workflow_in_flight",
+            ),
             # The sweep's expiry of reviews nobody decided (REVIEW_TIMEOUT_SECONDS).
             models.Index(
                 fields=["updated_at"],
@@ -144,10 +163,6 @@ class Workflow(ConcurrentTransitionMixin, models.Model):
 
     def __str__(self) -> str:
         return f"{self.id} {self.status}"
-
-    @property
-    def is_pending(self) -> bool:
-        return self.status in PENDING_STATES
 
     # --- transitions: fields only; the services save and record them ---------------------------
     # Each takes `reason` (kept in the timeline); only the outcomes that explain themselves to
@@ -197,8 +212,10 @@ class Workflow(ConcurrentTransitionMixin, models.Model):
     @transition(field=status, source=Status.FAILED, target=Status.RECEIVED)
     def requeue(self, *, deadline_at: dt.datetime, reason: str = "") -> None:
         # An operator's fresh start: the attempt budget, the deadline and the old outcome are
-        # reset.
+        # reset; due at once.
         self.deadline_at = deadline_at
+        self.due_at = timezone.now()
+        self.published_at = None
         self.attempts = 0
         self.requeues = 0
         self.claim_id = None

@@ -1,8 +1,6 @@
 """Reads for ops (stuck workflows and the report beat logs) and for the consumer (claims held)."""
 
 import datetime as dt
-import uuid
-from collections.abc import Sequence
 from typing import Any
 
 from django.conf import settings
@@ -18,7 +16,6 @@ from workflows.models import (
     Workflow,
     WorkflowTransition,
 )
-from workflows.statements import CLAIMABLE_STATES
 
 # Age buckets of the stuck report, in seconds since the last update.
 AGE_BUCKETS: list[tuple[str, int]] = [
@@ -26,17 +23,6 @@ AGE_BUCKETS: list[tuple[str, int]] = [
     ("1h-24h", 86400),
     (">24h", 10**9),
 ]
-
-
-def workflows_held(*, workflow_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, dt.datetime]:
-    """Of these workflows, those a consumer's claim holds right now, and until when its lease
-    runs (if its worker stops renewing it)."""
-    if not workflow_ids:
-        return {}
-    rows = Workflow.objects.filter(
-        id__in=workflow_ids, status__in=CLAIMABLE_STATES, claimed_until__gt=timezone.now()
-    ).values_list("id", "claimed_until")
-    return {workflow_id: until for workflow_id, until in rows if until is not None}
 
 
 def workflows_stuck(*, older_than_seconds: int | None = None) -> QuerySet[Workflow]:

@@ -14,6 +14,7 @@ import psycopg
 from django.db import connection, models
 from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
 
+from merchant.models import Customer
 from workflows.models import Status, WebhookAttempt, WebhookDelivery, Workflow, WorkflowTransition
 
 
@@ -23,7 +24,9 @@ def with_tables(text: str, *tables: type[models.Model]) -> str:
 
 
 def _sql(text: str) -> str:
-    return with_tables(text, WebhookAttempt, WebhookDelivery, Workflow, WorkflowTransition)
+    return with_tables(
+        text, Customer, WebhookAttempt, WebhookDelivery, Workflow, WorkflowTransition
+    )
 
 
 # States a consumer may pick up: RECEIVED to start, REQUESTED to poll an asynchronous search
@@ -39,25 +42,22 @@ CLAIMABLE_STATES = (
 # Claim a batch in one statement (so one round trip, and its own transaction): of the named
 # workflows, lock those free for this consumer (rows another transaction holds are skipped, not
 # waited for: a concurrent consumer or the sweep has them), take the claim, count the attempt,
-# start the RECEIVED ones and record that. A duplicate id in the batch is one row.
-# `renew` pairs ids with our own earlier claim (a retry of the same work).
+# start the RECEIVED ones and record that. A duplicate id in the batch is one row. Not free:
+# claimed by a live claim, or waiting for a later due time (a retry's backoff: a stray or
+# duplicate message must not run it early). A claimed workflow is in flight (published_at).
 CLAIM = _sql("""
-WITH renew AS (
-  SELECT * FROM unnest(%(renew_ids)s::uuid[], %(renew_claims)s::uuid[]) AS r(id, claim_id)
-), target AS (
+WITH target AS (
   SELECT w.id, w.status FROM {workflow} w
    WHERE w.id = ANY(%(ids)s::uuid[])
      AND w.status = ANY(%(claimable)s::text[])
-     AND (w.claimed_until IS NULL OR w.claimed_until <= %(now)s
-          OR w.claim_id IN (SELECT r.claim_id FROM renew r WHERE r.id = w.id))
+     AND (w.claimed_until IS NULL OR w.claimed_until <= %(now)s)
+     AND (w.due_at IS NULL OR w.due_at <= %(now)s)
    FOR UPDATE SKIP LOCKED
 ), claimed AS (
   UPDATE {workflow} AS w
-     SET claim_id = coalesce((SELECT r.claim_id FROM renew r WHERE r.id = w.id),
-                             gen_random_uuid()),
-         claimed_until = %(until)s, attempts = w.attempts + 1,
+     SET claim_id = gen_random_uuid(), claimed_until = %(until)s, attempts = w.attempts + 1,
          status = CASE WHEN target.status = %(source)s THEN %(target)s ELSE target.status END,
-         updated_at = %(now)s
+         due_at = NULL, published_at = coalesce(w.published_at, %(now)s), updated_at = %(now)s
     FROM target
    WHERE w.id = target.id
   RETURNING w.*, target.status AS claimed_from
@@ -93,26 +93,33 @@ SELECT v.id, false FROM v
  WHERE NOT EXISTS (SELECT 1 FROM {workflow} w WHERE w.id = v.id AND w.claim_id = v.claim_id)
 """)
 
-# Hand these claims back (a worker shutting down, its searches unfinished): free at once, the
-# attempt not counted, a line in the timeline; only where the claim is still the one named.
-HAND_BACK = _sql("""
+# Put these claimed workflows back on the schedule, due again at each one's `due_at`: a retry
+# after its backoff, work the internal system's outage stopped, or a worker shutting down. The
+# claim is dropped, the workflow leaves the work in flight, `refund` takes back the attempt its
+# claim counted, and the timeline says why; only where the claim is still the one named.
+PUT_BACK = _sql("""
 WITH v AS (
-  SELECT * FROM unnest(%(ids)b::uuid[], %(claims)b::uuid[]) AS v(id, claim_id)
+  SELECT * FROM unnest(%(ids)b::uuid[], %(claims)b::uuid[], %(due_at)b::timestamptz[],
+                       %(refund)b::boolean[], %(reason)b::text[])
+    AS v(id, claim_id, due_at, refund, reason)
 ), mine AS (
-  SELECT w.id FROM {workflow} w JOIN v ON w.id = v.id AND w.claim_id = v.claim_id
+  SELECT w.id, v.due_at, v.refund, v.reason FROM {workflow} w
+    JOIN v ON w.id = v.id AND w.claim_id = v.claim_id
    WHERE w.status = ANY(%(claimable)b::text[])
    ORDER BY w.id FOR UPDATE OF w
-), released AS (
+), put AS (
   UPDATE {workflow} AS w
-     SET claim_id = NULL, claimed_until = %(now)b, attempts = greatest(w.attempts - 1, 0)
+     SET claim_id = NULL, claimed_until = NULL, published_at = NULL, due_at = mine.due_at,
+         attempts = CASE WHEN mine.refund THEN greatest(w.attempts - 1, 0) ELSE w.attempts END,
+         updated_at = %(now)b
     FROM mine
    WHERE w.id = mine.id
-  RETURNING w.id, w.status
+  RETURNING w.id, w.status, mine.reason
 ), lines AS (
   INSERT INTO {workflowtransition} (workflow_id, source, target, reason, actor, at)
-  SELECT id, status, status, %(reason)b, %(actor)b, %(now)b FROM released
+  SELECT id, status, status, reason, %(actor)b, %(now)b FROM put
 )
-SELECT id FROM released
+SELECT id FROM put
 """)
 
 # The rows of a batch as they are now, locked for the ending's transaction (in id order, so
@@ -132,14 +139,15 @@ WITH v AS (
     %(id)b::uuid[], %(loaded)b::text[], %(status)b::text[], %(result)b::text[],
     %(reason)b::text[], %(search_id)b::text[], %(attempts)b::int[], %(requeues)b::int[],
     %(claim_id)b::uuid[], %(claimed_until)b::timestamptz[], %(deadline_at)b::timestamptz[],
-    %(updated_at)b::timestamptz[]
+    %(due_at)b::timestamptz[], %(published_at)b::timestamptz[], %(updated_at)b::timestamptz[]
   ) AS v(id, loaded, status, result, reason, search_id, attempts, requeues, claim_id,
-         claimed_until, deadline_at, updated_at)
+         claimed_until, deadline_at, due_at, published_at, updated_at)
 ), saved AS (
   UPDATE {workflow} AS w
      SET status = v.status, result = v.result, reason = v.reason, search_id = v.search_id,
          attempts = v.attempts, requeues = v.requeues, claim_id = v.claim_id,
-         claimed_until = v.claimed_until, deadline_at = v.deadline_at, updated_at = v.updated_at
+         claimed_until = v.claimed_until, deadline_at = v.deadline_at, due_at = v.due_at,
+         published_at = v.published_at, updated_at = v.updated_at
     FROM v
    WHERE w.id = v.id AND w.status = v.loaded
   RETURNING w.id
@@ -206,15 +214,101 @@ UPDATE {webhookdelivery} AS d
 # The dispatcher's lead: a session lock, held for as long as its connection lives.
 TRY_LEADER_LOCK = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
 
-# A new leader's catch-up: the RECEIVED workflows younger than the sweep's threshold, in
-# (updated_at, id) order from a cursor, a page at a time (their notifications may have had no
-# listener). Positional: the dispatcher runs it on its own psycopg connection.
-DISPATCHER_CATCH_UP = _sql("""
-SELECT id, updated_at FROM {workflow}
- WHERE status = %s AND updated_at > now() - make_interval(secs => %s)
-   AND (updated_at, id) > (%s, %s)
- ORDER BY updated_at, id
- LIMIT %s
+# The scheduler's publication (workflows/scheduler.py): of the workflows due by `now`, take as
+# many as the work in flight leaves room for under `bound`, in rounds across customers (each
+# customer's due work oldest first; round k holds each customer's k-th `weight` rows; rounds in
+# order, and within a round the oldest due first), and mark them in flight. Rows another
+# transaction holds are skipped (an operator ending one, a consumer). One statement, its own
+# transaction: the messages are published after it commits. Returns (id, room) per workflow
+# published, in the order picked (the order of the messages), or one (NULL, room) when none was.
+SCHEDULE = _sql("""
+WITH flight AS (
+  SELECT count(*) AS n FROM {workflow} WHERE published_at IS NOT NULL
+), room AS (
+  SELECT greatest(%(bound)s - flight.n, 0) AS n FROM flight
+), heads AS (
+  SELECT d.id, d.due_at, c.weight,
+         row_number() OVER (PARTITION BY c.id ORDER BY d.due_at, d.id) AS rank
+    FROM {customer} c
+   CROSS JOIN LATERAL (
+     SELECT w.id, w.due_at FROM {workflow} w
+      WHERE w.customer_id = c.id AND w.due_at <= %(now)s
+        AND w.status = ANY(%(claimable)s::text[])
+      ORDER BY w.due_at, w.id
+      LIMIT (SELECT n FROM room)
+      FOR UPDATE OF w SKIP LOCKED
+   ) d
+), picked AS (
+  SELECT id, row_number() OVER (ORDER BY (rank - 1) / weight, due_at, id) AS pos FROM heads
+   ORDER BY pos
+   LIMIT (SELECT n FROM room)
+), published AS (
+  UPDATE {workflow} AS w SET published_at = %(now)s, due_at = NULL
+    FROM picked
+   WHERE w.id = picked.id AND w.due_at IS NOT NULL
+  RETURNING w.id
+)
+SELECT x.id, room.n FROM room
+  LEFT JOIN (SELECT picked.id, picked.pos FROM published JOIN picked ON picked.id = published.id) x
+    ON true
+ ORDER BY x.pos
+""")
+
+# The scheduler's tally for /metrics and the dashboard: due now, due later, in flight, and the
+# oldest due time.
+SCHEDULE_COUNTS = _sql("""
+SELECT count(*) FILTER (WHERE due_at <= %(now)s),
+       count(*) FILTER (WHERE due_at > %(now)s),
+       (SELECT count(*) FROM {workflow} WHERE published_at IS NOT NULL),
+       min(due_at)
+  FROM {workflow} WHERE due_at IS NOT NULL AND status = ANY(%(claimable)s::text[])
+""")
+
+# The customers with the most work due now, most first: (name, count).
+SCHEDULE_TOP_CUSTOMERS = _sql("""
+SELECT c.name, d.due FROM (
+  SELECT customer_id, count(*) AS due FROM {workflow}
+   WHERE due_at <= %(now)s AND status = ANY(%(claimable)s::text[])
+   GROUP BY customer_id ORDER BY due DESC, customer_id LIMIT %(limit)s
+) d JOIN {customer} c ON c.id = d.customer_id
+ ORDER BY d.due DESC, c.name
+""")
+
+# Published work nobody claimed, due again at once: what a failed publication did not send, or
+# what a worker shutting down received and did not claim.
+UNPUBLISH = _sql("""
+UPDATE {workflow} SET published_at = NULL, due_at = %(now)s
+ WHERE id = ANY(%(ids)s::uuid[]) AND published_at IS NOT NULL AND claim_id IS NULL
+""")
+
+# Work in flight that nobody is doing, due again at once: claimed, but the claim's lease ended
+# (its worker stopped renewing it: it died, or lost PostgreSQL); or published and never claimed
+# for `stale` seconds (the message was lost: a broker restarted without persistence). The
+# dead claim is dropped; the timeline says which; each counts as a re-queue.
+RECOVER = _sql("""
+WITH lost AS (
+  SELECT id, CASE WHEN claim_id IS NULL THEN 'not taken' ELSE 'lease ended' END AS why
+    FROM {workflow}
+   WHERE published_at IS NOT NULL
+     AND (claimed_until < %(now)s
+          OR (claim_id IS NULL AND published_at < %(now)s - make_interval(secs => %(stale)s)))
+   ORDER BY published_at LIMIT %(limit)s
+   FOR UPDATE SKIP LOCKED
+), recovered AS (
+  UPDATE {workflow} AS w
+     SET claim_id = NULL, claimed_until = NULL, published_at = NULL, due_at = %(now)s,
+         requeues = w.requeues + 1, updated_at = %(now)s
+    FROM lost
+   WHERE w.id = lost.id
+  RETURNING w.id, w.status, lost.why
+), lines AS (
+  INSERT INTO {workflowtransition} (workflow_id, source, target, reason, actor, at)
+  SELECT id, status, status,
+         CASE WHEN why = 'lease ended' THEN %(lease_reason)s ELSE %(lost_reason)s END,
+         %(actor)s, %(now)s
+    FROM recovered
+)
+SELECT id, why FROM recovered
 """)
 
 

@@ -20,10 +20,8 @@ from linking.services.links import Delinked, LinkNotFound, link_delink, link_his
 from linking.services.patients import PatientNotFound, patient_details, patient_read
 from linking.services.process import (
     ProcessOutcome,
-    Retry,
     link_process,
     links_process,
-    retry_backoff,
 )
 from linking.services.retention import (
     RotationReport,
@@ -67,7 +65,6 @@ __all__ = [
     "PatientNotFound",
     "ProcessOutcome",
     "RequestInFlight",
-    "Retry",
     "ReviewByOperator",
     "ReviewError",
     "ReviewNotFound",
@@ -91,6 +88,5 @@ __all__ = [
     "request_data_purge_expired",
     "request_data_rotate_key",
     "request_fingerprint",
-    "retry_backoff",
     "search_callbacks_purge",
 ]

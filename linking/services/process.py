@@ -9,19 +9,16 @@ own attempt count, backoff, outcome and webhook: one's failure (a 5xx, a timeout
 a database refusal) never fails, delays or re-runs another.
 """
 
-import datetime as dt
 import functools
 import logging
-import random
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError, transaction
-from django.utils import timezone
 
 from linking import statements
 from linking.internal_search import (
@@ -41,15 +38,10 @@ from linking.services.answers import (
 from merchant.models import Customer
 from workflows import concurrent, metrics
 from workflows import statements as workflow_statements
-from workflows.claims import (
-    Held,
-    claims_extend,
-    claims_hand_back,
-    claims_holding,
-    claims_shutdown_deadline,
-)
+from workflows.breaker import BreakerState, breaker_report, breaker_state
+from workflows.claims import Held, claims_holding, claims_shutdown_deadline
 from workflows.models import Status, WebhookDelivery, Workflow
-from workflows.selectors import workflows_held
+from workflows.scheduler import PutBack, retry_backoff, workflows_put_back, workflows_unpublish
 from workflows.services import (
     DEADLINE_EXCEEDED,
     Step,
@@ -68,104 +60,69 @@ WAVE_LINGER_SECONDS = 0.2
 
 
 @dataclass(frozen=True)
-class Retry:
-    """A workflow to try again after `retry_in` seconds, under the same claim."""
-
-    workflow_id: uuid.UUID
-    claim_id: uuid.UUID
-    retry_in: float
-
-
-@dataclass(frozen=True)
 class ProcessOutcome:
-    """What to do next about one workflow: nothing, or retry after `retry_in` seconds."""
+    """What became of one workflow: nothing left to do, or due again in `retry_in` seconds."""
 
     retry_in: float | None = None
-    claim_id: uuid.UUID | None = None
 
 
 DONE = ProcessOutcome()
 
 
-def retry_backoff(attempt: int, retry_after: float | None = None) -> float:
-    """Exponential backoff with full jitter, at least what the server asked for, capped."""
-    ceiling = min(
-        settings.RETRY_BACKOFF_MAX_SECONDS, settings.RETRY_BACKOFF_BASE_SECONDS * 2 ** (attempt - 1)
-    )
-    wait = random.uniform(ceiling / 2, ceiling)  # noqa: S311 -- jitter, not security
-    if retry_after is not None:
-        wait = max(wait, retry_after)
-    return min(wait, settings.RETRY_BACKOFF_MAX_SECONDS)
-
-
 @dataclass
 class Processed:
-    """What an attempt at a batch leaves to its task: the workflows to retry after their
-    backoff; those to send again at once (handed back by a worker shutting down, or never
-    claimed because it was); and, for a message the broker redelivered, those another claim
-    still held, with when the last of those claims' leases ends."""
+    """What an attempt at a batch left on the schedule: the workflows put back (retries after
+    their backoff, work the internal system's outage stopped, work handed back by a worker
+    shutting down), and those not claimed because it was shutting down."""
 
-    retries: list[Retry] = field(default_factory=list)
-    again: list[uuid.UUID] = field(default_factory=list)
-    held: list[uuid.UUID] = field(default_factory=list)
-    held_until: dt.datetime | None = None
+    put_back: list[PutBack] = field(default_factory=list)
+    not_claimed: list[uuid.UUID] = field(default_factory=list)
 
 
-def link_process(
-    *, workflow_id: str | uuid.UUID, claim_id: uuid.UUID | None = None
-) -> ProcessOutcome:
+def link_process(*, workflow_id: str | uuid.UUID) -> ProcessOutcome:
     """links_process for one workflow."""
-    claims = {uuid.UUID(str(workflow_id)): claim_id} if claim_id else {}
-    retries = links_process(workflow_ids=[workflow_id], claims=claims).retries
-    return ProcessOutcome(retries[0].retry_in, retries[0].claim_id) if retries else DONE
+    put = links_process(workflow_ids=[workflow_id]).put_back
+    return ProcessOutcome(put[0].due_in) if put and not put[0].refund else DONE
 
 
-def links_process(
-    *,
-    workflow_ids: Sequence[str | uuid.UUID],
-    claims: Mapping[uuid.UUID, uuid.UUID] | None = None,
-    redelivered: bool = False,
-) -> Processed:
+def links_process(*, workflow_ids: Sequence[str | uuid.UUID]) -> Processed:
     """Run one attempt at each of these link workflows. Safe to call twice for the same ids:
     the second caller finds them claimed or finished and does nothing.
 
     A REQUESTED workflow (an asynchronous search that sent no callback in time) is polled
     instead of searched again; a LINKED or NO_RESULTS one (decided by an attempt that died
     before completing) is only completed. The claims are kept alive by this process's heartbeat
-    while the batch runs (workflows/claims.py); a worker shutting down claims nothing more, and
-    hands back what its grace period did not see finish."""
+    while the batch runs (workflows/claims.py). What cannot finish now is put back on the
+    schedule (workflows/scheduler.py): a transient failure after its backoff, counted; work the
+    internal system's outage stopped (its circuit breaker open) at once, not counted, for when it
+    answers again; a worker shutting down claims nothing more and hands back what its grace
+    period did not see finish."""
     if claims_shutdown_deadline() is not None:
-        return Processed(again=list(map(_as_uuid, workflow_ids)))
-    claimed = workflows_claim(workflow_ids=workflow_ids, claims=claims, actor=ACTOR)
+        processed = Processed(not_claimed=list(map(_as_uuid, workflow_ids)))
+        workflows_unpublish(workflow_ids=processed.not_claimed)
+        return processed
+    claimed = workflows_claim(workflow_ids=workflow_ids, actor=ACTOR)
     processed = Processed()
-    if redelivered:
-        # A dead consumer's message, handed over at once (RabbitMQ): its workflows resume as
-        # soon as the dead claims' leases end, not at the next sweep after that.
-        taken = {w.id for w in claimed}
-        held = workflows_held(
-            workflow_ids=[i for i in map(_as_uuid, workflow_ids) if i not in taken]
-        )
-        processed.held = list(held)
-        processed.held_until = max(held.values(), default=None)
     if not claimed:
         return processed
     _load_requests(claimed)
     with claims_holding({w.id: _claim_of(w) for w in claimed}) as heartbeat:
         sending = _attempt(claimed, heartbeat, processed)
-        if processed.retries:
-            _hold_for_retries(processed.retries, heartbeat)
     for started in sending:
         webhook_deliveries_settle(started)
-    if processed.again:
-        metrics.claims_handed_back(len(processed.again))
+    handed_back = sum(1 for p in processed.put_back if p.reason == HANDED_BACK)
+    if handed_back:
+        metrics.claims_handed_back(handed_back)
     return processed
 
 
 def _attempt(claimed: list[Workflow], heartbeat: Held, processed: Processed) -> list[Sending]:
-    """Search for each claimed workflow and end each as its answer comes; what was handed back
-    or is to be retried goes into `processed`. The webhooks started, to send after."""
+    """Search for each claimed workflow and end each as its answer comes; what is put back goes
+    into `processed`. The webhooks started, to send after."""
     decided: list[LinkAnswer] = []
     searches: dict[Future[Any], Workflow] = {}
+    waiting: list[PutBack] = []
+    breaker = breaker_state()
     for workflow in claimed:
         if workflow.status in (Status.LINKED, Status.NO_RESULTS):
             decided.append(LinkAnswer(workflow, [Step("complete")]))
@@ -174,8 +131,13 @@ def _attempt(claimed: list[Workflow], heartbeat: Held, processed: Processed) -> 
         elif workflow.attempts > settings.WORKFLOW_MAX_ATTEMPTS:
             reason = f"attempt limit reached ({workflow.attempts - 1} attempts)"
             decided.append(LinkAnswer(workflow, [Step("fail", reason)]))
+        elif breaker.blocks():
+            # Published before the breaker opened: it waits for the internal system unsearched.
+            waiting.append(_wait_for_internal_system(workflow, "not searched"))
         else:
             searches[concurrent.submit(functools.partial(_search, workflow))] = workflow
+    if waiting:
+        _put_back(waiting, heartbeat, processed)
     sending: list[Sending] = []
     if decided:
         sending.append(_end(decided))
@@ -184,41 +146,88 @@ def _attempt(claimed: list[Workflow], heartbeat: Held, processed: Processed) -> 
         list(searches), linger=WAVE_LINGER_SECONDS, deadline=claims_shutdown_deadline
     ):
         finished.update(wave)
-        answers = []
+        answers: list[LinkAnswer] = []
+        failed: list[tuple[Workflow, InternalSearchError]] = []
         for future in wave:
             workflow = searches[future]
             if heartbeat.lost(workflow.id):
                 continue  # taken over by another consumer: nothing of this attempt is written
             answered = _answered(workflow, future)
-            if isinstance(answered, Retry):
-                processed.retries.append(answered)
+            if isinstance(answered, InternalSearchError):
+                failed.append((workflow, answered))
             elif answered is not None:
                 answers.append(answered)
+        breaker = _report(breaker, answered=len(answers), failed=[exc for _, exc in failed])
+        put: list[PutBack] = []
+        for workflow, exc in failed:
+            outcome = _after_transient(workflow, exc, breaker)
+            if isinstance(outcome, PutBack):
+                put.append(outcome)
+            else:
+                answers.append(outcome)
         if answers:
             sending.append(_end(answers))
-    unfinished = {w.id: _claim_of(w) for f, w in searches.items() if f not in finished}
+        if put:
+            _put_back(put, heartbeat, processed)
+    unfinished = [w for f, w in searches.items() if f not in finished]
     if unfinished:
         # Shutting down: the searches still out are abandoned (their answers will find the
         # claim gone) and the workflows handed back for the next worker.
-        heartbeat.drop(unfinished)
-        processed.again += claims_hand_back(claims=unfinished, actor=ACTOR)
+        _put_back(
+            [PutBack(w.id, _claim_of(w), 0.0, HANDED_BACK, refund=True) for w in unfinished],
+            heartbeat,
+            processed,
+        )
     return sending
 
 
-def _hold_for_retries(retries: list[Retry], heartbeat: Held) -> None:
-    """A workflow waiting for its retry keeps its claim (the retry's message renews it) for its
-    backoff and one lease more: should the message be lost with its worker, the sweep resumes
-    the workflow then."""
-    heartbeat.drop(retry.workflow_id for retry in retries)
-    now = timezone.now()
-    lease = dt.timedelta(seconds=settings.WORKFLOW_CLAIM_LEASE_SECONDS)
-    claims_extend(
-        claims={retry.workflow_id: retry.claim_id for retry in retries},
-        until={
-            retry.workflow_id: now + dt.timedelta(seconds=retry.retry_in) + lease
-            for retry in retries
-        },
+HANDED_BACK = "handed back by a worker shutting down (attempt not counted)"
+
+
+def _put_back(put: list[PutBack], heartbeat: Held, processed: Processed) -> None:
+    heartbeat.drop(p.workflow_id for p in put)
+    done = set(workflows_put_back(put=put, actor=ACTOR))
+    processed.put_back += [p for p in put if p.workflow_id in done]
+
+
+def _report(
+    breaker: BreakerState, *, answered: int, failed: list[InternalSearchError]
+) -> BreakerState:
+    """Tell the shared circuit breaker what this wave saw of the internal system, when there is
+    something to tell (a failure, or answers while failures were being counted): the breaker
+    after it."""
+    outages = sum(1 for exc in failed if exc.outage)
+    pause = max((exc.retry_after or 0.0 for exc in failed if exc.throttled), default=0.0)
+    if not outages and not pause and not (answered and breaker.failures):
+        return breaker
+    return breaker_report(successes=answered, failures=outages, retry_after=pause or None)
+
+
+def _after_transient(
+    workflow: Workflow, exc: InternalSearchError, breaker: BreakerState
+) -> PutBack | LinkAnswer:
+    """A transient failure's outcome. While the internal system is down (the breaker open, or a
+    429's pause) the workflow waits for it, the attempt not counted; otherwise the failure
+    counts: FAILED past its deadline or at the attempt limit, else due again after its
+    backoff."""
+    if breaker.blocks():
+        return _wait_for_internal_system(workflow, exc.reason)
+    if workflow_past_deadline(workflow=workflow):
+        return LinkAnswer(workflow, [Step("fail", f"{DEADLINE_EXCEEDED}: {exc.reason}")])
+    if workflow.attempts >= settings.WORKFLOW_MAX_ATTEMPTS:
+        return LinkAnswer(workflow, [Step("fail", f"attempt limit reached: {exc.reason}")])
+    wait = retry_backoff(workflow.attempts, exc.retry_after)
+    logger.info("workflow %s: %s; due again in %.1f s", workflow.id, exc.reason, wait)
+    reason = (
+        f"{exc.reason}: due again in {wait:.1f} s "
+        f"(attempt {workflow.attempts} of {settings.WORKFLOW_MAX_ATTEMPTS})"
     )
+    return PutBack(workflow.id, _claim_of(workflow), wait, reason)
+
+
+def _wait_for_internal_system(workflow: Workflow, why: str) -> PutBack:
+    reason = f"{why}: the internal system is unavailable; due when it answers (attempt not counted)"
+    return PutBack(workflow.id, _claim_of(workflow), 0.0, reason, refund=True)
 
 
 def _as_uuid(workflow_id: str | uuid.UUID) -> uuid.UUID:
@@ -261,7 +270,8 @@ def _search(workflow: Workflow) -> list[Candidate] | SearchRequested | None:
     return internal_search_match(data["patient"])
 
 
-def _answered(workflow: Workflow, future: Future[Any]) -> LinkAnswer | Retry | None:
+def _answered(workflow: Workflow, future: Future[Any]) -> LinkAnswer | InternalSearchError | None:
+    """The answer to save; a transient failure (decided with the wave's others); or None."""
     try:
         answer = future.result()
     except _RequestMissing:
@@ -269,15 +279,11 @@ def _answered(workflow: Workflow, future: Future[Any]) -> LinkAnswer | Retry | N
     except InternalSearchError as exc:
         if exc.permanent:
             return LinkAnswer(workflow, [Step("fail", exc.reason)])
-        if workflow_past_deadline(workflow=workflow):
-            return LinkAnswer(workflow, [Step("fail", f"{DEADLINE_EXCEEDED}: {exc.reason}")])
-        if workflow.attempts >= settings.WORKFLOW_MAX_ATTEMPTS:
-            return LinkAnswer(workflow, [Step("fail", f"attempt limit reached: {exc.reason}")])
-        logger.info("workflow %s: %s; retrying", workflow.id, exc.reason)
-        return _retry(workflow, exc.retry_after)
+        return exc
     except Exception:
         # A bug of ours for this one workflow: the others go on; it keeps its claim, no longer
-        # renewed, and the sweep re-queues it once the lease has ended, within its attempts.
+        # renewed, and the scheduler takes it back once the lease has ended, within its
+        # attempts.
         logger.exception("workflow %s: the attempt failed", workflow.id)
         return None
     if isinstance(answer, SearchRequested):
@@ -291,16 +297,12 @@ def _answered(workflow: Workflow, future: Future[Any]) -> LinkAnswer | Retry | N
     return link_search_answer(workflow=workflow, candidates=answer)
 
 
-def _retry(workflow: Workflow, retry_after: float | None) -> Retry:
-    return Retry(workflow.id, _claim_of(workflow), retry_backoff(workflow.attempts, retry_after))
-
-
 def _end(answers: list[LinkAnswer]) -> Sending:
     """Save these answers in one transaction, each only for a workflow still ours (a consumer
     or a search callback that took one over meanwhile wins it), and start sending the
     webhooks of those that ended. Should the batch's transaction fail, each answer is saved on
     its own, so that one bad row fails only itself (it stays claimed: after its lease the
-    sweep re-queues it, within its attempts)."""
+    scheduler takes it back, within its attempts)."""
     try:
         deliveries = _save(answers)
     except DatabaseError:

@@ -42,6 +42,7 @@ _OWN = {
     "at",
     "expires_at",
     "deadline_at",
+    "due_at",
 }
 
 
@@ -65,6 +66,8 @@ def _rows(workflow_id: str) -> dict[str, Any]:
             IdempotencyRecord.objects.get(workflow=workflow)
         ),
         "deadline": workflow.deadline_at and workflow.deadline_at - workflow.created_at,
+        # Due at its 202: the scheduler's to publish.
+        "due": workflow.due_at and workflow.due_at - workflow.created_at,
     }
 
 
@@ -108,6 +111,7 @@ def test_the_statement_writes_what_the_models_would(api: LinkClient) -> None:
     ]
     assert written["record_ttl"] == dt.timedelta(seconds=settings.IDEMPOTENCY_TTL_SECONDS)
     assert written["deadline"] == dt.timedelta(seconds=settings.WORKFLOW_DEADLINE_SECONDS)
+    assert written["due"] == dt.timedelta(0)
     # An expired record for the same key is forgotten, and the statement run again writes the
     # same rows under the key's lock.
     Workflow.objects.filter(id=workflow_id).update(status="FAILED")

@@ -472,14 +472,16 @@ def test_a_lost_job_searched_again_in_sync_mode_links_at_once(api: LinkClient, s
     assert [r[2] for r in fhir_requests(standin)] == [404, 200]
 
 
-def test_an_unreachable_job_url_is_retried_keeping_the_claim(api: LinkClient, standin, settings):
+def test_an_unreachable_job_url_is_retried_after_its_backoff(api: LinkClient, standin, settings):
     workflow = requested(api)
     settings.INTERNAL_SEARCH_URL = f"http://127.0.0.1:{free_port()}/fhir"  # connection refused
     outcome = link_process(workflow_id=workflow.id)
     assert outcome.retry_in is not None
     workflow.refresh_from_db()
     assert workflow.status == Status.REQUESTED
-    assert workflow.claim_id == outcome.claim_id is not None
+    # Back on the schedule, due after its backoff; no claim held meanwhile.
+    assert workflow.claim_id is None and workflow.published_at is None
+    assert workflow.due_at is not None and workflow.due_at > timezone.now()
 
 
 def test_a_202_without_content_location_fails_the_workflow(api: LinkClient, canned):

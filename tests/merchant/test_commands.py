@@ -46,6 +46,20 @@ def test_onboard_refuses_a_bad_webhook_url(settings) -> None:
     assert Customer.objects.count() == 0
 
 
+def test_onboard_sets_the_scheduling_weight_and_refuses_one_out_of_range() -> None:
+    url = "https://hooks.acme.example/merchant"
+    values = json.loads(run("onboard_customer", "--name", "Acme", "--webhook-url", url, "--json"))
+    assert Customer.objects.get(id=values["customer_id"]).weight == 1  # the default
+    heavy = json.loads(
+        run("onboard_customer", "--name", "Big", "--webhook-url", url, "--weight", "3", "--json")
+    )
+    assert Customer.objects.get(id=heavy["customer_id"]).weight == 3
+    for weight in ("0", "101"):
+        with pytest.raises(CommandError, match="weight must be a whole number from 1 to 100"):
+            run("onboard_customer", "--name", "Bad", "--webhook-url", url, "--weight", weight)
+    assert Customer.objects.count() == 2
+
+
 def test_issue_and_revoke_tokens() -> None:
     first = json.loads(
         run(

@@ -240,6 +240,7 @@ def test_the_admin_form_saves_a_public_url(
             "name": customer.name,
             "is_active": "on",
             "review_by": "operator",
+            "weight": "1",
             "webhook_url": "https://hooks2.acme.example/",
         },
     )

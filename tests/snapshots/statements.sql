@@ -24,11 +24,11 @@ WITH item AS (
 ), workflow AS (
   INSERT INTO workflows_workflow
          (id, request_id, customer_id, patient_id, request_type, status, result, reason,
-          attempts, requeues, claim_id, claimed_until, deadline_at, webhook_url, search_id,
-          created_at, updated_at)
+          attempts, requeues, claim_id, claimed_until, deadline_at, due_at, published_at,
+          webhook_url, search_id, created_at, updated_at)
   SELECT workflow_id, request_id, %(customer)s::uuid, patient_id, %(request_type)s,
-         %(received)s, NULL, '', 0, 0, NULL, NULL, %(deadline)s::timestamptz, webhook_url, NULL,
-         %(now)s::timestamptz, %(now)s::timestamptz
+         %(received)s, NULL, '', 0, 0, NULL, NULL, %(deadline)s::timestamptz,
+         %(now)s::timestamptz, NULL, webhook_url, NULL, %(now)s::timestamptz, %(now)s::timestamptz
     FROM fresh
   RETURNING id
 ), timeline AS (
@@ -107,22 +107,18 @@ SELECT id, status, result, reason, created_at, updated_at
 SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))
 
 -- workflows.statements.CLAIM
-WITH renew AS (
-  SELECT * FROM unnest(%(renew_ids)s::uuid[], %(renew_claims)s::uuid[]) AS r(id, claim_id)
-), target AS (
+WITH target AS (
   SELECT w.id, w.status FROM workflows_workflow w
    WHERE w.id = ANY(%(ids)s::uuid[])
      AND w.status = ANY(%(claimable)s::text[])
-     AND (w.claimed_until IS NULL OR w.claimed_until <= %(now)s
-          OR w.claim_id IN (SELECT r.claim_id FROM renew r WHERE r.id = w.id))
+     AND (w.claimed_until IS NULL OR w.claimed_until <= %(now)s)
+     AND (w.due_at IS NULL OR w.due_at <= %(now)s)
    FOR UPDATE SKIP LOCKED
 ), claimed AS (
   UPDATE workflows_workflow AS w
-     SET claim_id = coalesce((SELECT r.claim_id FROM renew r WHERE r.id = w.id),
-                             gen_random_uuid()),
-         claimed_until = %(until)s, attempts = w.attempts + 1,
+     SET claim_id = gen_random_uuid(), claimed_until = %(until)s, attempts = w.attempts + 1,
          status = CASE WHEN target.status = %(source)s THEN %(target)s ELSE target.status END,
-         updated_at = %(now)s
+         due_at = NULL, published_at = coalesce(w.published_at, %(now)s), updated_at = %(now)s
     FROM target
    WHERE w.id = target.id
   RETURNING w.*, target.status AS claimed_from
@@ -156,35 +152,58 @@ UPDATE workflows_webhookdelivery AS d
   FROM v
  WHERE d.id = v.id
 
--- workflows.statements.DISPATCHER_CATCH_UP
-SELECT id, updated_at FROM workflows_workflow
- WHERE status = %s AND updated_at > now() - make_interval(secs => %s)
-   AND (updated_at, id) > (%s, %s)
- ORDER BY updated_at, id
- LIMIT %s
-
--- workflows.statements.HAND_BACK
-WITH v AS (
-  SELECT * FROM unnest(%(ids)b::uuid[], %(claims)b::uuid[]) AS v(id, claim_id)
-), mine AS (
-  SELECT w.id FROM workflows_workflow w JOIN v ON w.id = v.id AND w.claim_id = v.claim_id
-   WHERE w.status = ANY(%(claimable)b::text[])
-   ORDER BY w.id FOR UPDATE OF w
-), released AS (
-  UPDATE workflows_workflow AS w
-     SET claim_id = NULL, claimed_until = %(now)b, attempts = greatest(w.attempts - 1, 0)
-    FROM mine
-   WHERE w.id = mine.id
-  RETURNING w.id, w.status
-), lines AS (
-  INSERT INTO workflows_workflowtransition (workflow_id, source, target, reason, actor, at)
-  SELECT id, status, status, %(reason)b, %(actor)b, %(now)b FROM released
-)
-SELECT id FROM released
-
 -- workflows.statements.LOCK
 SELECT id, status, claim_id FROM workflows_workflow
  WHERE id = ANY(%(ids)b::uuid[]) ORDER BY id FOR UPDATE
+
+-- workflows.statements.PUT_BACK
+WITH v AS (
+  SELECT * FROM unnest(%(ids)b::uuid[], %(claims)b::uuid[], %(due_at)b::timestamptz[],
+                       %(refund)b::boolean[], %(reason)b::text[])
+    AS v(id, claim_id, due_at, refund, reason)
+), mine AS (
+  SELECT w.id, v.due_at, v.refund, v.reason FROM workflows_workflow w
+    JOIN v ON w.id = v.id AND w.claim_id = v.claim_id
+   WHERE w.status = ANY(%(claimable)b::text[])
+   ORDER BY w.id FOR UPDATE OF w
+), put AS (
+  UPDATE workflows_workflow AS w
+     SET claim_id = NULL, claimed_until = NULL, published_at = NULL, due_at = mine.due_at,
+         attempts = CASE WHEN mine.refund THEN greatest(w.attempts - 1, 0) ELSE w.attempts END,
+         updated_at = %(now)b
+    FROM mine
+   WHERE w.id = mine.id
+  RETURNING w.id, w.status, mine.reason
+), lines AS (
+  INSERT INTO workflows_workflowtransition (workflow_id, source, target, reason, actor, at)
+  SELECT id, status, status, reason, %(actor)b, %(now)b FROM put
+)
+SELECT id FROM put
+
+-- workflows.statements.RECOVER
+WITH lost AS (
+  SELECT id, CASE WHEN claim_id IS NULL THEN 'not taken' ELSE 'lease ended' END AS why
+    FROM workflows_workflow
+   WHERE published_at IS NOT NULL
+     AND (claimed_until < %(now)s
+          OR (claim_id IS NULL AND published_at < %(now)s - make_interval(secs => %(stale)s)))
+   ORDER BY published_at LIMIT %(limit)s
+   FOR UPDATE SKIP LOCKED
+), recovered AS (
+  UPDATE workflows_workflow AS w
+     SET claim_id = NULL, claimed_until = NULL, published_at = NULL, due_at = %(now)s,
+         requeues = w.requeues + 1, updated_at = %(now)s
+    FROM lost
+   WHERE w.id = lost.id
+  RETURNING w.id, w.status, lost.why
+), lines AS (
+  INSERT INTO workflows_workflowtransition (workflow_id, source, target, reason, actor, at)
+  SELECT id, status, status,
+         CASE WHEN why = 'lease ended' THEN %(lease_reason)s ELSE %(lost_reason)s END,
+         %(actor)s, %(now)s
+    FROM recovered
+)
+SELECT id, why FROM recovered
 
 -- workflows.statements.RENEW
 WITH v AS (
@@ -210,14 +229,15 @@ WITH v AS (
     %(id)b::uuid[], %(loaded)b::text[], %(status)b::text[], %(result)b::text[],
     %(reason)b::text[], %(search_id)b::text[], %(attempts)b::int[], %(requeues)b::int[],
     %(claim_id)b::uuid[], %(claimed_until)b::timestamptz[], %(deadline_at)b::timestamptz[],
-    %(updated_at)b::timestamptz[]
+    %(due_at)b::timestamptz[], %(published_at)b::timestamptz[], %(updated_at)b::timestamptz[]
   ) AS v(id, loaded, status, result, reason, search_id, attempts, requeues, claim_id,
-         claimed_until, deadline_at, updated_at)
+         claimed_until, deadline_at, due_at, published_at, updated_at)
 ), saved AS (
   UPDATE workflows_workflow AS w
      SET status = v.status, result = v.result, reason = v.reason, search_id = v.search_id,
          attempts = v.attempts, requeues = v.requeues, claim_id = v.claim_id,
-         claimed_until = v.claimed_until, deadline_at = v.deadline_at, updated_at = v.updated_at
+         claimed_until = v.claimed_until, deadline_at = v.deadline_at, due_at = v.due_at,
+         published_at = v.published_at, updated_at = v.updated_at
     FROM v
    WHERE w.id = v.id AND w.status = v.loaded
   RETURNING w.id
@@ -250,5 +270,56 @@ SELECT 'w', id, NULL FROM saved
 UNION ALL
 SELECT 'd', workflow_id, id FROM deliveries
 
+-- workflows.statements.SCHEDULE
+WITH flight AS (
+  SELECT count(*) AS n FROM workflows_workflow WHERE published_at IS NOT NULL
+), room AS (
+  SELECT greatest(%(bound)s - flight.n, 0) AS n FROM flight
+), heads AS (
+  SELECT d.id, d.due_at, c.weight,
+         row_number() OVER (PARTITION BY c.id ORDER BY d.due_at, d.id) AS rank
+    FROM merchant_customer c
+   CROSS JOIN LATERAL (
+     SELECT w.id, w.due_at FROM workflows_workflow w
+      WHERE w.customer_id = c.id AND w.due_at <= %(now)s
+        AND w.status = ANY(%(claimable)s::text[])
+      ORDER BY w.due_at, w.id
+      LIMIT (SELECT n FROM room)
+      FOR UPDATE OF w SKIP LOCKED
+   ) d
+), picked AS (
+  SELECT id, row_number() OVER (ORDER BY (rank - 1) / weight, due_at, id) AS pos FROM heads
+   ORDER BY pos
+   LIMIT (SELECT n FROM room)
+), published AS (
+  UPDATE workflows_workflow AS w SET published_at = %(now)s, due_at = NULL
+    FROM picked
+   WHERE w.id = picked.id AND w.due_at IS NOT NULL
+  RETURNING w.id
+)
+SELECT x.id, room.n FROM room
+  LEFT JOIN (SELECT picked.id, picked.pos FROM published JOIN picked ON picked.id = published.id) x
+    ON true
+ ORDER BY x.pos
+
+-- workflows.statements.SCHEDULE_COUNTS
+SELECT count(*) FILTER (WHERE due_at <= %(now)s),
+       count(*) FILTER (WHERE due_at > %(now)s),
+       (SELECT count(*) FROM workflows_workflow WHERE published_at IS NOT NULL),
+       min(due_at)
+  FROM workflows_workflow WHERE due_at IS NOT NULL AND status = ANY(%(claimable)s::text[])
+
+-- workflows.statements.SCHEDULE_TOP_CUSTOMERS
+SELECT c.name, d.due FROM (
+  SELECT customer_id, count(*) AS due FROM workflows_workflow
+   WHERE due_at <= %(now)s AND status = ANY(%(claimable)s::text[])
+   GROUP BY customer_id ORDER BY due DESC, customer_id LIMIT %(limit)s
+) d JOIN merchant_customer c ON c.id = d.customer_id
+ ORDER BY d.due DESC, c.name
+
 -- workflows.statements.TRY_LEADER_LOCK
 SELECT pg_try_advisory_lock(hashtextextended(%s, 0))
+
+-- workflows.statements.UNPUBLISH
+UPDATE workflows_workflow SET published_at = NULL, due_at = %(now)s
+ WHERE id = ANY(%(ids)s::uuid[]) AND published_at IS NOT NULL AND claim_id IS NULL

@@ -14,7 +14,7 @@ from django.utils import timezone
 from linking.models import MappingStatus, PatientMapping
 from merchant.models import Customer
 from merchant.services import CustomerCredentials
-from tests.conftest import broker_messages, queued_delivery_ids, queued_workflow_ids
+from tests.conftest import broker_messages, queued_delivery_ids
 from workflows.models import (
     DeliveryStatus,
     Status,
@@ -80,13 +80,20 @@ def status_of(workflow: Workflow) -> str:
 # --- re-queue ---------------------------------------------------------------------------------
 
 
-def test_requeue_action(operator, customer, redis_db, django_capture_on_commit_callbacks):
+def test_requeue_action_makes_the_workflows_due_and_publishes_nothing(
+    operator, customer, redis_db, django_capture_on_commit_callbacks
+):
     failed = workflow_mark_failed(
         workflow_id=make(customer, Status.IN_PROGRESS).id, actor="test", reason="broken"
     )
     pending = make(customer, Status.IN_PROGRESS, age=dt.timedelta(hours=1))
+    # In flight, published an hour ago, and nobody took it.
+    Workflow.objects.filter(id=pending.id).update(
+        due_at=None, published_at=timezone.now() - dt.timedelta(hours=1)
+    )
     done = completed(customer)
-    with django_capture_on_commit_callbacks(execute=True):
+    before = timezone.now()
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
         response = act(operator, WORKFLOWS, "requeue", [failed.id, pending.id, done.id])
     assert response.status_code == 302
     assert status_of(failed) == Status.RECEIVED
@@ -96,11 +103,17 @@ def test_requeue_action(operator, customer, redis_db, django_capture_on_commit_c
     assert "Re-queued 2 workflow(s)." in messages
     assert any(str(done.id) in m and "COMPLETED" in m for m in messages)
     for workflow in (failed, pending):
-        last = Workflow.objects.get(id=workflow.id).transitions.last()
+        row = Workflow.objects.get(id=workflow.id)
+        # Due at once, out of flight: the scheduler publishes it in its turn.
+        assert row.due_at is not None and before <= row.due_at <= timezone.now()
+        assert row.published_at is None
+        last = row.transitions.last()
         assert last is not None
         assert last.actor == "operator:ops"
-    published = queued_workflow_ids(broker_messages(redis_db))
-    assert sorted(published) == sorted([str(failed.id), str(pending.id)])
+    done_row = Workflow.objects.get(id=done.id)
+    assert (done_row.due_at, done_row.published_at) == (None, None)
+    assert callbacks == []
+    assert broker_messages(redis_db) == []
 
 
 # --- mark FAILED (an intermediate form) -------------------------------------------------------

@@ -99,19 +99,23 @@ def test_an_unknown_workflow_is_nothing_to_claim(db: None) -> None:
     assert workflow_claim(workflow_id=uuid.uuid4(), actor="worker") is None
 
 
-def test_a_live_claim_is_only_renewed_by_its_holder(customer: Customer) -> None:
+def test_a_live_claim_is_not_taken_by_another(customer: Customer) -> None:
     workflow = workflow_in(customer, Status.RECEIVED)
     first = workflow_claim(workflow_id=workflow.id, actor="worker")
-    assert first is not None
+    assert first is not None and first.published_at is not None  # claimed is in flight
 
     assert workflow_claim(workflow_id=workflow.id, actor="worker") is None
-    assert workflow_claim(workflow_id=workflow.id, claim_id=uuid.uuid4(), actor="worker") is None
-    renewed = workflow_claim(workflow_id=workflow.id, claim_id=first.claim_id, actor="worker")
+    assert Workflow.objects.get(id=workflow.id).attempts == 1
 
-    assert renewed is not None
-    assert (renewed.claim_id, renewed.attempts) == (first.claim_id, 2)
-    assert renewed.claimed_until is not None and first.claimed_until is not None
-    assert renewed.claimed_until >= first.claimed_until
+
+def test_work_due_later_is_not_claimed_before_its_time(customer: Customer) -> None:
+    # A stray or duplicate message must not run a retry before its backoff ends.
+    workflow = workflow_in(customer, Status.IN_PROGRESS, attempts=1)
+    Workflow.objects.filter(id=workflow.id).update(due_at=timezone.now() + dt.timedelta(seconds=30))
+    assert workflow_claim(workflow_id=workflow.id, actor="worker") is None
+    Workflow.objects.filter(id=workflow.id).update(due_at=timezone.now())
+    claimed = workflow_claim(workflow_id=workflow.id, actor="worker")
+    assert claimed is not None and claimed.due_at is None and claimed.attempts == 2
 
 
 def test_an_expired_claim_is_taken_over(customer: Customer) -> None:

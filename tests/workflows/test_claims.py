@@ -21,12 +21,12 @@ from tests.processes import serving
 from workflows import concurrent
 from workflows.claims import (
     Held,
-    claims_hand_back,
     claims_shutdown_begin,
     claims_shutdown_cancel,
     claims_shutdown_deadline,
 )
 from workflows.models import Status, Workflow, WorkflowTransition
+from workflows.scheduler import PutBack, workflows_put_back
 from workflows.services import workflows_claim
 
 
@@ -143,16 +143,21 @@ def test_hand_back_frees_at_once_and_refunds_the_attempt(customer):
     assert mine.claim_id and other.claim_id
     Workflow.objects.filter(id=other.id).update(claim_id=uuid.uuid4())
     before = timezone.now()
-    handed = claims_hand_back(
-        claims={mine.id: mine.claim_id, other.id: other.claim_id}, actor="worker"
+    handed = workflows_put_back(
+        put=[
+            PutBack(w.id, w.claim_id, 0.0, "handed back", refund=True)
+            for w in (mine, other)
+            if w.claim_id
+        ],
+        actor="worker",
     )
     assert handed == [mine.id]
     row = Workflow.objects.get(id=mine.id)
     assert (row.status, row.attempts, row.claim_id) == (Status.IN_PROGRESS, 0, None)
-    assert row.claimed_until is not None and before <= row.claimed_until <= timezone.now()
-    assert WorkflowTransition.objects.filter(
-        workflow=mine, reason="handed back by a worker shutting down"
-    ).exists()
+    # Due at once, no longer in flight.
+    assert (row.claimed_until, row.published_at) == (None, None)
+    assert row.due_at is not None and before <= row.due_at <= timezone.now()
+    assert WorkflowTransition.objects.filter(workflow=mine, reason="handed back").exists()
     assert Workflow.objects.get(id=other.id).attempts == 1  # not ours: untouched
     # The next claim takes it at once and counts one attempt in all.
     (again,) = workflows_claim(workflow_ids=[mine.id], actor="worker")
@@ -173,10 +178,13 @@ def test_waves_stop_at_the_deadline() -> None:
 def test_a_worker_shutting_down_claims_no_new_batch(customer):
     workflow = Workflow.objects.create(customer=customer, patient_id=uuid.uuid4())
     claims_shutdown_begin(grace=5)
+    Workflow.objects.filter(id=workflow.id).update(due_at=None, published_at=timezone.now())
     processed = links_process(workflow_ids=[str(workflow.id)])
-    assert processed.again == [workflow.id]
+    assert processed.not_claimed == [workflow.id]
     row = Workflow.objects.get(id=workflow.id)
     assert (row.status, row.attempts, row.claim_id) == (Status.RECEIVED, 0, None)
+    # Due again at once, for another worker.
+    assert row.published_at is None and row.due_at is not None
 
 
 @pytest.mark.django_db(transaction=True)
@@ -195,15 +203,17 @@ def test_searches_unfinished_at_the_grace_end_are_handed_back(settings, credenti
         processed = links_process(workflow_ids=[str(workflow_id)])
         took = time.monotonic() - started
     assert claims_shutdown_deadline() is not None
-    assert processed.again == [workflow_id]
+    assert [(p.workflow_id, p.refund, p.due_in) for p in processed.put_back] == [
+        (workflow_id, True, 0.0)
+    ]
     assert took < 2.5  # did not wait for the search
     row = Workflow.objects.get(id=workflow_id)
     assert (row.status, row.attempts, row.claim_id) == (Status.IN_PROGRESS, 0, None)
-    assert row.claimed_until is not None and row.claimed_until <= timezone.now()
+    assert row.due_at is not None and row.due_at <= timezone.now()
     # The next worker resumes it at once, and its answer ends it: one attempt in all.
     claims_shutdown_cancel()
     with serving(fresh := make_server("127.0.0.1", 0)):
         settings.INTERNAL_SEARCH_URL = fresh.base_url
-        assert links_process(workflow_ids=[str(workflow_id)]).again == []
+        assert links_process(workflow_ids=[str(workflow_id)]).put_back == []
     row = Workflow.objects.get(id=workflow_id)
     assert (row.status, row.result, row.attempts) == (Status.COMPLETED, "LINKED", 1)

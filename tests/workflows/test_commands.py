@@ -38,10 +38,18 @@ def run(*args: str) -> str:
     return out.getvalue()
 
 
-def make(customer: Customer, status: str = Status.RECEIVED, *, age: dt.timedelta) -> Workflow:
+def make(
+    customer: Customer, status: str = Status.RECEIVED, *, age: dt.timedelta, due: bool = False
+) -> Workflow:
+    """A workflow untouched for `age`: waiting for its turn since then when `due`, else waiting
+    on nothing the scheduler runs (idle: as a REQUESTED one whose search's callback never
+    came)."""
     workflow = Workflow(customer=customer, patient_id=uuid.uuid4(), status=status)
     workflow.save()
-    Workflow.objects.filter(id=workflow.id).update(updated_at=timezone.now() - age)
+    since = timezone.now() - age
+    Workflow.objects.filter(id=workflow.id).update(
+        updated_at=since, due_at=since if due else None, published_at=None
+    )
     return Workflow.objects.get(id=workflow.id)
 
 
@@ -56,24 +64,33 @@ def completed(customer: Customer) -> Workflow:
     return workflow_finish(workflow=workflow, name="complete", actor="test")
 
 
-def published_ids(redis_db: Any) -> list[str]:
-    return [
-        workflow_id
-        for m in broker_messages(redis_db)
-        if m["task"] == "workflows.process_workflows"
-        for workflow_id in m["args"][0]
-    ]
+def due_now(workflow: Workflow, since: dt.datetime) -> bool:
+    """Made due at once (since `since`), not in flight: the scheduler publishes it in its
+    turn."""
+    row = Workflow.objects.get(id=workflow.id)
+    return (
+        row.due_at is not None
+        and since <= row.due_at <= timezone.now()
+        and (row.published_at, row.claim_id) == (None, None)
+    )
 
 
 # --- requeue ----------------------------------------------------------------------------------
 
 
-def test_requeue_several_workflows_with_a_reason(
+def test_requeue_several_workflows_with_a_reason_makes_them_due(
     customer, redis_db, django_capture_on_commit_callbacks
 ):
     first, second = failed(customer), failed(customer)
     pending = make(customer, Status.IN_PROGRESS, age=dt.timedelta(hours=1))
-    with django_capture_on_commit_callbacks(execute=True):
+    # In flight: published an hour ago, and its consumer's claim ended.
+    Workflow.objects.filter(id=pending.id).update(
+        published_at=timezone.now() - dt.timedelta(hours=1),
+        claim_id=uuid.uuid4(),
+        claimed_until=timezone.now() - dt.timedelta(minutes=59),
+    )
+    before = timezone.now()
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
         output = run(
             "requeue", str(first.id), str(second.id), str(pending.id), "--reason", "INC-1234"
         )
@@ -88,7 +105,11 @@ def test_requeue_several_workflows_with_a_reason(
         assert last is not None
         assert (last.source, last.actor, last.reason) == (source, "command:requeue", "INC-1234")
         assert row.status in (Status.RECEIVED, Status.IN_PROGRESS)
-    assert sorted(published_ids(redis_db)) == sorted(str(w.id) for w in (first, second, pending))
+        assert due_now(row, before)
+    assert Workflow.objects.get(id=pending.id).requeues == 1
+    # Nothing is published by it: the scheduler publishes due work in its turn.
+    assert callbacks == []
+    assert broker_messages(redis_db) == []
 
 
 def test_requeue_without_a_reason_records_the_default(customer):
@@ -140,9 +161,10 @@ def test_requeue_conflicting_with_a_newer_request_is_a_command_error(customer, a
 def test_reconcile_dry_run_prints_json_and_changes_nothing(
     customer, redis_db, django_capture_on_commit_callbacks
 ):
-    stale = make(customer, age=dt.timedelta(hours=1))
+    stale = make(customer, Status.REQUESTED, age=dt.timedelta(hours=1))
     spent = make(customer, Status.IN_PROGRESS, age=dt.timedelta(hours=1))
     Workflow.objects.filter(id=spent.id).update(attempts=5)
+    waiting = make(customer, age=dt.timedelta(hours=1), due=True)
     with django_capture_on_commit_callbacks(execute=True) as callbacks:
         output = run("reconcile", "--dry-run")
     assert json.loads(output) == {
@@ -153,15 +175,21 @@ def test_reconcile_dry_run_prints_json_and_changes_nothing(
     }
     assert callbacks == []
     assert broker_messages(redis_db) == []
-    assert Workflow.objects.get(id=stale.id).requeues == 0
+    row = Workflow.objects.get(id=stale.id)
+    assert (row.requeues, row.due_at, row.updated_at) == (0, None, stale.updated_at)
     assert Workflow.objects.get(id=spent.id).status == Status.IN_PROGRESS
+    assert Workflow.objects.get(id=waiting.id).due_at == waiting.due_at
     assert not WebhookDelivery.objects.exists()
 
 
-def test_reconcile_runs_the_sweep(customer, redis_db, django_capture_on_commit_callbacks):
-    stale = make(customer, age=dt.timedelta(hours=1))
-    fresh = make(customer, age=dt.timedelta(seconds=5))
-    with django_capture_on_commit_callbacks(execute=True):
+def test_reconcile_makes_idle_workflows_due_and_publishes_nothing(
+    customer, redis_db, django_capture_on_commit_callbacks
+):
+    stale = make(customer, Status.REQUESTED, age=dt.timedelta(hours=1))
+    fresh = make(customer, Status.REQUESTED, age=dt.timedelta(seconds=5))
+    waiting = make(customer, age=dt.timedelta(hours=1), due=True)
+    before = timezone.now()
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
         output = run("reconcile")
     assert json.loads(output) == {
         "dry_run": False,
@@ -170,21 +198,30 @@ def test_reconcile_runs_the_sweep(customer, redis_db, django_capture_on_commit_c
         "expired": [],
     }
     assert Workflow.objects.get(id=stale.id).requeues == 1
-    assert Workflow.objects.get(id=fresh.id).requeues == 0
-    assert published_ids(redis_db) == [str(stale.id)]
+    assert due_now(stale, before)
+    assert (Workflow.objects.get(id=fresh.id).requeues, fresh.due_at) == (0, None)
+    # Due already, waiting for its turn: the scheduler's, not the sweep's.
+    row = Workflow.objects.get(id=waiting.id)
+    assert (row.requeues, row.due_at) == (0, waiting.due_at)
+    assert callbacks == []
+    assert broker_messages(redis_db) == []
 
 
-def test_reconcile_stale_after_zero_requeues_everything_pending(
+def test_reconcile_stale_after_zero_makes_every_idle_workflow_due(
     customer, redis_db, django_capture_on_commit_callbacks
 ):
     fresh = make(customer, Status.LINKED, age=dt.timedelta(seconds=1))
+    waiting = make(customer, age=dt.timedelta(seconds=1), due=True)
     done = completed(customer)
+    before = timezone.now()
     with django_capture_on_commit_callbacks(execute=True):
         output = run("reconcile", "--stale-after", "0")
     assert json.loads(output)["requeued"] == [str(fresh.id)]
     assert Workflow.objects.get(id=fresh.id).requeues == 1
+    assert due_now(fresh, before)
+    assert Workflow.objects.get(id=waiting.id).requeues == 0
     assert Workflow.objects.get(id=done.id).requeues == 0
-    assert published_ids(redis_db) == [str(fresh.id)]
+    assert broker_messages(redis_db) == []
 
 
 def test_reconcile_stale_after_must_be_a_number():

@@ -12,6 +12,7 @@ from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 
 from tests.conftest import LinkClient, link_body
+from workflows import breaker
 from workflows.models import DeliveryStatus, WebhookDelivery, Workflow
 from workflows.services import workflow_finish, workflow_transition
 
@@ -142,3 +143,19 @@ def test_every_admin_page_renders_for_an_operator(operator: Client, api: LinkCli
         "linking.IdempotencyRecord",
         "merchant.Customer",
     } <= changed
+
+
+def test_dashboard_shows_the_schedule(operator: Client, api: LinkClient) -> None:
+    for _ in range(3):
+        _post(api)  # due, nothing leads in this test: they wait their turn
+    later = _post(api)
+    Workflow.objects.filter(id=later.id).update(due_at=timezone.now() + dt.timedelta(minutes=5))
+    breaker.breaker_report(successes=0, failures=100)
+
+    page = operator.get(DASHBOARD).content.decode()
+
+    section = page[page.index('id="schedule"') : page.index('id="stuck"')]
+    assert "circuit breaker open since" in section
+    assert '<td>due now (waiting their turn)</td><td class="dash-num">3</td>' in section
+    assert '<td>due later (retries in their backoff)</td><td class="dash-num">1</td>' in section
+    assert 'Acme Health</td><td class="dash-num">3</td>' in section

@@ -1,4 +1,11 @@
-"""Reconciliation (seed section 4.1) and the operator's re-queue."""
+"""The reconciliation sweep, and the operator's re-queue.
+
+The scheduler (workflows/scheduler.py) runs everything that is due and takes back work in
+flight that nobody is doing. The sweep, run by beat every RECONCILE_INTERVAL_SECONDS, keeps the
+promise's bounds on the rest: it fails what passed its deadline, ends the reviews nobody
+decided, and makes due what waits on nothing (an asynchronous search whose callback never came:
+the consumer then polls it). It never publishes.
+"""
 
 import datetime as dt
 import logging
@@ -17,9 +24,7 @@ from workflows.services.workflows import (
     Step,
     workflow_finish,
     workflow_past_deadline,
-    workflow_publish,
     workflow_transition,
-    workflows_publish,
 )
 
 logger = logging.getLogger(__name__)
@@ -53,23 +58,24 @@ def workflows_reconcile(
     stale_after_seconds: int | None = None,
     dry_run: bool = False,
 ) -> ReconcileReport:
-    """Re-queue pending workflows whose consumer is gone; fail those out of attempts.
+    """Fail the pending workflows past their deadline; make due those that wait on nothing.
 
-    A claimed workflow is re-queued as soon as its claim's lease has ended: its worker's
-    heartbeat stopped renewing it (workflows/claims.py), or a worker shutting down handed it
-    back. While a consumer works on it (or waits for its retry) the sweep neither re-queues it
-    nor counts anything against it. An unclaimed workflow is re-queued once untouched for
-    `stale_after` (RECONCILE_STALE_AFTER_SECONDS). Only processing attempts (the consumers'
-    claims) count towards WORKFLOW_MAX_ATTEMPTS: a re-queue costs an attempt only if it re-runs
-    the work.
+    Past its deadline (WORKFLOW_DEADLINE_SECONDS), a workflow no live claim holds is FAILED,
+    "deadline exceeded", whether it is due, waiting for the internal system, or in the queue.
+    One that is neither due nor in flight nor claimed (a REQUESTED workflow whose search's
+    callback never came) is made due once untouched for `stale_after`
+    (RECONCILE_STALE_AFTER_SECONDS): the consumer then polls its search job; out of attempts
+    it is FAILED instead. Only processing attempts (the consumers' claims) count towards
+    WORKFLOW_MAX_ATTEMPTS. Work due or in flight is the scheduler's: waiting one's turn is not
+    stale.
 
-    A REQUESTED workflow's re-queue makes the consumer poll its search job. REVIEW ones wait
+    REVIEW ones wait
     for their reviewer (an operator, or the customer) up to REVIEW_TIMEOUT_SECONDS after they
     entered review; then the sweep ends them COMPLETED with no match, "review expired", and the
     customer's webhook is queued with the ending.
 
     Rows are taken with FOR UPDATE SKIP LOCKED and touched inside the same transaction, so two
-    sweeps running at once (two beats by mistake) never dispatch one workflow twice.
+    sweeps running at once (two beats by mistake) never make one workflow due twice.
     """
     now = now or timezone.now()
     stale_after = (
@@ -106,7 +112,7 @@ def workflows_reconcile(
                 requeued,
                 now=now,
                 actor=SWEEP_ACTOR,
-                reason="re-queued by the reconciliation sweep",
+                reason="due again: made due by the reconciliation sweep",
             )
         if len(batch) < settings.RECONCILE_BATCH_SIZE:
             break
@@ -149,10 +155,15 @@ def _reviews_expire(now: dt.datetime) -> list[uuid.UUID]:
 
 
 def _stale(cutoff: dt.datetime, now: dt.datetime) -> Q:
-    """A claimed workflow whose claim's lease has ended (its worker stopped renewing it, or
-    handed it back): the lease already measured the silence. An unclaimed one untouched since
-    `cutoff`."""
-    return Q(claimed_until__lt=now) | Q(claimed_until__isnull=True, updated_at__lt=cutoff)
+    """No live claim holds it, and either it passed its deadline, or it waits on nothing (not
+    due, not in flight) since `cutoff`."""
+    unclaimed = Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
+    deadline = dt.timedelta(seconds=settings.WORKFLOW_DEADLINE_SECONDS)
+    past_deadline = Q(deadline_at__lte=now) | Q(
+        deadline_at__isnull=True, created_at__lt=now - deadline
+    )
+    idle = Q(due_at__isnull=True, published_at__isnull=True, updated_at__lt=cutoff)
+    return unclaimed & (past_deadline | idle)
 
 
 def _fail_reason(workflow: Workflow, now: dt.datetime) -> str:
@@ -190,26 +201,27 @@ def _reconcile_preview(cutoff: dt.datetime, now: dt.datetime) -> ReconcileReport
 def _requeue_pending(
     workflows: list[Workflow], *, now: dt.datetime, actor: str, reason: str
 ) -> None:
-    """Touch, count and record a re-dispatch of each; publish them after commit, a batch of
-    WORKER_BATCH_SIZE per message (caller holds the transaction and the rows' locks). A batch
-    of the sweep costs three statements, whatever its size."""
+    """Make each due now, count and record it (caller holds the transaction and the rows'
+    locks); the scheduler publishes it in its turn. A live claim is left alone (its consumer
+    is on it); a dead one is dropped, and should its old worker only have paused, its next
+    renewal finds the claim gone and drops the work. Three statements, whatever the number."""
     if not workflows:
         return
-    # A claim whose lease has ended is dropped with the re-queue: the workflow now waits in the
-    # queue unclaimed (the stale window applies again from now), and should its old worker only
-    # have paused, its next renewal finds the claim gone and drops the work.
-    dead = Q(claimed_until__lt=now)
+    free = Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
     Workflow.objects.filter(id__in=[workflow.id for workflow in workflows]).update(
         requeues=F("requeues") + 1,
         updated_at=now,
-        claim_id=Case(When(dead, then=Value(None)), default=F("claim_id")),
-        claimed_until=Case(When(dead, then=Value(None)), default=F("claimed_until")),
+        due_at=Case(When(free, then=Value(now)), default=F("due_at")),
+        published_at=Case(When(free, then=Value(None)), default=F("published_at")),
+        claim_id=Case(When(free, then=Value(None)), default=F("claim_id")),
+        claimed_until=Case(When(free, then=Value(None)), default=F("claimed_until")),
     )
     for workflow in workflows:
         workflow.requeues += 1
         workflow.updated_at = now
-        if workflow.claimed_until is not None and workflow.claimed_until < now:
-            workflow.claim_id = workflow.claimed_until = None
+        if workflow.claimed_until is None or workflow.claimed_until < now:
+            workflow.claim_id = workflow.claimed_until = workflow.published_at = None
+            workflow.due_at = now
     WorkflowTransition.objects.bulk_create(
         WorkflowTransition(
             workflow=workflow,
@@ -221,13 +233,12 @@ def _requeue_pending(
         )
         for workflow in workflows
     )
-    transaction.on_commit(
-        lambda: workflows_publish(workflow_ids=[workflow.id for workflow in workflows])
-    )
 
 
 def workflow_requeue(*, workflow_id: uuid.UUID, actor: str, reason: str = "") -> Workflow:
-    """An operator's re-queue: FAILED -> RECEIVED and publish; a pending one is re-published.
+    """An operator's re-queue: FAILED -> RECEIVED, due at once; a pending one no consumer holds
+    is made due at once (the scheduler publishes it in its turn); one a live claim holds is
+    refused (its worker is on it).
 
     Raises Workflow.DoesNotExist, or ValueError when it cannot be re-queued (COMPLETED, waiting
     for an operator's review, or a newer request for the same patient is pending).
@@ -240,11 +251,18 @@ def workflow_requeue(*, workflow_id: uuid.UUID, actor: str, reason: str = "") ->
             # A machine must not overtake the person: resolve the review instead.
             raise ValueError(f"workflow {workflow_id} awaits review; resolve the review instead")
         if workflow.status != Status.FAILED:
+            if workflow.claimed_until is not None and workflow.claimed_until >= timezone.now():
+                # Its consumer is on it: making it due would run it twice.
+                raise ValueError(
+                    f"workflow {workflow_id} is being worked on by a worker (its claim runs "
+                    f"until {workflow.claimed_until:%H:%M:%S} UTC unless renewed); "
+                    "nothing to re-queue"
+                )
             _requeue_pending(
                 [workflow],
                 now=timezone.now(),
                 actor=actor,
-                reason=reason or "re-published by an operator",
+                reason=reason or "made due by an operator",
             )
             return workflow
         newer = (
@@ -269,7 +287,6 @@ def workflow_requeue(*, workflow_id: uuid.UUID, actor: str, reason: str = "") ->
             reason=reason or "re-queued by an operator",
             deadline_at=timezone.now() + dt.timedelta(seconds=settings.WORKFLOW_DEADLINE_SECONDS),
         )
-        transaction.on_commit(lambda: workflow_publish(workflow=workflow))
     return workflow
 
 

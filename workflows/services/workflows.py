@@ -18,6 +18,7 @@ from workflows import metrics, statements
 from workflows.models import (
     TERMINAL_STATES,
     EndingName,
+    Status,
     TransitionName,
     WebhookDelivery,
     Workflow,
@@ -113,8 +114,14 @@ def workflows_save(*, changes: Sequence[WorkflowChange], actor: str) -> Saved:
             ):
                 lines[name].append(value)
         if change.release:
+            # It waits on something else now (a person, an asynchronous search's callback).
             workflow.claim_id = None
             workflow.claimed_until = None
+            workflow.published_at = None
+        if workflow.status in TERMINAL_STATES or workflow.status == Status.REVIEW:
+            # Off the schedule: ended, or a person's to decide.
+            workflow.due_at = None
+            workflow.published_at = None
         workflow.updated_at = now
         by_id[workflow.id] = workflow
         for name, value in zip(
@@ -131,6 +138,8 @@ def workflows_save(*, changes: Sequence[WorkflowChange], actor: str) -> Saved:
                 workflow.claim_id,
                 workflow.claimed_until,
                 workflow.deadline_at,
+                workflow.due_at,
+                workflow.published_at,
                 now,
             ),
             strict=True,
@@ -186,6 +195,8 @@ _SAVE_COLUMNS = (
     "claim_id",
     "claimed_until",
     "deadline_at",
+    "due_at",
+    "published_at",
     "updated_at",
 )
 _LINE_COLUMNS = ("workflow", "source", "target", "reason", "actor", "at")
@@ -211,22 +222,14 @@ def workflow_announcement(*, workflow_id: uuid.UUID) -> list[str]:
     return [WORKFLOW_CHANNEL, str(workflow_id)]
 
 
-def workflow_publish(*, workflow: Workflow) -> bool:
-    """Send the workflow's message to the queue; True if the broker took it.
-
-    A failure is logged and swallowed: the workflow row is committed, and the reconciliation
-    sweep re-publishes every pending workflow that nobody picked up.
-    """
-    return workflows_publish(workflow_ids=[workflow.id]) == 1
-
-
 def workflows_publish(*, workflow_ids: Sequence[uuid.UUID | str]) -> int:
     """Send these workflows to the queue, WORKER_BATCH_SIZE ids per message (each message is
     one task of PROCESS_WORKFLOWS_TASK); how many ids the broker took.
 
-    Messages carry ids only, never demographics. A failure is logged and swallowed, and its
-    batch counts as none sent: a duplicate message is harmless (consumers claim the rows), and
-    the sweep re-queues whatever was lost."""
+    Only the scheduler publishes (workflows/scheduler.py). Messages carry ids only, never
+    demographics. A failure is logged and swallowed, and its batch counts as none sent: the
+    scheduler makes what was not sent due again (a duplicate message is harmless: consumers
+    claim the rows)."""
     ids = [str(workflow_id) for workflow_id in workflow_ids]
     size = settings.WORKER_BATCH_SIZE
     sent = 0
@@ -262,36 +265,25 @@ def workflow_past_deadline(*, workflow: Workflow, now: dt.datetime | None = None
     return workflow_deadline(workflow=workflow) <= (now or timezone.now())
 
 
-def workflow_claim(
-    *, workflow_id: uuid.UUID | str, claim_id: uuid.UUID | None = None, actor: str
-) -> Workflow | None:
+def workflow_claim(*, workflow_id: uuid.UUID | str, actor: str) -> Workflow | None:
     """workflows_claim for one workflow: the workflow claimed, or None."""
-    claims = {uuid.UUID(str(workflow_id)): claim_id} if claim_id else {}
-    claimed = workflows_claim(workflow_ids=[workflow_id], claims=claims, actor=actor)
+    claimed = workflows_claim(workflow_ids=[workflow_id], actor=actor)
     return claimed[0] if claimed else None
 
 
-def workflows_claim(
-    *,
-    workflow_ids: Sequence[uuid.UUID | str],
-    claims: Mapping[uuid.UUID, uuid.UUID] | None = None,
-    actor: str,
-) -> list[Workflow]:
+def workflows_claim(*, workflow_ids: Sequence[uuid.UUID | str], actor: str) -> list[Workflow]:
     """Claim these workflows for one consumer in one statement, counting an attempt on each;
     the ones claimed (each id once).
 
     Left out: unknown, terminal, waiting for a person (REVIEW), locked by another transaction
-    right now, or claimed by another consumer whose claim has not expired. `claims` renews our
-    own earlier claims (a retry of the same work). The claim is committed before any work, so
+    right now, claimed by another consumer whose claim has not expired, or not due yet (a
+    retry's backoff: workflows/scheduler.py). The claim is committed before any work, so
     a worker that dies mid-task still used up an attempt. A RECEIVED workflow is started
     (IN_PROGRESS) by the claim.
     """
     now = timezone.now()
-    renew = dict(claims or {})
     params = {
         "ids": [str(workflow_id) for workflow_id in workflow_ids],
-        "renew_ids": [str(workflow_id) for workflow_id in renew],
-        "renew_claims": [str(claim) for claim in renew.values()],
         "claimable": [str(state) for state in statements.CLAIMABLE_STATES],
         "now": now,
         "until": now + dt.timedelta(seconds=settings.WORKFLOW_CLAIM_LEASE_SECONDS),
@@ -314,13 +306,6 @@ def _started_by(name: TransitionName) -> tuple[str, str]:
 
 # The claim's own transition: RECEIVED -> IN_PROGRESS (Workflow.start).
 _START_SOURCE, _START_TARGET = _started_by("start")
-
-
-def workflow_release(*, workflow: Workflow) -> None:
-    """Drop our claim (caller holds the row lock): the workflow now waits on someone else."""
-    workflow.claim_id = None
-    workflow.claimed_until = None
-    workflow.save(update_fields=["claim_id", "claimed_until"])
 
 
 def workflow_finish(

@@ -21,6 +21,13 @@ class Command(BaseCommand):
             default=ReviewBy.OPERATOR,
             help="who decides the workflows sent to REVIEW (default: operator)",
         )
+        parser.add_argument(
+            "--weight",
+            type=int,
+            default=1,
+            help="its share of each scheduling round against other customers' due work "
+            "(1 to 100, default 1)",
+        )
         parser.add_argument("--json", action="store_true", help="print one JSON object")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -29,6 +36,7 @@ class Command(BaseCommand):
                 name=options["name"],
                 webhook_url=options["webhook_url"],
                 review_by=options["review_by"],
+                weight=options["weight"],
             )
         except (WebhookURLError, ValueError) as exc:
             raise CommandError(str(exc)) from exc

@@ -9,8 +9,8 @@ from workflows.dispatcher import Dispatcher
 
 class Command(BaseCommand):
     help = (
-        "Run the workflow dispatcher in the foreground until SIGTERM or SIGINT: it publishes the "
-        "queue message of every accepted workflow (workflows/dispatcher.py). Every Celery worker "
+        "Run the workflow dispatcher in the foreground until SIGTERM or SIGINT: it runs the "
+        "scheduler, which publishes due work (workflows/scheduler.py). Every Celery worker "
         "already runs one; this is for a host without workers, or to watch it. Only one "
         "dispatcher leads at a time, whatever runs where."
     )
@@ -34,7 +34,7 @@ class Command(BaseCommand):
             if dispatcher.leading.is_set() != leading:
                 leading = not leading
                 self._say("dispatcher leading" if leading else "dispatcher not leading")
-        self._say(f"dispatcher stopped after publishing {dispatcher.published} messages")
+        self._say(f"dispatcher stopped after publishing {dispatcher.published} workflows")
 
     def _say(self, text: str) -> None:
         self.stdout.write(text)

@@ -9,7 +9,7 @@ from workflows.services import workflow_requeue
 
 
 class Command(BaseCommand):
-    help = "Re-queue workflows: FAILED -> RECEIVED and publish; a pending one is re-published."
+    help = "Re-queue workflows: FAILED -> RECEIVED, due at once; a pending one is made due at once."
 
     def add_arguments(self, parser: ArgumentParser) -> None:
         parser.add_argument("workflow_ids", nargs="+", type=uuid.UUID, metavar="WORKFLOW_ID")
