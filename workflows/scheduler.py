@@ -16,9 +16,10 @@ deployment, woken by every 202's notification and at least every second). Each t
 (`schedule_tick`):
 
 1. **Takes back lost work** (`RECOVER`): in flight, but its claim's lease ended (its worker died
-   or lost PostgreSQL), or published and not claimed within RECONCILE_STALE_AFTER_SECONDS (its
-   message was lost). Due again at once, counted (merchant_scheduler_recovered_total). Waiting
-   one's turn is not lost: due work is never published twice.
+   or lost PostgreSQL), or published and not claimed within RECONCILE_STALE_AFTER_SECONDS while
+   the broker's queue is empty (its message was lost: a broker restarted without its data). Due
+   again at once, counted (merchant_scheduler_recovered_total). Waiting is not lost: due work
+   is never published twice, and a message waiting behind slow or stopped workers is left be.
 2. **Pauses for the internal system** (workflows/breaker.py): while the breaker is open, or a 429
    asked for a pause, nothing is published. While open it probes `GET [base]/metadata` once per
    INTERNAL_SEARCH_BREAKER_PROBE_SECONDS, and the first answer closes it.
@@ -58,7 +59,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from workflows import breaker, metrics, statements
-from workflows.services.workflows import workflows_publish
+from workflows.services.workflows import workflows_publish, workflows_queued
 
 logger = logging.getLogger(__name__)
 
@@ -206,14 +207,18 @@ def _recover(conn: Any, now: dt.datetime) -> int:
         return 0
     _last_recover = time.monotonic()
     stale = settings.RECONCILE_STALE_AFTER_SECONDS
+    # A message not taken for the stale window is lost only if it no longer waits in the queue:
+    # behind slow or stopped workers it is only waiting (the broker is asked only then).
+    untaken = conn.execute(statements.UNTAKEN, {"now": now, "stale": stale}).fetchone()[0]
     rows = conn.execute(
         statements.RECOVER,
         {
             "now": now,
             "stale": stale,
+            "take_unclaimed": bool(untaken) and workflows_queued() == 0,
             "limit": 10 * settings.RECONCILE_BATCH_SIZE,
             "lease_reason": "due again: its worker stopped renewing its claim",
-            "lost_reason": f"due again: its queue message was not taken within {stale} s",
+            "lost_reason": f"due again: its queue message was lost (not taken within {stale} s)",
             "actor": ACTOR,
         },
     ).fetchall()

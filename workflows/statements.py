@@ -274,6 +274,15 @@ SELECT c.name, d.due FROM (
  ORDER BY d.due DESC, c.name
 """)
 
+# Is any work published and not claimed for `stale` seconds? (Then the scheduler asks the broker
+# whether its messages still wait.)
+UNTAKEN = _sql("""
+SELECT EXISTS (
+  SELECT 1 FROM {workflow}
+   WHERE published_at < %(now)s - make_interval(secs => %(stale)s) AND claim_id IS NULL
+)
+""")
+
 # Published work nobody claimed, due again at once: what a failed publication did not send, or
 # what a worker shutting down received and did not claim.
 UNPUBLISH = _sql("""
@@ -282,16 +291,19 @@ UPDATE {workflow} SET published_at = NULL, due_at = %(now)s
 """)
 
 # Work in flight that nobody is doing, due again at once: claimed, but the claim's lease ended
-# (its worker stopped renewing it: it died, or lost PostgreSQL); or published and never claimed
-# for `stale` seconds (the message was lost: a broker restarted without persistence). The
-# dead claim is dropped; the timeline says which; each counts as a re-queue.
+# (its worker stopped renewing it: it died, or lost PostgreSQL); or, with `take_unclaimed`,
+# published and never claimed for `stale` seconds (the scheduler sets it only when the broker's
+# queue is empty: the message was lost, a broker restarted without persistence; messages that
+# only wait behind slow or stopped workers are not lost). The dead claim is dropped; the
+# timeline says which; each counts as a re-queue.
 RECOVER = _sql("""
 WITH lost AS (
   SELECT id, CASE WHEN claim_id IS NULL THEN 'not taken' ELSE 'lease ended' END AS why
     FROM {workflow}
    WHERE published_at IS NOT NULL
      AND (claimed_until < %(now)s
-          OR (claim_id IS NULL AND published_at < %(now)s - make_interval(secs => %(stale)s)))
+          OR (%(take_unclaimed)s AND claim_id IS NULL
+              AND published_at < %(now)s - make_interval(secs => %(stale)s)))
    ORDER BY published_at LIMIT %(limit)s
    FOR UPDATE SKIP LOCKED
 ), recovered AS (

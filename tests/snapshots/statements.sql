@@ -186,7 +186,8 @@ WITH lost AS (
     FROM workflows_workflow
    WHERE published_at IS NOT NULL
      AND (claimed_until < %(now)s
-          OR (claim_id IS NULL AND published_at < %(now)s - make_interval(secs => %(stale)s)))
+          OR (%(take_unclaimed)s AND claim_id IS NULL
+              AND published_at < %(now)s - make_interval(secs => %(stale)s)))
    ORDER BY published_at LIMIT %(limit)s
    FOR UPDATE SKIP LOCKED
 ), recovered AS (
@@ -323,3 +324,9 @@ SELECT pg_try_advisory_lock(hashtextextended(%s, 0))
 -- workflows.statements.UNPUBLISH
 UPDATE workflows_workflow SET published_at = NULL, due_at = %(now)s
  WHERE id = ANY(%(ids)s::uuid[]) AND published_at IS NOT NULL AND claim_id IS NULL
+
+-- workflows.statements.UNTAKEN
+SELECT EXISTS (
+  SELECT 1 FROM workflows_workflow
+   WHERE published_at < %(now)s - make_interval(secs => %(stale)s) AND claim_id IS NULL
+)

@@ -28,7 +28,7 @@ from tests.processes import serving
 from workflows import breaker
 from workflows.models import Status, Workflow, WorkflowTransition
 from workflows.scheduler import PutBack, schedule_tick, workflows_put_back
-from workflows.services import workflows_claim
+from workflows.services import workflows_claim, workflows_publish
 
 
 @pytest.fixture(autouse=True)
@@ -181,7 +181,22 @@ def test_lost_work_in_flight_is_due_again_and_waiting_work_is_not(customers, set
     assert rows[waiting.id].requeues == 0  # waiting its turn is not stale
     reasons = set(WorkflowTransition.objects.values_list("reason", flat=True))
     assert "due again: its worker stopped renewing its claim" in reasons
-    assert "due again: its queue message was not taken within 60 s" in reasons
+    assert "due again: its queue message was lost (not taken within 60 s)" in reasons
+
+
+def test_a_message_still_waiting_in_the_queue_is_not_lost(customers, settings) -> None:
+    # Behind slow or stopped workers a message waits: the broker still has it.
+    customer, _ = customers
+    settings.RECONCILE_STALE_AFTER_SECONDS = 60
+    settings.WORKFLOW_IN_FLIGHT_MAX = 1
+    (waiting,) = due(customer, 1)
+    Workflow.objects.filter(id=waiting.id).update(
+        due_at=None, published_at=timezone.now() - dt.timedelta(seconds=61)
+    )
+    assert workflows_publish(workflow_ids=[waiting.id]) == 1  # its message, still queued
+
+    assert schedule_tick(conn()).recovered == 0
+    assert Workflow.objects.get(id=waiting.id).published_at is not None
 
 
 def test_put_back_leaves_the_work_in_flight_and_refunds_only_when_asked(customers) -> None:

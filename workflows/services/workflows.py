@@ -249,6 +249,25 @@ def workflows_publish(*, workflow_ids: Sequence[uuid.UUID | str]) -> int:
     return sent
 
 
+def workflows_queued() -> int | None:
+    """How many messages wait in the workflows' queue, as the broker counts them (not those a
+    worker already holds); None when the broker could not be asked. A passive declare: it
+    creates nothing (on Redis an empty queue is no key at all: 0)."""
+    try:
+        with current_app.connection_for_write() as connection_:
+            channel: Any = connection_.default_channel  # kombu's stubs lack queue_declare
+            try:
+                declared = channel.queue_declare(
+                    queue=settings.CELERY_TASK_DEFAULT_QUEUE, passive=True
+                )
+            except connection_.channel_errors:
+                return 0
+            return int(declared.message_count)
+    except Exception as exc:
+        logger.warning("the broker could not say how many messages wait (%s)", type(exc).__name__)
+        return None
+
+
 # The reason of a workflow ended by its deadline (WORKFLOW_DEADLINE_SECONDS).
 DEADLINE_EXCEEDED = "deadline exceeded"
 
