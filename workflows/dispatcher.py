@@ -112,19 +112,13 @@ class Dispatcher:
     def _wait(self, conn: Any, timeout: float) -> None:
         """Until a workflow is announced (and LINGER_SECONDS more, for the ones right behind
         it) or `timeout` passes. The announcements' payloads are not needed: the tick reads
-        what is due."""
+        what is due. (psycopg's notifies() returns only at its timeout or its `stop_after`:
+        the first announcement is awaited alone, then the linger takes the rest.)"""
         if timeout <= 0:
             return
-        taken = 0
-        until = None
-        while taken < BATCH_SIZE:
-            before = taken
-            for _ in conn.notifies(timeout=timeout, stop_after=BATCH_SIZE - taken):
-                taken += 1
-            if taken == before and until is None:
-                return
-            if until is None:
-                until = time.monotonic() + LINGER_SECONDS
-            timeout = until - time.monotonic()
-            if timeout <= 0:
-                return
+        if not any(True for _ in conn.notifies(timeout=timeout, stop_after=1)):
+            return
+        until = time.monotonic() + LINGER_SECONDS
+        taken = 1
+        while taken < BATCH_SIZE and (left := until - time.monotonic()) > 0:
+            taken += sum(1 for _ in conn.notifies(timeout=left, stop_after=BATCH_SIZE - taken))

@@ -1,8 +1,9 @@
 """`python -m tests.bench [--duration S] [--workflows N] [--json FILE] ...` (`make bench`).
 
 Starts the stack with production settings on a fresh database, measures A (the yardstick),
-POST /link, GET /link/status, N workflows end to end and one reconciliation sweep, prints the
-table and the targets, writes the figures as JSON. Exit status 1 only when a stage could not
+POST /link, GET /link/status, N workflows end to end, one customer's latency idle and under
+another's backlog (fairness) and one reconciliation sweep, prints the table and the targets,
+writes the figures as JSON. Exit status 1 only when a stage could not
 run (the targets are reported, not enforced).
 """
 
@@ -49,6 +50,30 @@ def main() -> int:
         default=defaults.e2e_timeout,
         help="seconds the end-to-end stage may take",
     )
+    parser.add_argument(
+        "--fairness-batches",
+        type=int,
+        default=defaults.fairness_batches,
+        help="customer A's backlog in the fairness stage: POST /link/batch requests (0: no stage)",
+    )
+    parser.add_argument(
+        "--fairness-items",
+        type=int,
+        default=defaults.fairness_items,
+        help="items per batch of A's backlog",
+    )
+    parser.add_argument(
+        "--fairness-idle-links",
+        type=int,
+        default=defaults.fairness_idle_links,
+        help="customer B's links measured with nothing else queued",
+    )
+    parser.add_argument(
+        "--fairness-timeout",
+        type=float,
+        default=defaults.fairness_timeout,
+        help="seconds A's backlog may take to drain",
+    )
     parser.add_argument("--sweep-rows", type=int, default=defaults.sweep_rows)
     parser.add_argument("--sweep-stale", type=int, default=defaults.sweep_stale)
     parser.add_argument("--standin-latency-ms", type=int, default=defaults.standin_latency_ms)
@@ -78,6 +103,10 @@ def main() -> int:
         workflows=args.workflows,
         scaling_workflows=args.scaling_workflows,
         e2e_timeout=args.e2e_timeout,
+        fairness_batches=args.fairness_batches,
+        fairness_items=args.fairness_items,
+        fairness_idle_links=args.fairness_idle_links,
+        fairness_timeout=args.fairness_timeout,
         sweep_rows=args.sweep_rows,
         sweep_stale=args.sweep_stale,
         standin_latency_ms=args.standin_latency_ms,

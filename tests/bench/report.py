@@ -236,6 +236,7 @@ def render(results: dict[str, Any]) -> str:
                 f" + {beats['statement_seconds'] * 1000:.1f} ms statement time ="
                 f" {beats['ms_per_workflow']:.4f} ms per workflow (target <= 0.1)"
             )
+    lines += _fairness_lines(stages.get("fairness"))
     lines += _scaling_table(stages)
     batch = stages.get("batch")
     if batch is not None:
@@ -268,6 +269,50 @@ def render(results: dict[str, Any]) -> str:
     for stage, message in results.get("errors", {}).items():
         lines.append(f"ERROR in {stage}: {message.splitlines()[-1] if message else ''}")
     return "\n".join(lines)
+
+
+def _fairness_lines(fair: dict[str, Any] | None) -> list[str]:
+    """Customer B's single links idle and under customer A's backlog, and A's drain."""
+    if fair is None:
+        return []
+    backlog = fair["a_backlog"]
+    idle, under, ratio = fair["b_idle"], fair["b_under_backlog"], fair["ratio"]
+    unended = under["a_unended_at_post"]
+
+    def spread(phase: dict[str, Any]) -> str:
+        return (
+            f"{phase['completed']:>3} of {phase['links']:>3} COMPLETED: p50 "
+            f"{_seconds(phase['p50'])}, p99 {_seconds(phase['p99'])}, max "
+            f"{_seconds(phase['max'])} (202 -> claimed p50 {_seconds(phase['to_claimed_s']['p50'])}"
+            f", max {_seconds(phase['to_claimed_s']['max'])})"
+        )
+
+    lines = [
+        "",
+        "fairness: customer B's single POST /link, 202 -> COMPLETED (from the workflow rows), "
+        f"{fair['celery_workers']} Celery worker(s), at most {fair['in_flight_bound']} "
+        "workflows in flight",
+        f"  B idle:              {spread(idle)}",
+        f"  B under A's backlog: {spread(under)}",
+        f"  {'':<21}A had {unended['min']:,}-{unended['max']:,} workflows unended at B's "
+        f"posts (median {unended['median']:,})",
+        "  under backlog / idle: "
+        + ", ".join(f"{key} {_times(ratio[key])}" for key in ("p50", "p99", "max"))
+        + f" (first come, first served: ~{_seconds(fair['fifo_wait_estimate_s'])} behind "
+        "A's median work left, at A's pace)",
+        f"  A's backlog: {backlog['items']:,} items due at once ({backlog['batches']} x POST "
+        f"/link/batch, 202 after {max(backlog['ack_s'], default=0):.2f} s at most), "
+        + ("drained" if backlog["drained"] else "NOT drained")
+        + f": {backlog['completed']:,} COMPLETED in {backlog['drain_s']:.1f} s from its first "
+        f"claim = {backlog['workflows_per_second']:.0f}/s",
+    ]
+    if fair["abandoned"]:
+        lines.append(f"  {fair['abandoned']} workflows left unended, failed by the harness")
+    return lines
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}x"
 
 
 _SCALING_GROUPS = ("workers", "postgres", "web", "total")

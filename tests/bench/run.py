@@ -34,6 +34,12 @@ class BenchConfig:
     workflows: int = 3000
     scaling_workflows: int = 1000  # per run of the scaling table; 0 leaves it out
     e2e_timeout: float = 180.0
+    # Customer B's single links idle and under customer A's backlog of POST /link/batch:
+    # `fairness_batches` of `fairness_items` (0 batches leaves the stage out).
+    fairness_batches: int = 8
+    fairness_items: int = 1000
+    fairness_idle_links: int = 20
+    fairness_timeout: float = 60.0
     sweep_rows: int = 1_000_000
     sweep_stale: int = 1_000
     standin_latency_ms: int = 50
@@ -97,10 +103,11 @@ def _peaks(figures: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_bench(config: BenchConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, Any]:
-    """Every stage, in an order that keeps them apart: end to end first (the only one with the
-    Celery workers up, so that their CPU never shares a web stage), then A, the ack path and the
-    status read back to back (a noisy neighbour moves all three together), the sweep last (it
-    replaces the workflow table). Figures in `stages`; a stage that could not run in `errors`."""
+    """Every stage, in an order that keeps them apart: end to end first, then fairness and the
+    scaling runs (the only ones with the Celery workers up, so that their CPU never shares a web
+    stage), then A, the ack path and the status read back to back (a noisy neighbour moves all
+    three together), the sweep last (it replaces the workflow table). Figures in `stages`; a
+    stage that could not run in `errors`."""
     results: dict[str, Any] = {
         "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
@@ -148,6 +155,17 @@ def run_bench(config: BenchConfig, *, echo: Callable[[str], None] = _echo) -> di
                     stack, load, workflows=config.workflows, timeout=config.e2e_timeout
                 ),
             )
+            if config.fairness_batches:
+                stage(
+                    "fairness",
+                    lambda: stages.fairness(
+                        stack,
+                        idle_links=config.fairness_idle_links,
+                        batches=config.fairness_batches,
+                        items=config.fairness_items,
+                        timeout=config.fairness_timeout,
+                    ),
+                )
             if config.scaling_workflows:
                 # The setting's default, as the workers read it (the harness has no settings).
                 default_batch = int(

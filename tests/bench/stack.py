@@ -101,6 +101,16 @@ def with_option(args: list[str], option: str, value: str) -> list[str]:
     return [*out, option, value]
 
 
+@dataclass(frozen=True)
+class Customer:
+    """A customer of the stack: what its requests carry, and where its webhooks go."""
+
+    name: str
+    customer_id: str
+    token: str
+    receiver_url: str
+
+
 @dataclass
 class BenchStack:
     """`with BenchStack(...) as stack:` starts redis, the database, the stand-in, the receiver
@@ -164,22 +174,37 @@ class BenchStack:
         )
         self.manage("migrate", "--noinput", "-v0")
         self._start_standin()
-        receiver_port = free_port()
-        self.receiver_url = f"http://127.0.0.1:{receiver_port}"
+        customer = self.onboard("Bench Health", receiver="receiver")
+        self.receiver_url = customer.receiver_url
+        self.token = customer.token
+        self.customer_id = customer.customer_id
+        self.start_web()
+
+    def onboard(self, name: str, *, receiver: str, weight: int = 1) -> Customer:
+        """A customer onboarded as an operator does it (`manage.py onboard_customer`), its
+        webhooks going to a receiver of its own (the process named `receiver`, started here and
+        stopped with the stack) that verifies their signatures with its secret."""
+        port = free_port()
+        receiver_url = f"http://127.0.0.1:{port}"
         credentials = json.loads(
             self.manage(
                 "onboard_customer",
                 "--name",
-                "Bench Health",
+                name,
                 "--webhook-url",
-                f"{self.receiver_url}/hooks",
+                f"{receiver_url}/hooks",
+                "--weight",
+                str(weight),
                 "--json",
             )
         )
-        self.token = credentials["token"]
-        self.customer_id = credentials["customer_id"]
-        self._start_receiver(receiver_port, credentials["webhook_secret"])
-        self.start_web()
+        self._start_receiver(receiver, port, credentials["webhook_secret"])
+        return Customer(
+            name=name,
+            customer_id=credentials["customer_id"],
+            token=credentials["token"],
+            receiver_url=receiver_url,
+        )
 
     # --- environment and commands --------------------------------------------------------------
 
@@ -235,7 +260,15 @@ class BenchStack:
         self, stack: ExitStack, name: str, args: list[str], settings: dict[str, str] | None = None
     ) -> Process:
         env = {**self.env(), **(settings or {})}
-        process = spawn(name, args, env=env, log=self.workdir / f"{name}.log")
+        log = self.workdir / f"{name}.log"
+        if log.exists():
+            # Started again (the consumers of each end-to-end run): its earlier run's log is
+            # kept aside, so that waiting for "ready." reads this run's, not the last one's.
+            earlier = 1
+            while (self.workdir / f"{name}.{earlier}.log").exists():
+                earlier += 1
+            log.rename(self.workdir / f"{name}.{earlier}.log")
+        process = spawn(name, args, env=env, log=log)
         stack.callback(process.stop)
         self.processes[name] = process
         return process
@@ -249,10 +282,10 @@ class BenchStack:
         args += ["--latency-ms", str(self.standin_latency_ms)]
         self._spawn(self._stack, "standin", args).wait_for("standin listening")
 
-    def _start_receiver(self, port: int, secret: str) -> None:
+    def _start_receiver(self, name: str, port: int, secret: str) -> None:
         args = [str(BIN / "python"), "-m", "standin.receiver", "--host", "127.0.0.1"]
         args += ["--port", str(port), "--secret", secret]
-        self._spawn(self._stack, "receiver", args).wait_for("receiver listening")
+        self._spawn(self._stack, name, args).wait_for("receiver listening")
 
     def start_web(self) -> None:
         port = free_port()

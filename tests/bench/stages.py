@@ -27,7 +27,7 @@ from tests.bench.procstat import (
     peak_rss,
     reset_peak_rss,
 )
-from tests.bench.stack import YARDSTICK_PATH, BenchStack
+from tests.bench.stack import YARDSTICK_PATH, BenchStack, Customer
 from tests.bench.wrk import WrkResult, interrupt, run_wrk
 from tests.processes import Process
 
@@ -142,52 +142,68 @@ def ack(stack: BenchStack, load: Load) -> dict[str, Any]:
     )
 
 
+def _patient(patient_id: str) -> dict[str, Any]:
+    """ack.lua's patient (README.md's example): the stand-in finds exactly one certain match."""
+    return {
+        "id": patient_id,
+        "full_name": "Jane Q Doe",
+        "dob": "1980-04-02",
+        "contact": {
+            "address": "1 Main St, Springfield",
+            "phone": "+1-555-0100",
+            "email": "jane@example.org",
+        },
+        "insurance": {"payer": "Acme Health", "member_id": "A123"},
+    }
+
+
+def _post_batch(
+    session: requests.Session, stack: BenchStack, token: str, prefix: str, number: int, items: int
+) -> tuple[float, int]:
+    """One POST /link/batch of `items` new patients (ids `prefix-number-...`): the seconds from
+    sending it to its 202, and the body's size. Anything but all of it accepted raises."""
+    body = {
+        "requests": [
+            {
+                "idempotency-key": f"batch-{prefix}-{number}-{n}",
+                "patient": _patient(f"{prefix}-{number:04x}-4000-8000-{n:012x}"),
+            }
+            for n in range(items)
+        ]
+    }
+    payload = json.dumps(body).encode()
+    started = time.perf_counter()
+    answer = session.post(
+        f"{stack.base_url}/link/batch",
+        data=payload,
+        headers={
+            "Content-Type": "application/json",
+            "customer-token": token,
+            "Idempotency-Key": f"batch-{prefix}-{number}",
+        },
+        timeout=30,
+    )
+    seconds = time.perf_counter() - started
+    if answer.status_code != 202 or answer.json()["accepted"] != items:
+        raise StageFailed(f"batch {number}: {answer.status_code} {answer.text[:300]}")
+    return seconds, len(payload)
+
+
 def batch(stack: BenchStack, *, items: int = 1000, batches: int = 5) -> dict[str, Any]:
     """POST /link/batch, `batches` times `items` new patients (ack.lua's body), one after the
     other over one kept connection: the time from sending each to its 202 (issue 19: a
     1,000-item batch acknowledged in <= 1 s). The dispatcher publishes their messages."""
     prefix = secrets.token_hex(4)
     seconds: list[float] = []
-    session = requests.Session()
-    for number in range(batches):
-        body = {
-            "requests": [
-                {
-                    "idempotency-key": f"batch-{prefix}-{number}-{n}",
-                    "patient": {
-                        "id": f"{prefix}-{number:04x}-4000-8000-{n:012x}",
-                        "full_name": "Jane Q Doe",
-                        "dob": "1980-04-02",
-                        "contact": {
-                            "address": "1 Main St, Springfield",
-                            "phone": "+1-555-0100",
-                            "email": "jane@example.org",
-                        },
-                        "insurance": {"payer": "Acme Health", "member_id": "A123"},
-                    },
-                }
-                for n in range(items)
-            ]
-        }
-        payload = json.dumps(body).encode()
-        started = time.perf_counter()
-        answer = session.post(
-            f"{stack.base_url}/link/batch",
-            data=payload,
-            headers={
-                "Content-Type": "application/json",
-                "customer-token": stack.token,
-                "Idempotency-Key": f"batch-{prefix}-{number}",
-            },
-            timeout=30,
-        )
-        seconds.append(time.perf_counter() - started)
-        if answer.status_code != 202 or answer.json()["accepted"] != items:
-            raise StageFailed(f"batch {number}: {answer.status_code} {answer.text[:300]}")
+    size = 0
+    with requests.Session() as session:
+        for number in range(batches):
+            took, size = _post_batch(session, stack, stack.token, prefix, number, items)
+            seconds.append(took)
     return {
         "items": items,
         "batches": batches,
-        "body_bytes": len(payload),
+        "body_bytes": size,
         "seconds": [round(s, 3) for s in seconds],
         "median_s": round(sorted(seconds)[len(seconds) // 2], 3),
         "max_s": round(max(seconds), 3),
@@ -211,12 +227,15 @@ def _settle_queue(client: redis.Redis, *, timeout: float = 15) -> int:
 
 
 def status(stack: BenchStack, load: Load, *, sample: int = 2000) -> dict[str, Any]:
-    """GET /link/status over ids of workflows created by the earlier stages."""
+    """GET /link/status over ids of workflows created by the earlier stages (the stack's own
+    customer's: the fairness stage's customers' would be 404s to its token)."""
     with stack.db() as conn:
         ids = [
             str(row[0])
             for row in conn.execute(
-                "SELECT id FROM workflows_workflow ORDER BY random() LIMIT %s", [sample]
+                "SELECT id FROM workflows_workflow WHERE customer_id = %s::uuid"
+                " ORDER BY random() LIMIT %s",
+                [stack.customer_id, sample],
             )
         ]
     if not ids:
@@ -474,6 +493,265 @@ def heartbeat_cost(stack: BenchStack) -> dict[str, float]:
             if name in _HEARTBEAT_METRICS:
                 totals[_HEARTBEAT_METRICS[name]] += float(value)
     return {name: round(value, 6) for name, value in totals.items()}
+
+
+# --- fairness: one customer's single links behind another's backlog -----------------------------
+
+# A customer's workflows: the second group of the patient id (the phase of B's links; A's batch
+# number), the status, the 202 (created_at), the COMPLETED transition (as end to end) and the
+# IN_PROGRESS one (its first claim: the end of its wait for its turn).
+_CUSTOMER_ROWS = """
+SELECT split_part(w.patient_id::text, '-', 2),
+       w.status,
+       extract(epoch FROM w.created_at)::float8,
+       (SELECT extract(epoch FROM min(t.at))::float8 FROM workflows_workflowtransition t
+         WHERE t.workflow_id = w.id AND t.target = 'COMPLETED'),
+       (SELECT extract(epoch FROM min(t.at))::float8 FROM workflows_workflowtransition t
+         WHERE t.workflow_id = w.id AND t.target = 'IN_PROGRESS')
+  FROM workflows_workflow w
+ WHERE w.customer_id = %s::uuid
+"""
+_CUSTOMER_PROGRESS = """
+SELECT count(*), count(*) FILTER (WHERE status IN ('COMPLETED', 'FAILED'))
+  FROM workflows_workflow
+ WHERE customer_id = %s::uuid
+"""
+# What the stage leaves unended when its time is up (the workers are down by then): failed, so
+# that no later stage works it. Not timed, and counted in the figures.
+_ABANDON = """
+UPDATE workflows_workflow
+   SET status = 'FAILED', reason = 'bench: left over by the fairness stage', due_at = NULL,
+       published_at = NULL, claim_id = NULL, claimed_until = NULL, updated_at = now()
+ WHERE customer_id = ANY(%s::uuid[]) AND status NOT IN ('COMPLETED', 'FAILED')
+"""
+# B's links by phase (the patient id's second group).
+_WARM_UP, _IDLE, _UNDER_BACKLOG = 0, 1, 2
+_WARM_UP_LINKS = 3
+# How long B's idle links, and the last of B's links after A's backlog, may take to end.
+_SETTLE_SECONDS = 30.0
+
+
+def fairness(
+    stack: BenchStack,
+    *,
+    idle_links: int = 20,
+    batches: int = 8,
+    items: int = 1000,
+    timeout: float = 60.0,
+    idle_every: float = 0.2,
+    backlog_every: float = 0.5,
+) -> dict[str, Any]:
+    """Customer B's single links (POST /link), 202 -> COMPLETED, with nothing else queued and
+    under customer A's backlog. A and B are onboarded here (weight 1 each), each with a webhook
+    receiver of its own. The times come from the workflow rows, as end to end: created_at (the
+    202), the IN_PROGRESS transition (its claim) and the COMPLETED one.
+
+    1. The Celery workers and beat start; a few links of B's, not counted, warm them up; then
+       B's `idle_links`, one every `idle_every` s, each alone in the schedule.
+    2. The workers stop, and A posts `batches` POST /link/batch of `items` new patients, back to
+       back: all due at once, a backlog of a known size (posted while the workers run, its
+       batches' acks would compete with the drain for the cores, and the backlog's size would
+       depend on the machine).
+    3. The workers start again. From the first of A's workflows to end, B posts one link every
+       `backlog_every` s until all of A's work has ended (at least one): A's drain time, from its
+       first claim to its last COMPLETED, and B's latency meanwhile.
+
+    `timeout`: the most A's drain may take; what is left unended then is failed by the harness
+    (the figures say how many), so that no later stage works it."""
+    tag = secrets.token_hex(3)
+    a = stack.onboard(f"Bench backlog A {tag}", receiver=f"receiver-a-{tag}")
+    b = stack.onboard(f"Bench single B {tag}", receiver=f"receiver-b-{tag}")
+    bound = int(
+        stack.python(
+            "import django; django.setup(); from workflows.scheduler import in_flight_bound;"
+            " print(in_flight_bound())"
+        )
+    )
+    try:
+        try:
+            figures = _fairness(
+                stack,
+                a,
+                b,
+                idle_links=idle_links,
+                batches=batches,
+                items=items,
+                timeout=timeout,
+                idle_every=idle_every,
+                backlog_every=backlog_every,
+            )
+        finally:
+            stack.stop_consumers()
+    finally:
+        with stack.db() as conn:
+            abandoned = conn.execute(_ABANDON, [[a.customer_id, b.customer_id]]).rowcount
+    return {**figures, "in_flight_bound": bound, "abandoned": abandoned}
+
+
+def _fairness(
+    stack: BenchStack,
+    a: Customer,
+    b: Customer,
+    *,
+    idle_links: int,
+    batches: int,
+    items: int,
+    timeout: float,
+    idle_every: float,
+    backlog_every: float,
+) -> dict[str, Any]:
+    prefix = secrets.token_hex(4)
+    with stack.db() as conn, requests.Session() as session:
+
+        def progress(customer: Customer) -> tuple[int, int]:
+            """The customer's workflows: all of them, and those ended."""
+            row = conn.execute(_CUSTOMER_PROGRESS, [customer.customer_id]).fetchone()
+            assert row is not None
+            return int(row[0]), int(row[1])
+
+        def ended(customer: Customer, deadline: float) -> bool:
+            """Wait until every workflow of the customer has ended; False at the deadline."""
+            while True:
+                total, done = progress(customer)
+                if total and done >= total:
+                    return True
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.1)
+
+        def post_b(phase: int, number: int) -> None:
+            patient = f"{prefix}-{phase:04x}-4000-8000-{number:012x}"
+            answer = session.post(
+                f"{stack.base_url}/link",
+                data=json.dumps({"patient": _patient(patient)}),
+                headers={
+                    "Content-Type": "application/json",
+                    "customer-token": b.token,
+                    "Idempotency-Key": f"fair-{prefix}-{phase}-{number}",
+                },
+                timeout=10,
+            )
+            if answer.status_code != 202:
+                raise StageFailed(f"B's link: {answer.status_code} {answer.text[:300]}")
+
+        # 1. B alone.
+        workers = stack.start_consumers()
+        for number in range(_WARM_UP_LINKS):
+            post_b(_WARM_UP, number)
+        if not ended(b, time.monotonic() + _SETTLE_SECONDS):
+            raise StageFailed(f"B's warm-up links did not end within {_SETTLE_SECONDS:g} s")
+        next_at = time.monotonic()
+        for number in range(idle_links):
+            _sleep_until(next_at)
+            post_b(_IDLE, number)
+            next_at = max(next_at + idle_every, time.monotonic())
+        if not ended(b, time.monotonic() + _SETTLE_SECONDS):
+            raise StageFailed(f"B's idle links did not end within {_SETTLE_SECONDS:g} s")
+
+        # 2. A's backlog, due at once.
+        stack.stop_consumers()
+        acks: list[float] = []
+        for number in range(batches):
+            took, _ = _post_batch(session, stack, a.token, prefix, number, items)
+            acks.append(took)
+
+        # 3. A's drain, and B's links meanwhile.
+        stack.start_consumers()
+        deadline = time.monotonic() + timeout
+        while progress(a)[1] == 0 and time.monotonic() < deadline:
+            # Until A's first workflow ended: the drain is under way, past the workers' first
+            # batches (their connections opened), as a backlog meets warm workers.
+            time.sleep(0.05)
+        a_unended: list[int] = []  # at each of B's links: how much of A's work was left
+        next_at = time.monotonic()
+        while time.monotonic() < deadline:
+            total, done = progress(a)
+            if done >= total and a_unended:
+                break
+            a_unended.append(total - done)
+            post_b(_UNDER_BACKLOG, len(a_unended) - 1)
+            next_at = max(next_at + backlog_every, time.monotonic())
+            _sleep_until(min(next_at, deadline))
+        drained = ended(a, deadline)
+        ended(b, time.monotonic() + _SETTLE_SECONDS)
+        a_rows = conn.execute(_CUSTOMER_ROWS, [a.customer_id]).fetchall()
+        b_rows = conn.execute(_CUSTOMER_ROWS, [b.customer_id]).fetchall()
+
+    idle = _latency_spread(b_rows, _IDLE)
+    under = _latency_spread(b_rows, _UNDER_BACKLOG)
+    if not idle["completed"] or not under["completed"]:
+        raise StageFailed(f"B's links did not complete: idle {idle}, under A's backlog {under}")
+    a_done = [row for row in a_rows if row[3] is not None]
+    if not a_done:
+        raise StageFailed(f"none of A's backlog completed (by status: {_by_status(a_rows)})")
+    # From A's first claim (the workers were down while A posted) to its last COMPLETED.
+    first_claim = min(row[4] for row in a_rows if row[4] is not None)
+    span = max(max(row[3] for row in a_done) - first_claim, 1e-6)
+    median_unended = sorted(a_unended)[len(a_unended) // 2] if a_unended else 0
+    return {
+        "measured": "202 -> COMPLETED from the workflow rows (created_at, COMPLETED transition)",
+        "celery_workers": len(workers),
+        "b_idle": idle,
+        "b_under_backlog": {
+            **under,
+            "a_unended_at_post": {
+                "min": min(a_unended, default=0),
+                "median": median_unended,
+                "max": max(a_unended, default=0),
+            },
+        },
+        "ratio": {
+            key: round(under[key] / idle[key], 2) if idle[key] else None
+            for key in ("p50", "p99", "max")
+        },
+        "a_backlog": {
+            "batches": batches,
+            "items": batches * items,
+            "posted": len(a_rows),
+            "completed": len(a_done),
+            "by_status": _by_status(a_rows),
+            "drained": drained,
+            "ack_s": [round(took, 3) for took in acks],
+            "drain_s": round(span, 3),
+            "workflows_per_second": round(len(a_done) / span, 1),
+        },
+        # What B's links would have waited in first-come-first-served order: the median of A's
+        # work left at B's posts, at A's drain rate (an estimate, for scale).
+        "fifo_wait_estimate_s": round(median_unended * span / len(a_done), 2),
+    }
+
+
+def _sleep_until(moment: float) -> None:
+    wait = moment - time.monotonic()
+    if wait > 0:
+        time.sleep(wait)
+
+
+def _by_status(rows: list[Any]) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for row in rows:
+        found[row[1]] = found.get(row[1], 0) + 1
+    return found
+
+
+def _latency_spread(rows: list[Any], phase: int) -> dict[str, Any]:
+    """B's links of one phase: how many, how many completed, and 202 -> COMPLETED p50/p99/max."""
+    mine = [row for row in rows if int(row[0], 16) == phase]
+    seconds = [row[3] - row[2] for row in mine if row[3] is not None]
+    # The part of it spent waiting for its turn: 202 -> claimed.
+    waits = [row[4] - row[2] for row in mine if row[4] is not None]
+    return {
+        "links": len(mine),
+        "completed": len(seconds),
+        "by_status": _by_status(mine),
+        "p50": round(percentile(seconds, 50), 3) if seconds else None,
+        "p99": round(percentile(seconds, 99), 3) if seconds else None,
+        "max": round(max(seconds), 3) if seconds else None,
+        "to_claimed_s": {
+            "p50": round(percentile(waits, 50), 3) if waits else None,
+            "max": round(max(waits), 3) if waits else None,
+        },
+    }
 
 
 # --- the reconciliation sweep ------------------------------------------------------------------

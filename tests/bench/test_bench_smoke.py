@@ -28,6 +28,10 @@ def test_every_stage_runs_and_reports(tmp_path: Any) -> None:
             workflows=50,
             scaling_workflows=20,
             e2e_timeout=60,
+            fairness_batches=1,
+            fairness_items=200,
+            fairness_idle_links=3,
+            fairness_timeout=30,
             sweep_rows=10_000,
             sweep_stale=10,
             keep_logs=tmp_path / "logs",
@@ -64,6 +68,18 @@ def test_every_stage_runs_and_reports(tmp_path: Any) -> None:
     assert e2e["workflows_per_second"] > 0
     assert 0 < e2e["to_completed_s"]["p50"] <= e2e["to_completed_s"]["p99"]
     assert e2e["cpu_seconds"]["workers"] > 0 and e2e["celery_worker_peak_rss_mib"]
+
+    # B's links idle and under A's backlog (one batch of 200 here), every one of them completed.
+    fair = stages["fairness"]
+    idle, under, backlog = fair["b_idle"], fair["b_under_backlog"], fair["a_backlog"]
+    assert idle["completed"] == idle["links"] == 3, idle["by_status"]
+    assert under["completed"] == under["links"] >= 1, under["by_status"]
+    for phase in (idle, under):
+        assert 0 < phase["p50"] <= phase["p99"] <= phase["max"]
+        assert 0 < phase["to_claimed_s"]["p50"] <= phase["p50"]
+    assert backlog["items"] == backlog["posted"] == backlog["completed"] == 200
+    assert backlog["drained"] and backlog["drain_s"] > 0 and len(backlog["ack_s"]) == 1
+    assert fair["ratio"]["p50"] > 0 and fair["abandoned"] == 0
 
     # The scaling runs: each batch size and worker count its own run, all of it completed.
     scaling = stages["scaling"]
@@ -102,6 +118,7 @@ def test_every_stage_runs_and_reports(tmp_path: Any) -> None:
     table = render(results)
     assert "A: yardstick" in table and "POST /link" in table and "GET /link/status" in table
     assert "scaling (end to end" in table and "POST /link/batch of 1,000 items" in table
+    assert "fairness: customer B" in table and "B under A's backlog" in table
     json.dumps(results)  # what `--json` writes
 
 

@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import logging
 import re
+import threading
 import time
 import uuid
 from typing import Any
@@ -210,3 +211,21 @@ def test_a_lost_database_session_is_opened_again(
         one = accept(credentials, "after-restart")
         wait_broker_messages(redis_db, 1)
     assert published_ids(redis_db) == [one]
+
+
+def test_an_announcement_is_published_within_the_linger_not_the_poll(
+    credentials: CustomerCredentials, redis_db: Any
+) -> None:
+    running = dispatcher_module.Dispatcher(poll_seconds=5.0)
+    thread = threading.Thread(target=running.run, daemon=True)
+    thread.start()
+    try:
+        assert running.leading.wait(10)
+        time.sleep(0.3)  # its first tick is done: it now waits on the channel
+        started = time.monotonic()
+        accept(credentials, "quick")
+        wait_broker_messages(redis_db, 1)
+        assert time.monotonic() - started < 1.0  # not the 5 s poll
+    finally:
+        running.stop()
+        thread.join(timeout=10)
