@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
@@ -66,6 +67,10 @@ class Step:
 @dataclass
 class ReceiverState:
     secret: str | None = None
+    # One receiver for several customers, each signing with its own secret: a delivery to one of
+    # these paths (its webhook URL's) is verified with that path's secret, any other with
+    # `secret`.
+    secrets: dict[str, str] = field(default_factory=dict)
     echo: bool = False
     deliveries: list[Delivery] = field(default_factory=list)
     aborted: list[Aborted] = field(default_factory=list)
@@ -94,6 +99,11 @@ class ReceiverServer(QuietDisconnects, ThreadingHTTPServer):
         """Queue answers for the next deliveries, in order; then 200 again."""
         with self.state.lock:
             self.state.script.extend(steps)
+
+    def add_secret(self, path: str, secret: str) -> None:
+        """Verify the deliveries to `path` (another customer's webhook URL) with `secret`."""
+        with self.state.lock:
+            self.state.secrets[path] = secret
 
     def reset(self) -> None:
         with self.state.lock:
@@ -150,9 +160,11 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(step.delay_ms / 1000)
         headers = {key.lower(): value for key, value in self.headers.items()}
         verified = None
-        if state.secret:
+        with state.lock:
+            secret = state.secrets.get(urlsplit(self.path).path, state.secret)
+        if secret:
             try:
-                Webhook(state.secret).verify(body, headers)
+                Webhook(secret).verify(body, headers)
                 verified = True
             except WebhookVerificationError:
                 verified = False

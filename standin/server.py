@@ -66,6 +66,19 @@ def _prefers_async(prefer_header: str) -> bool:
     return "respond-async" in tokens
 
 
+def _call_kind(path: str) -> str:
+    """Which kind of FHIR call a path is (standin.state.CALL_KINDS), for the outage counts."""
+    if path == METADATA_PATH:
+        return "metadata"
+    if path == MATCH_PATH:
+        return "match"
+    if _JOB_PATH.match(path):
+        return "poll"
+    if _READ_PATH.match(path):
+        return "read"
+    return "other"
+
+
 class _Rejected(Exception):
     """Raised while reading a request that must be refused before routing."""
 
@@ -250,7 +263,7 @@ class StandinHandler(BaseHTTPRequestHandler):
         # Before the token check: a system that is down (a proxy's 503, a hung process) answers
         # everyone alike. The control API is the harness's, never part of the outage.
         if not path.startswith(CONTROL_PREFIX):
-            outage = state.outage_for_call()
+            outage = state.outage_for_call(_call_kind(path))
             if outage == "503":
                 # No Retry-After: a real outage rarely announces when it will end.
                 return _outcome(503, "internal system unavailable (injected outage)")
@@ -286,6 +299,8 @@ class StandinHandler(BaseHTTPRequestHandler):
         except ValueError as exc:
             # Messages name the offending element only, never its value.
             return _outcome(400, str(exc))
+        # Searches for some patients slow, the others not (config family_latency_ms).
+        _sleep_ms(state.config.latency_for_family(request.query.family))
         patients = state.patients
         matches = rank(request.query, patients.candidates, request.count, request.only_certain)
         bundle = fhir.searchset(self._base_url(), matches, patients.resources)

@@ -7,16 +7,22 @@ import random
 import threading
 import uuid
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from standin.matching import PatientIndex
+from standin.matching import PatientIndex, normalise_name
 from standin.webhooks import WebhookSender
 
 REQUEST_LOG_SIZE = 200
 # "" = up; "503" = every FHIR call answered 503; "hang" = every FHIR call read and never answered.
 # A refused connection is not a knob: the harness stops the server (see StandinServer).
 OUTAGES = ("", "503", "hang")
+# The FHIR calls an outage meets, counted apart (stats "outage_calls"): the liveness probe, the
+# searches, the reads, the job polls, anything else.
+CALL_KINDS = ("metadata", "match", "read", "poll", "other")
+CONFIG_KEYS = frozenset(
+    {"latency_ms", "failure_rate", "async_delay_ms", "outage", "family_latency_ms"}
+)
 
 
 @dataclass(frozen=True)
@@ -26,12 +32,15 @@ class Config:
     # Negative means "never on its own": jobs stay pending until /_control/complete-jobs.
     async_delay_ms: int = 0
     outage: str = ""
+    # Extra milliseconds for a $match whose query's family name is a key (normalised as the
+    # matcher does): searches of some patients slow, of the others not (a noisy neighbour).
+    family_latency_ms: dict[str, int] = field(default_factory=dict)
 
     def updated(self, changes: Any) -> Config:
         """Apply a /_control/config body; raises ValueError on unknown keys or bad values."""
         if not isinstance(changes, dict):
             raise ValueError("config body must be a JSON object")
-        unknown = set(changes) - {"latency_ms", "failure_rate", "async_delay_ms", "outage"}
+        unknown = set(changes) - CONFIG_KEYS
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
         for key in ("latency_ms", "async_delay_ms"):
@@ -46,7 +55,31 @@ class Config:
             changes = {**changes, "failure_rate": float(rate)}
         if changes.get("outage", "") not in OUTAGES:
             raise ValueError(f"outage must be one of {list(OUTAGES)}")
+        if "family_latency_ms" in changes:
+            changes = {
+                **changes,
+                "family_latency_ms": _family_latency(changes["family_latency_ms"]),
+            }
         return replace(self, **changes)
+
+    def latency_for_family(self, family: str) -> int:
+        """The extra milliseconds for a $match whose query has this (normalised) family name."""
+        return self.family_latency_ms.get(family, 0) if family else 0
+
+
+def _family_latency(raw: Any) -> dict[str, int]:
+    """{"<family name>": milliseconds >= 0, ...} with the names normalised; {} clears it."""
+    if not isinstance(raw, dict):
+        raise ValueError("family_latency_ms must be an object of family name -> milliseconds")
+    rules: dict[str, int] = {}
+    for name, delay in raw.items():
+        key = normalise_name(name)
+        if not key:
+            raise ValueError("family_latency_ms keys must be non-empty names")
+        if not _is_int(delay) or delay < 0:
+            raise ValueError("family_latency_ms values must be integers >= 0")
+        rules[key] = delay
+    return rules
 
 
 @dataclass(frozen=True)
@@ -120,6 +153,7 @@ class State:
             ),
             0,
         )
+        self._outage_calls = dict.fromkeys(CALL_KINDS, 0)
         self._requests: deque[dict[str, Any]] = deque(maxlen=REQUEST_LOG_SIZE)
 
     def reset(self) -> None:
@@ -159,14 +193,16 @@ class State:
         with self._lock:
             self._counters[counter] += 1
 
-    def outage_for_call(self) -> str:
-        """The outage a FHIR call meets on arrival ("" if none); counts the call if there is one.
+    def outage_for_call(self, kind: str = "other") -> str:
+        """The outage a FHIR call of this kind (CALL_KINDS) meets on arrival ("" if none);
+        counts the call, in total and by kind, if there is one.
 
         Read and counted under one lock so a scenario's count agrees with the answers given."""
         with self._lock:
             outage = self.config.outage
             if outage:
                 self._counters["calls_during_outage"] += 1
+                self._outage_calls[kind if kind in self._outage_calls else "other"] += 1
             return outage
 
     def hold_while_hanging(self, max_seconds: float) -> None:
@@ -201,6 +237,7 @@ class State:
         with self._lock:
             return {
                 **self._counters,
+                "outage_calls": dict(self._outage_calls),
                 "calls_hanging": self._calls_hanging,
                 "requests": list(self._requests),
             }

@@ -65,15 +65,22 @@ def _session() -> requests.Session:
 
 
 def post_link(
-    stack: Stack, body: dict[str, Any], key: str, kind: str, *, timeout: float = 10
+    stack: Stack,
+    body: dict[str, Any],
+    key: str,
+    kind: str,
+    *,
+    timeout: float = 10,
+    token: str | None = None,
 ) -> Posted:
+    """POST /link as the stack's first customer, or as the customer whose `token` it is."""
     started = time.monotonic()
     try:
         response = _session().post(
             f"{stack.base_url}/link",
             json=body,
             timeout=timeout,
-            headers={"customer-token": stack.token, "Idempotency-Key": key},
+            headers={"customer-token": token or stack.token, "Idempotency-Key": key},
         )
     except requests.RequestException as exc:
         return Posted(
@@ -120,3 +127,68 @@ def post_many(
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         return list(pool.map(one, range(count)))
+
+
+def post_at_rate(
+    stack: Stack,
+    *,
+    rate: float,
+    seconds: float,
+    tokens: list[str] | None = None,
+    kinds: list[str] | None = None,
+    concurrency: int = 16,
+) -> list[Posted]:
+    """POST /link `rate` times a second for `seconds`, on a fixed timetable (a slow answer
+    does not delay the next request), the customers' `tokens` in turn; every answer."""
+    mix = kinds or MIX
+    who = tokens or [stack.token]
+    count = round(rate * seconds)
+    started = time.monotonic()
+
+    def one(index: int) -> Posted:
+        time.sleep(max(0.0, started + index / rate - time.monotonic()))
+        kind = mix[index % len(mix)]
+        return post_link(
+            stack, link_body(kind), f"chaos-{uuid.uuid4()}", kind, token=who[index % len(who)]
+        )
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def post_batch(
+    stack: Stack, kinds: list[str], *, token: str | None = None, timeout: float = 120
+) -> list[Posted]:
+    """One POST /link/batch of len(kinds) items (a new patient and key each): one Posted per
+    item, with the batch's answer (status, time) and the item's workflow id when accepted."""
+    items = [(kind, link_body(kind), f"chaos-{uuid.uuid4()}") for kind in kinds]
+    started = time.monotonic()
+    try:
+        response = _session().post(
+            f"{stack.base_url}/link/batch",
+            json={"requests": [{**body, "idempotency-key": key} for _, body, key in items]},
+            timeout=timeout,
+            headers={
+                "customer-token": token or stack.token,
+                "Idempotency-Key": f"chaos-batch-{uuid.uuid4()}",
+            },
+        )
+    except requests.RequestException as exc:
+        elapsed = time.monotonic() - started
+        return [
+            Posted(key, kind, 0, elapsed, time.time(), error=type(exc).__name__, body=body)
+            for kind, body, key in items
+        ]
+    elapsed = time.monotonic() - started
+    answered = response.json().get("items", []) if response.status_code == 202 else []
+    by_index = {item["index"]: item for item in answered}
+    posted = []
+    for index, (kind, body, key) in enumerate(items):
+        item = by_index.get(index, {})
+        workflow_id = item.get("workflow-id")
+        # An item refused inside an accepted batch: its own problem's status.
+        status = response.status_code
+        if status == 202 and not workflow_id:
+            status = int(item.get("problem", {}).get("status", 0))
+        posted.append(Posted(key, kind, status, elapsed, time.time(), workflow_id, body=body))
+    return posted

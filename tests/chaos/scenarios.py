@@ -31,7 +31,7 @@ from tests.chaos.checks import (
     settled,
     wait_terminal,
 )
-from tests.chaos.load import Posted, link_body, post_link, post_many
+from tests.chaos.load import Posted, link_body, post_at_rate, post_batch, post_link, post_many
 from tests.chaos.stack import FAST_SETTINGS, Stack
 from tests.processes import BIN, wait_for_text
 
@@ -838,6 +838,372 @@ def deploy_mid_search(quick: bool, broker: str = "redis", number: int = 20) -> V
         return verdict
 
 
+# 23-28 ---------------------------------------------------------------------------------------
+# The schedule (workflows/scheduler.py): an outage of the internal system met by the circuit
+# breaker, a noisy neighbour met by the fair rounds, a backlog met by the bound on work in
+# flight. Each prints the settings it chose.
+
+
+def _setting(stack: Stack, name: str) -> tuple[str, bool]:
+    """A setting as the stack's processes have it, and whether it is the service's default
+    (the stack leaves it alone)."""
+    from django.conf import settings
+
+    env = stack.env()
+    return (env[name], False) if name in env else (str(getattr(settings, name)), True)
+
+
+def _settings_note(stack: Stack, names: list[str]) -> str:
+    """The stack's processes and these settings as its processes have them."""
+    shown = []
+    for name in names:
+        value, default = _setting(stack, name)
+        shown.append(f"{name}={value!r}" + (" (default)" if default else ""))
+    return (
+        f"settings: {stack.celery_workers} workers x {stack.worker_concurrency}"
+        f" {stack.worker_pool}, " + ", ".join(shown)
+    )
+
+
+def _percentile(values: list[float], share: float) -> float:
+    """The nearest-rank percentile (`share` in 0..1) of `values`."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, max(0, round(share * len(ordered) + 0.5) - 1))]
+
+
+def _total(values: dict[str, float]) -> int:
+    return round(sum(values.values()))
+
+
+def _first_last_completed(stack: Stack, ids: list[str], since: float) -> tuple[float, float]:
+    """Seconds from `since` (wall clock) to the first and to the last COMPLETED among `ids`
+    that ended after it."""
+    with stack.db() as conn:
+        row = conn.execute(
+            "SELECT min(extract(epoch FROM at)), max(extract(epoch FROM at))"
+            " FROM workflows_workflowtransition"
+            " WHERE workflow_id = ANY(%s::uuid[]) AND target = 'COMPLETED'"
+            " AND at > to_timestamp(%s)",
+            [ids, since],
+        ).fetchone()
+    if not row or row[0] is None:
+        return float("inf"), float("inf")
+    return float(row[0]) - since, float(row[1]) - since
+
+
+OUTAGE_SETTINGS = {
+    # The issue's: 3 attempts (an outage must cost none of them), a probe every 2 s.
+    "WORKFLOW_MAX_ATTEMPTS": "3",
+    "INTERNAL_SEARCH_BREAKER_FAILURES": "5",
+    "INTERNAL_SEARCH_BREAKER_PROBE_SECONDS": "2",
+    "WORKFLOW_IN_FLIGHT_MAX": "200",
+    # 30 POSTs a second from three customers: the per-customer rate limit is not under test.
+    "RATE_LIMIT_LINK_CREATE": "",
+}
+
+
+def outage(quick: bool, broker: str = "redis", number: int = 23) -> Verdict:
+    """The internal system down 60 s under 30 POSTs/s from three customers: connections refused
+    20 s (the stand-in stopped), then 503 to everything 20 s, then hanging 20 s (calls read, never
+    answered), then back. The breaker opens on the first failures and nothing is searched while
+    it is open but its probe, once per probe interval: what the internal system receives while
+    down is the probes and at most the work in flight when it failed. No attempt is spent on the
+    outage: nothing FAILED (3 attempts), every workflow LINKED within 60 s of the recovery, one
+    webhook each. Prints the calls received while down and the recovery time."""
+    phase, rate, lead = (6.0, 10.0, 2.0) if quick else (20.0, 30.0, 5.0)
+    down_seconds = 3 * phase
+    with Stack(
+        f"s{number}",
+        settings=OUTAGE_SETTINGS,
+        standin_latency_ms=50,
+        broker=broker,
+        worker_metrics=True,
+    ) as stack:
+        customers = [stack.add_customer(f"Outage {n}") for n in (2, 3)]
+        tokens = [stack.token, *(c.token for c in customers)]
+        posted: list[Posted] = []
+
+        def load() -> None:
+            posted.extend(
+                post_at_rate(
+                    stack,
+                    rate=rate,
+                    seconds=down_seconds + 2 * lead,
+                    tokens=tokens,
+                    kinds=["certain"],
+                )
+            )
+
+        thread = _in_background(load)
+        time.sleep(lead)
+        stack.stop_standin()  # refused
+        time.sleep(phase)
+        stack.start_standin(outage="503")  # fresh counters: all it receives is while down
+        time.sleep(phase)
+        in_503 = stack.standin_stats()["outage_calls"]
+        stack.control_standin("config", {"outage": "hang"})
+        time.sleep(phase)
+        received = stack.standin_stats()["outage_calls"]
+        stack.control_standin("config", {"outage": ""})
+        up_at, up_mono = time.time(), time.monotonic()
+        thread.join(60)
+        ids = accepted_ids(posted)
+        verdict = check(
+            stack,
+            _label(number, "internal system down", broker),
+            posted,
+            deadline_seconds=max(5.0, up_mono + 60 - time.monotonic()),
+        )
+        first, last = _first_last_completed(stack, ids, up_at)
+        # The backlog alone: the workflows accepted before the recovery.
+        backlog = accepted_ids([p for p in posted if p.answered_at < up_at])
+        _, drained = _first_last_completed(stack, backlog, up_at)
+        interval = float(OUTAGE_SETTINGS["INTERNAL_SEARCH_BREAKER_PROBE_SECONDS"])
+        # workflows/scheduler.py in_flight_bound(): what may be in flight, so searching, at once.
+        bound = min(
+            int(_setting(stack, "WORKFLOW_IN_FLIGHT_MAX")[0]),
+            int(_setting(stack, "INTERNAL_SEARCH_MAX_CONCURRENCY")[0]),
+        )
+        probes, searches = received["metadata"], received["match"]
+        others = sum(received.values()) - probes - searches
+        # The stand-in receives nothing while it refuses: the probes it can see are those of
+        # the 503 and hang phases; the scheduler's own count covers the whole outage (its
+        # probes that were refused too) and the one that found it back.
+        probes_allowed = int((2 * phase) / interval) + 2
+        made = _total(
+            stack.worker_counter("merchant_internal_search_seconds_count", 'operation="probe"')
+        )
+        made_allowed = int(down_seconds / interval) + 2 + 1
+        opened = _total(stack.worker_counter("merchant_breaker_transitions_total", 'to="open"'))
+        closed = _total(stack.worker_counter("merchant_breaker_transitions_total", 'to="closed"'))
+        attempts = _attempts(stack, ids)
+        wrong = [p for p in posted if p.status != 202]
+        problems = [
+            (probes > probes_allowed, f"{probes} probes received while down > {probes_allowed}"),
+            (made > made_allowed, f"{made} probes made > {made_allowed}"),
+            (
+                searches > bound,
+                f"{searches} searches received while down > the bound on work in flight {bound}",
+            ),
+            (others > 0, f"{others} other calls received while down"),
+            (last > 60, f"recovery -> last COMPLETED {last:.1f} s > 60 s"),
+            (opened < 1, "the breaker never opened"),
+            (closed < 1, "the breaker never closed"),
+            (bool(wrong), f"answers other than 202: {dict(answers(wrong))}"),
+        ]
+        for broken, problem in problems:
+            if broken:
+                verdict.unexpected += 1
+                verdict.note(problem)
+        verdict.note(
+            _settings_note(
+                stack,
+                [
+                    *OUTAGE_SETTINGS,
+                    "INTERNAL_SEARCH_MAX_CONCURRENCY",
+                    "WORKER_BATCH_SIZE",
+                    "INTERNAL_SEARCH_CONNECT_TIMEOUT",
+                    "INTERNAL_SEARCH_READ_TIMEOUT",
+                    "RETRY_BACKOFF_MAX_SECONDS",
+                ],
+            )
+            + f"; {rate:.0f} POSTs/s, searches 50 ms"
+        )
+        verdict.note(
+            f"down {down_seconds:.0f} s from {lead:.0f} s in (refused, 503, hang {phase:.0f} s"
+            f" each); received while down: {probes} probes (503 phase {in_503['metadata']},"
+            f" hang phase {probes - in_503['metadata']}; at most {probes_allowed}),"
+            f" {searches} searches (503 phase {in_503['match']}; at most {bound}), {others} other;"
+            f" probes made by the scheduler {made} (at most {made_allowed});"
+            f" breaker opened {opened}, closed {closed}"
+        )
+        verdict.note(
+            f"recovery -> first COMPLETED {first:.1f} s, -> last COMPLETED {last:.1f} s"
+            f" (at most 60; of the {len(backlog)} accepted before it {drained:.1f} s);"
+            f" {len(ids)} accepted, attempts {dict(sorted(attempts.items()))}"
+        )
+        return verdict
+
+
+NOISY_SETTINGS = {
+    # A's 5,000 searches of 1 s go 100 at a time: A's backlog lasts the whole of B's 30 s.
+    "WORKFLOW_IN_FLIGHT_MAX": "100",
+    "INTERNAL_SEARCH_READ_TIMEOUT": "3",
+}
+
+
+def noisy_neighbour(quick: bool, broker: str = "redis", number: int = 24) -> Verdict:
+    """Customer A posts 5 batches of 1,000 links whose searches take 1 s each; meanwhile
+    customer B posts one link a second for 30 s, answered at once by the internal system. The
+    fair rounds publish B's work within about a round of A's: B's 202 -> COMPLETED p99 <= 3 s,
+    and everything of A's and B's ends COMPLETED. Prints B's p50/p99."""
+    batches, items, b_seconds = (2, 500, 8) if quick else (5, 1000, 30)
+    target = 3.0
+    with Stack(f"s{number}", settings=NOISY_SETTINGS, broker=broker) as stack:
+        a = stack.add_customer("Noisy A")
+        b = stack.add_customer("Quiet B")
+        # A's patients (Zed Nobody: no match) are searched in 1 s, B's (Jane Doe) at once.
+        stack.control_standin("config", {"family_latency_ms": {"Nobody": 1000}})
+        started = time.monotonic()
+        a_posted = post_batch(stack, ["none"] * items, token=a.token)
+        first_batch = time.monotonic() - started
+
+        def more_batches() -> None:
+            for _ in range(batches - 1):
+                a_posted.extend(post_batch(stack, ["none"] * items, token=a.token))
+
+        thread = _in_background(more_batches)
+        b_posted = post_at_rate(
+            stack, rate=1.0, seconds=b_seconds, tokens=[b.token], kinds=["certain"]
+        )
+        thread.join(120)
+        a_ids, b_ids = accepted_ids(a_posted), accepted_ids(b_posted)
+        verdict = check(
+            stack,
+            _label(number, "noisy neighbour", broker),
+            a_posted + b_posted,
+            deadline_seconds=150,
+        )
+        with stack.db() as conn:
+            latencies = [
+                float(seconds)
+                for (seconds,) in conn.execute(
+                    "SELECT extract(epoch FROM (t.at - w.created_at))"
+                    " FROM workflows_workflow w JOIN workflows_workflowtransition t"
+                    "  ON t.workflow_id = w.id AND t.target = 'COMPLETED'"
+                    " WHERE w.id = ANY(%s::uuid[])",
+                    [b_ids],
+                ).fetchall()
+            ]
+            row = conn.execute(
+                "SELECT extract(epoch FROM (SELECT max(created_at) FROM workflows_workflow"
+                "  WHERE id = ANY(%s::uuid[]))),"
+                " extract(epoch FROM (SELECT max(at) FROM workflows_workflowtransition"
+                "  WHERE workflow_id = ANY(%s::uuid[]) AND target = 'COMPLETED')),"
+                " extract(epoch FROM (SELECT min(created_at) FROM workflows_workflow"
+                "  WHERE id = ANY(%s::uuid[])))",
+                [b_ids, a_ids, a_ids],
+            ).fetchone()
+        b_last_202, a_last_end, a_first_202 = (
+            float(x) if x is not None else 0.0 for x in row or (None,) * 3
+        )
+        p50, p99 = _percentile(latencies, 0.5), _percentile(latencies, 0.99)
+        wrong = [p for p in a_posted + b_posted if p.status != 202]
+        if len(latencies) != len(b_ids) or not b_ids or p99 > target:
+            verdict.unexpected += 1
+        if wrong:
+            verdict.unexpected += len(wrong)
+            verdict.note(f"answers other than 202: {dict(answers(wrong))}")
+        # The test holds only if A's backlog outlived B's last request.
+        if a_last_end <= b_last_202:
+            verdict.unexpected += 1
+            verdict.note("A's backlog was gone before B's last request: nothing was tested")
+        verdict.note(
+            _settings_note(stack, [*NOISY_SETTINGS, "WORKER_BATCH_SIZE"])
+            + "; A's searches 1 s (stand-in family_latency_ms), B's at once; weights 1 and 1"
+        )
+        verdict.note(
+            f"B: {len(b_ids)} links, 202 -> COMPLETED p50 {p50:.2f} s, p99 {p99:.2f} s"
+            f" (target {target:.0f}), max {max(latencies, default=float('nan')):.2f} s;"
+            f" A: {len(a_ids)} links in {batches} batches (the first accepted in"
+            f" {first_batch:.1f} s), A's first 202 -> last COMPLETED"
+            f" {a_last_end - a_first_202:.1f} s, {a_last_end - b_last_202:.1f} s after B's last"
+            " 202"
+        )
+        return verdict
+
+
+BACKLOG_SETTINGS = {
+    "RECONCILE_STALE_AFTER_SECONDS": "5",
+    "WORKFLOW_IN_FLIGHT_MAX": "400",
+    # 20 batches of 1,000 in a few seconds: the batch rate limit is not under test.
+    "RATE_LIMIT_LINK_BATCH": "",
+}
+
+
+def backlog(quick: bool, broker: str = "redis", number: int = 25) -> Verdict:
+    """20,000 workflows accepted in batches of 1,000, the first half while the workers are
+    stopped, the second while slow workers (searches of 100 ms, 2 task threads each) drain
+    them, with a stale window of 5 s: the scheduler publishes under the bound on work in
+    flight, so no message waits in the queue long enough to be taken back and published again.
+    Prints the workflows published per workflow accepted (the workers'
+    merchant_dispatcher_published_total, summed, over the workflows accepted), at most 1.1;
+    all COMPLETED, none FAILED."""
+    count, batch = (2000, 500) if quick else (20000, 1000)
+    cap = 1.1
+    with Stack(
+        f"s{number}",
+        settings=BACKLOG_SETTINGS,
+        worker_concurrency=2,
+        standin_latency_ms=100,
+        broker=broker,
+        worker_metrics=True,
+    ) as stack:
+
+        def accept(workflows: int) -> list[Posted]:
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                batches = pool.map(
+                    lambda _: post_batch(stack, ["certain", "none"] * (batch // 2)),
+                    range(workflows // batch),
+                )
+                return [p for answered in batches for p in answered]
+
+        for index in range(stack.celery_workers):
+            stack.kill(f"worker{index}", signal.SIGTERM)  # no dispatcher, no consumer
+        started = time.monotonic()
+        posted = accept(count // 2)
+        stopped_in = time.monotonic() - started
+        drain_from = time.time()
+        for index in range(stack.celery_workers):
+            stack.start_worker(index)
+        started = time.monotonic()
+        posted += accept(count - count // 2)
+        draining_in = time.monotonic() - started
+        ids = accepted_ids(posted)
+        verdict = check(stack, _label(number, "backlog", broker), posted, deadline_seconds=240)
+        took, _ = _completed_since(stack, ids, drain_from)
+        published = stack.worker_counter("merchant_dispatcher_published_total")
+        recovered = stack.worker_counter("merchant_scheduler_recovered_total")
+        with stack.db() as conn:
+            (requeues, put_back) = conn.execute(
+                "SELECT (SELECT coalesce(sum(requeues), 0) FROM workflows_workflow"
+                "  WHERE id = ANY(%s::uuid[])),"
+                " (SELECT count(*) FROM workflows_workflowtransition"
+                "  WHERE workflow_id = ANY(%s::uuid[]) AND actor = 'worker'"
+                "  AND source = target)",
+                [ids, ids],
+            ).fetchone() or (0, 0)
+        per = _total(published) / len(ids) if ids else float("inf")
+        searched = stack.standin_stats()["match_calls"]
+        wrong = [p for p in posted if p.status != 202]
+        if per > cap or len(ids) != count or wrong:
+            verdict.unexpected += 1
+        if stack.restarts:  # a worker's counter died with it: the count would be short
+            verdict.unexpected += 1
+            verdict.note("a worker restarted: its publications are not counted")
+        if wrong:
+            verdict.note(f"answers other than 202: {dict(answers(wrong))}")
+        verdict.note(
+            _settings_note(
+                stack, [*BACKLOG_SETTINGS, "INTERNAL_SEARCH_MAX_CONCURRENCY", "WORKER_BATCH_SIZE"]
+            )
+            + "; searches 100 ms"
+        )
+        verdict.note(
+            f"{len(ids)} accepted: {count // 2} in {stopped_in:.1f} s with the workers stopped,"
+            f" the rest in {draining_in:.1f} s while they drained; workers start -> last"
+            f" COMPLETED {took:.1f} s; published {_total(published)} workflow ids"
+            f" ({ {name: round(value) for name, value in published.items()} })"
+            f" = {per:.3f} per workflow (at most {cap});"
+            f" taken back by the scheduler {_total(recovered)} (requeues {requeues}),"
+            f" put back by workers {put_back}; searches received by the internal system"
+            f" {searched}"
+        )
+        return verdict
+
+
 SCENARIOS = [
     Scenario(1, "kill worker children", kill_worker_children),
     Scenario(2, "kill whole worker", kill_whole_worker),
@@ -882,6 +1248,19 @@ SCENARIOS = [
         "RabbitMQ: deploy mid-search",
         partial(deploy_mid_search, broker="rabbitmq", number=22),
     ),
+    # The schedule: an outage of the internal system, a noisy neighbour, a backlog.
+    Scenario(23, "internal system down", outage),
+    Scenario(24, "noisy neighbour", noisy_neighbour),
+    Scenario(25, "backlog", backlog),
+    Scenario(
+        26,
+        "RabbitMQ: internal system down",
+        partial(outage, broker="rabbitmq", number=26),
+    ),
+    Scenario(
+        27, "RabbitMQ: noisy neighbour", partial(noisy_neighbour, broker="rabbitmq", number=27)
+    ),
+    Scenario(28, "RabbitMQ: backlog", partial(backlog, broker="rabbitmq", number=28)),
 ]
 
 

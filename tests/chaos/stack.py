@@ -69,6 +69,16 @@ FAST_SETTINGS = {
 }
 
 
+@dataclass(frozen=True)
+class Customer:
+    """A customer of the stack besides its first: its token, and where its webhooks go."""
+
+    name: str
+    token: str
+    customer_id: str
+    webhook_path: str
+
+
 def _run(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, check=True, capture_output=True, text=True, **kwargs)
 
@@ -86,6 +96,8 @@ class Stack:
     settings: dict[str, str] = field(default_factory=dict)
     standin_latency_ms: int = 0
     broker: str = "redis"  # or "rabbitmq"
+    # Each worker serves its own /metrics (METRICS_WORKER_PORT of its own): worker_counter().
+    worker_metrics: bool = False
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="chaos-")))
 
     def __post_init__(self) -> None:
@@ -106,6 +118,9 @@ class Stack:
         self.receiver: ReceiverServer = make_receiver()
         self.token = ""
         self.customer_id = ""
+        # Environment of one process on top of env(): a worker's own metrics port.
+        self.proc_env: dict[str, dict[str, str]] = {}
+        self.metrics_ports: dict[str, int] = {}
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -218,7 +233,8 @@ class Stack:
     # --- processes ---------------------------------------------------------------------------
 
     def spawn(self, name: str, args: list[str]) -> Process:
-        proc = spawn(name, args, env=self.env(), log=self.workdir / f"{name}.log")
+        env = {**self.env(), **self.proc_env.get(name, {})}
+        proc = spawn(name, args, env=env, log=self.workdir / f"{name}.log")
         self.procs[name] = proc
         return proc
 
@@ -245,6 +261,9 @@ class Stack:
         replaces while that one still shuts down (a deploy: two nodes of one name would share
         one remote-control queue, which RabbitMQ keeps for one consumer)."""
         name = f"worker{index}"
+        if self.worker_metrics:
+            port = self.metrics_ports.setdefault(name, free_port())
+            self.proc_env[name] = {"METRICS_WORKER_PORT": str(port)}
         proc = self.spawn(
             name,
             celery_worker_args(
@@ -263,6 +282,24 @@ class Stack:
         )
         proc.wait_for("beat: Starting", timeout=30)
         return proc
+
+    def worker_counter(self, metric: str, *labels: str) -> dict[str, float]:
+        """A sample's value on each worker's own /metrics (worker_metrics=True), summed over
+        its series that carry every one of `labels` (`'to="open"'`), by worker; a worker that
+        does not answer is left out. A counter lives as long as its process."""
+        values: dict[str, float] = {}
+        for name, port in self.metrics_ports.items():
+            try:
+                text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            except requests.RequestException:
+                continue
+            values[name] = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith((f"{metric} ", f"{metric}{{"))
+                and all(label in line for label in labels)
+            )
+        return values
 
     def kill(self, name: str, sig: int = signal.SIGKILL, *, group: bool = True) -> None:
         proc = self.procs[name]
@@ -540,6 +577,49 @@ class Stack:
         self.token = credentials["token"]
         self.customer_id = credentials["customer_id"]
         self.receiver.state.secret = credentials["webhook_secret"]
+
+    def add_customer(self, name: str, *, weight: int = 1) -> Customer:
+        """Onboard another customer, its webhooks to its own path of the same receiver (which
+        verifies them with its secret)."""
+        path = f"/hooks/{len(self.receiver.state.secrets) + 1}"
+        output = _run(
+            [
+                str(BIN / "python"),
+                "manage.py",
+                "onboard_customer",
+                "--name",
+                name,
+                "--webhook-url",
+                f"{self.receiver.url}{path}",
+                "--weight",
+                str(weight),
+                "--json",
+            ],
+            cwd=ROOT,
+            env=self.env(),
+        ).stdout
+        credentials = json.loads(output)
+        self.receiver.add_secret(path, credentials["webhook_secret"])
+        return Customer(name, credentials["token"], credentials["customer_id"], path)
+
+    # --- the internal system (the stand-in) ------------------------------------------------------
+
+    def stop_standin(self) -> None:
+        """The internal system goes down: connections to its port are refused (and the open
+        ones dropped) until start_standin()."""
+        self.standin.shutdown()
+        self.standin.server_close()
+
+    def start_standin(self, **options: Any) -> None:
+        """A new stand-in on the same port (fresh counters), `options` as make_server's."""
+        port = self.standin.server_address[1]
+        self.standin = make_server("127.0.0.1", port, latency_ms=self.standin_latency_ms, **options)
+        threading.Thread(target=self.standin.serve_forever, args=(0.05,), daemon=True).start()
+
+    def standin_stats(self) -> dict[str, Any]:
+        root = self.standin.base_url.removesuffix("/fhir")
+        stats: dict[str, Any] = requests.get(f"{root}/_control/stats", timeout=5).json()
+        return stats
 
     def control_standin(self, path: str, body: dict[str, Any]) -> None:
         root = self.standin.base_url.removesuffix("/fhir")

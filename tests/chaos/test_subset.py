@@ -4,7 +4,7 @@ import pytest
 
 from tests.chaos.scenarios import SCENARIOS
 
-SUBSET = {1, 4, 7, 8, 10, 12, 14, 19, 20}
+SUBSET = {1, 4, 7, 8, 10, 12, 14, 19, 20, 25}
 
 
 @pytest.mark.parametrize(

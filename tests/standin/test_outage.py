@@ -188,6 +188,8 @@ def test_outage_503_answers_every_fhir_path_but_not_control(standin: StandinServ
         assert reply.body["issue"][0]["code"] == "transient", name
         assert "Retry-After" not in reply.headers, name
     assert during["calls_during_outage"] == len(down)
+    # By kind: the probe apart from the searches (an outage scenario bounds each).
+    assert during["outage_calls"] == {"metadata": 1, "match": 2, "read": 1, "poll": 1, "other": 1}
     # The calls never reached the system's handlers, so their own counters did not move.
     for counter in ("match_calls", "read_calls", "job_polls", "metadata_calls"):
         assert during[counter] == before[counter], counter
@@ -246,6 +248,7 @@ def test_hang_times_out_the_client_until_cleared(standin: StandinServer) -> None
     held = stats(standin)
     assert held["calls_hanging"] == 1
     assert held["calls_during_outage"] == 1
+    assert held["outage_calls"]["metadata"] == 1  # counted on arrival, while still held
     assert control(standin, "config", {"outage": ""}).body["outage"] == ""
 
     assert call(f"{standin.base_url}/metadata").status == 200
@@ -304,6 +307,18 @@ def test_hang_switched_to_503_releases_held_calls(standin: StandinServer) -> Non
         assert sock.recv(65536) == b""
 
     assert call(f"{standin.base_url}/metadata").status == 503
+
+
+def test_reset_zeroes_the_outage_counts(standin: StandinServer) -> None:
+    control(standin, "config", {"outage": "503"})
+    assert match(standin, CERTAIN).status == 503
+    assert stats(standin)["outage_calls"]["match"] == 1
+
+    control(standin, "reset")
+
+    assert stats(standin)["outage_calls"] == dict.fromkeys(
+        ("metadata", "match", "read", "poll", "other"), 0
+    )
 
 
 def test_reset_ends_an_outage_and_releases_held_calls(standin: StandinServer) -> None:

@@ -38,18 +38,25 @@ def receiver() -> Iterator[ReceiverServer]:
         yield server
 
 
-def signed_request(body: str, webhook_id: str, *, declared: int | None = None) -> bytes:
-    """A whole signed POST /hooks, headers then body; `declared` overrides Content-Length."""
+def signed_request(
+    body: str,
+    webhook_id: str,
+    *,
+    declared: int | None = None,
+    path: str = "/hooks",
+    secret: str = SECRET,
+) -> bytes:
+    """A whole signed POST `path`, headers then body; `declared` overrides Content-Length."""
     encoded = body.encode()
     at = dt.datetime.now(dt.UTC)
     lines = [
-        "POST /hooks HTTP/1.1",
+        f"POST {path} HTTP/1.1",
         "Host: receiver",
         "Content-Type: application/json",
         f"Content-Length: {len(encoded) if declared is None else declared}",
         f"webhook-id: {webhook_id}",
         f"webhook-timestamp: {int(at.timestamp())}",
-        f"webhook-signature: {Webhook(SECRET).sign(webhook_id, at, body)}",
+        f"webhook-signature: {Webhook(secret).sign(webhook_id, at, body)}",
     ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + encoded
 
@@ -131,6 +138,28 @@ def test_a_kept_alive_connection_delivers_then_is_cut_short(receiver):
     assert (delivery.verified, delivery.answered) == (True, 200)
     [aborted] = receiver.aborted()
     assert (aborted.headers["webhook-id"], aborted.received) == ("msg_cut", len(BODY) - 1)
+
+
+def test_each_customers_path_verifies_with_its_own_secret(receiver):
+    """One receiver for two customers (a chaos scenario's): each signs with its own secret."""
+    other = "whsec_" + base64.b64encode(b"another-customer-signing-key-0123").decode()
+    receiver.add_secret("/hooks/b", other)
+    sent = [
+        ("/hooks", SECRET, "msg_a"),
+        ("/hooks/b", other, "msg_b"),
+        ("/hooks/b", SECRET, "msg_b_wrong"),  # the other customer's secret is no good here
+        ("/hooks", other, "msg_a_wrong"),
+    ]
+    with connect(receiver) as sock:
+        for path, secret, webhook_id in sent:
+            sock.sendall(signed_request(BODY, webhook_id, path=path, secret=secret))
+            assert read_answer(sock).startswith(b"HTTP/1.1 200 ")
+    assert [(d.path, d.headers["webhook-id"], d.verified) for d in receiver.deliveries()] == [
+        ("/hooks", "msg_a", True),
+        ("/hooks/b", "msg_b", True),
+        ("/hooks/b", "msg_b_wrong", False),
+        ("/hooks", "msg_a_wrong", False),
+    ]
 
 
 def test_stats_count_aborted_apart_and_reset_clears_them(receiver):

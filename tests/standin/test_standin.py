@@ -638,9 +638,54 @@ def test_latency_delays_match_and_polls(standin: StandinServer) -> None:
     assert time.monotonic() - started >= 0.4
 
 
+def test_family_latency_slows_only_that_family(standin: StandinServer) -> None:
+    reply = control(standin, "config", {"family_latency_ms": {"Nobody": 400}})
+    assert reply.body["family_latency_ms"] == {"nobody": 400}  # normalised as for scoring
+
+    started = time.monotonic()
+    slow = match(standin, {**NO_MATCH, "name": [{"family": "NOBODY", "given": ["Zed"]}]})
+    slow_took = time.monotonic() - started
+    started = time.monotonic()
+    quick = match(standin, CERTAIN)
+    quick_took = time.monotonic() - started
+
+    assert slow.status == 200 and slow.body["total"] == 0
+    assert quick.status == 200 and summary(quick.body)[0][0] == JANE_DOE_ID
+    assert slow_took >= 0.4
+    assert quick_took < 0.3
+    assert control(standin, "config", {"family_latency_ms": {}}).body["family_latency_ms"] == {}
+    started = time.monotonic()
+    match(standin, NO_MATCH)
+    assert time.monotonic() - started < 0.3
+
+
+def test_family_latency_keeps_names_out_of_the_log(
+    standin: StandinServer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    control(standin, "config", {"family_latency_ms": {"Nobody": 50}})
+
+    assert match(standin, NO_MATCH).status == 200
+
+    logged = capfd.readouterr().err
+    assert "standin: POST /fhir/Patient/$match 200" in logged
+    assert "obody" not in logged.lower()
+    assert "Zed" not in logged
+
+
 @pytest.mark.parametrize(
     "body",
-    [{"latency_ms": -5}, {"latency_ms": "1"}, {"failure_rate": 2}, {"unknown": 1}, ["x"]],
+    [
+        {"latency_ms": -5},
+        {"latency_ms": "1"},
+        {"failure_rate": 2},
+        {"unknown": 1},
+        ["x"],
+        {"family_latency_ms": ["Nobody"]},
+        {"family_latency_ms": {"Nobody": -1}},
+        {"family_latency_ms": {"Nobody": "1000"}},
+        {"family_latency_ms": {"Nobody": True}},
+        {"family_latency_ms": {"--": 100}},
+    ],
 )
 def test_invalid_config_is_rejected(standin: StandinServer, body: Any) -> None:
     reply = control(standin, "config", body)
@@ -680,6 +725,7 @@ def test_stats_count_calls_and_reset_clears_them(standin: StandinServer) -> None
         "failure_rate": 0.0,
         "async_delay_ms": 0,
         "outage": "",
+        "family_latency_ms": {},
     }
 
 
