@@ -114,7 +114,7 @@ def workflows_put_back(*, put: Sequence[PutBack], actor: str) -> list[uuid.UUID]
             "due_at": [now + dt.timedelta(seconds=p.due_in) for p in put],
             "refund": [p.refund for p in put],
             "reason": [p.reason for p in put],
-            "claimable": [str(state) for state in statements.CLAIMABLE_STATES],
+            "claimable": statements.CLAIMABLE_VALUES,
             "now": now,
             "actor": actor,
         },
@@ -179,7 +179,7 @@ def schedule_tick(conn: Any) -> Tick:
         {
             "bound": in_flight_bound(),
             "now": now,
-            "claimable": [str(s) for s in statements.CLAIMABLE_STATES],
+            "claimable": statements.CLAIMABLE_VALUES,
         },
     ).fetchall()
     tick.room = rows[0][1] if rows else 0
@@ -252,7 +252,7 @@ def schedule_summary(*, top: int = 5) -> Summary:
     """Work due and in flight, the oldest due, the `top` customers with the most due work (by
     name), and the breaker: two statements and one Redis read."""
     now = timezone.now()
-    claimable = [str(s) for s in statements.CLAIMABLE_STATES]
+    claimable = statements.CLAIMABLE_VALUES
     counts = statements.execute(statements.SCHEDULE_COUNTS, {"now": now, "claimable": claimable})
     customers = statements.execute(
         statements.SCHEDULE_TOP_CUSTOMERS, {"now": now, "claimable": claimable, "limit": top}

@@ -38,6 +38,8 @@ CLAIMABLE_STATES = (
     Status.LINKED,
     Status.NO_RESULTS,
 )
+# The same, as the text values the statements take (`%(claimable)s::text[]`).
+CLAIMABLE_VALUES = [str(state) for state in CLAIMABLE_STATES]
 
 # Claim a batch in one statement (so one round trip, and its own transaction): of the named
 # workflows, lock those free for this consumer (rows another transaction holds are skipped, not

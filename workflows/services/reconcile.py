@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Case, F, Q, Value, When
+from django.db.models import F, Q
 from django.utils import timezone
 
 from workflows import metrics
@@ -202,26 +202,24 @@ def _requeue_pending(
     workflows: list[Workflow], *, now: dt.datetime, actor: str, reason: str
 ) -> None:
     """Make each due now, count and record it (caller holds the transaction and the rows'
-    locks); the scheduler publishes it in its turn. A live claim is left alone (its consumer
-    is on it); a dead one is dropped, and should its old worker only have paused, its next
-    renewal finds the claim gone and drops the work. Three statements, whatever the number."""
+    locks); the scheduler publishes it in its turn. No live claim holds any of them (the sweep
+    takes only those, an operator's re-queue refuses the others); a dead claim is dropped, and
+    should its old worker only have paused, its next renewal finds the claim gone and drops the
+    work. Three statements, whatever the number."""
     if not workflows:
         return
-    free = Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
     Workflow.objects.filter(id__in=[workflow.id for workflow in workflows]).update(
         requeues=F("requeues") + 1,
         updated_at=now,
-        due_at=Case(When(free, then=Value(now)), default=F("due_at")),
-        published_at=Case(When(free, then=Value(None)), default=F("published_at")),
-        claim_id=Case(When(free, then=Value(None)), default=F("claim_id")),
-        claimed_until=Case(When(free, then=Value(None)), default=F("claimed_until")),
+        due_at=now,
+        published_at=None,
+        claim_id=None,
+        claimed_until=None,
     )
     for workflow in workflows:
         workflow.requeues += 1
-        workflow.updated_at = now
-        if workflow.claimed_until is None or workflow.claimed_until < now:
-            workflow.claim_id = workflow.claimed_until = workflow.published_at = None
-            workflow.due_at = now
+        workflow.updated_at = workflow.due_at = now
+        workflow.claim_id = workflow.claimed_until = workflow.published_at = None
     WorkflowTransition.objects.bulk_create(
         WorkflowTransition(
             workflow=workflow,

@@ -303,7 +303,7 @@ def workflows_claim(*, workflow_ids: Sequence[uuid.UUID | str], actor: str) -> l
     now = timezone.now()
     params = {
         "ids": [str(workflow_id) for workflow_id in workflow_ids],
-        "claimable": [str(state) for state in statements.CLAIMABLE_STATES],
+        "claimable": statements.CLAIMABLE_VALUES,
         "now": now,
         "until": now + dt.timedelta(seconds=settings.WORKFLOW_CLAIM_LEASE_SECONDS),
         "source": _START_SOURCE,
